@@ -1,0 +1,36 @@
+"""Turning caller objects (bytes, numpy arrays, memoryviews, CPU tensors) into flat byte views."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvstore.errors import InvalidArgumentError
+
+
+def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
+    """A flat, C-contiguous ``uint8`` view of ``obj`` without copying.
+
+    Anything with the buffer protocol works; objects that only offer ``__array__`` (CPU torch
+    tensors) are viewed through numpy, which shares their memory.
+    """
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        if not hasattr(obj, "__array__"):
+            raise InvalidArgumentError(
+                f"block {index}: a {type(obj).__name__} is not a buffer (pass bytes, a numpy array "
+                "or a memoryview)"
+            ) from None
+        try:
+            view = memoryview(np.asarray(obj))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"block {index}: cannot view a {type(obj).__name__} as bytes: {exc}") from None
+    if not view.c_contiguous:
+        raise InvalidArgumentError(f"block {index} is not C-contiguous; pass a contiguous copy")
+    if writable and view.readonly:
+        raise InvalidArgumentError(f"buffer {index} is read-only")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view

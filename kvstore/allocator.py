@@ -1,0 +1,96 @@
+"""Extent allocator over one linear address space (a memory arena, a file, a GPU pool).
+
+Best-fit over free extents with immediate coalescing of neighbours. Every extent starts at a
+multiple of ``alignment_bytes`` and has a length that is one, so the same allocator serves host
+memory (page alignment) and direct I/O files (sector alignment). The allocator only does
+arithmetic; the tier that owns the bytes decides what an offset means.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from kvstore.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A reserved region: ``length`` bytes (a multiple of the alignment) at ``offset``."""
+
+    offset: int
+    length: int
+
+
+class ExtentAllocator:
+    """Variable-size allocation in ``[0, capacity_bytes)`` with O(log n) best-fit search."""
+
+    def __init__(self, capacity_bytes: int, alignment_bytes: int = 4096) -> None:
+        if alignment_bytes <= 0 or alignment_bytes & (alignment_bytes - 1):
+            raise ConfigError(f"alignment_bytes must be a power of two, got {alignment_bytes}")
+        capacity = capacity_bytes - capacity_bytes % alignment_bytes
+        if capacity <= 0:
+            raise ConfigError(
+                f"capacity_bytes={capacity_bytes} holds no {alignment_bytes}-byte aligned extent"
+            )
+        self.capacity_bytes = capacity
+        self.alignment_bytes = alignment_bytes
+        self.used_bytes = 0
+        self._by_start: dict[int, int] = {}   # start -> length of each free extent
+        self._by_end: dict[int, int] = {}     # end -> start, to coalesce with a left neighbour
+        self._by_size: list[tuple[int, int]] = []  # sorted (length, start): best fit by bisect
+        self._add_free(0, capacity)
+
+    def round_up(self, nbytes: int) -> int:
+        """The length an allocation of ``nbytes`` occupies."""
+        a = self.alignment_bytes
+        return (nbytes + a - 1) // a * a
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    @property
+    def largest_free(self) -> int:
+        return self._by_size[-1][0] if self._by_size else 0
+
+    def allocate(self, nbytes: int) -> Extent | None:
+        """Reserve ``nbytes`` (rounded up); None when no free extent is large enough."""
+        length = self.round_up(max(nbytes, 1))
+        i = bisect.bisect_left(self._by_size, (length, -1))
+        if i == len(self._by_size):
+            return None
+        free_len, start = self._by_size[i]
+        self._remove_free(start, free_len)
+        if free_len > length:
+            self._add_free(start + length, free_len - length)
+        self.used_bytes += length
+        return Extent(start, length)
+
+    def free(self, extent: Extent) -> None:
+        """Return an extent; it merges with free neighbours on both sides."""
+        start, length = extent.offset, extent.length
+        end = start + length
+        if start in self._by_start or end > self.capacity_bytes or start % self.alignment_bytes:
+            raise ValueError(f"free of an extent that was not allocated: {extent}")
+        self.used_bytes -= length
+        left = self._by_end.get(start)
+        if left is not None:
+            self._remove_free(left, start - left)
+            start = left
+        right_len = self._by_start.get(end)
+        if right_len is not None:
+            self._remove_free(end, right_len)
+            end += right_len
+        self._add_free(start, end - start)
+
+    def _add_free(self, start: int, length: int) -> None:
+        self._by_start[start] = length
+        self._by_end[start + length] = start
+        bisect.insort(self._by_size, (length, start))
+
+    def _remove_free(self, start: int, length: int) -> None:
+        del self._by_start[start]
+        del self._by_end[start + length]
+        i = bisect.bisect_left(self._by_size, (length, start))
+        del self._by_size[i]

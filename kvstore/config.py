@@ -1,0 +1,155 @@
+"""Configuration: one frozen dataclass per component, validated on construction.
+
+Values are loaded once at the edge (flags, a TOML file) and passed down explicitly. Sizes may be
+given as ints or as strings with binary or decimal units (``"4GiB"``, ``"512MiB"``, ``"1.5GB"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore.errors import ConfigError
+from kvstore.keys import MAX_KEY_BYTES
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": KiB, "kib": KiB, "mi": MiB, "mib": MiB, "gi": GiB, "gib": GiB, "ti": TiB, "tib": TiB,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | str, *, name: str = "size") -> int:
+    """``4096``, ``"4KiB"``, ``"1.5GB"`` -> bytes. Raises :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not unit:
+        raise ConfigError(f"{name}: cannot read {value!r} as a size (try 4GiB, 512MiB or 1048576)")
+    return int(float(match.group(1)) * unit)
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: ``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DramConfig:
+    """The host-memory tier: one preallocated arena."""
+
+    capacity_bytes: int = 4 * GiB
+    alignment_bytes: int = 4 * KiB
+    prefault: bool = False  # touch every page at start-up (slower start, no first-touch stalls)
+
+    def __post_init__(self) -> None:
+        _check(self.capacity_bytes > 0, f"dram.capacity_bytes must be > 0, got {self.capacity_bytes}")
+        _check(
+            self.alignment_bytes > 0 and self.alignment_bytes & (self.alignment_bytes - 1) == 0,
+            f"dram.alignment_bytes must be a power of two, got {self.alignment_bytes}",
+        )
+        _check(
+            self.capacity_bytes >= self.alignment_bytes,
+            f"dram.capacity_bytes={self.capacity_bytes} is smaller than one aligned page",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """Everything ``kvstore serve`` needs. The defaults are the embedded configuration."""
+
+    host: str = "127.0.0.1"
+    port: int = 7070
+    metrics_port: int = 7071
+    max_block_bytes: int = 64 * MiB
+    max_keys_per_request: int = 65536
+    max_key_bytes: int = MAX_KEY_BYTES
+    stream_chunk_bytes: int = 1 * MiB
+    shutdown_grace_s: float = 5.0
+    log_level: str = "info"
+    dram: DramConfig = field(default_factory=DramConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "host must not be empty")
+        _check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        _check(
+            0 <= self.metrics_port <= 65535,
+            f"metrics_port must be in [0, 65535] (0 turns metrics off), got {self.metrics_port}",
+        )
+        _check(self.max_block_bytes > 0, f"max_block_bytes must be > 0, got {self.max_block_bytes}")
+        _check(
+            self.max_keys_per_request > 0,
+            f"max_keys_per_request must be > 0, got {self.max_keys_per_request}",
+        )
+        _check(
+            0 < self.max_key_bytes <= MAX_KEY_BYTES,
+            f"max_key_bytes must be in [1, {MAX_KEY_BYTES}], got {self.max_key_bytes}",
+        )
+        _check(
+            4 * KiB <= self.stream_chunk_bytes <= 16 * MiB,
+            f"stream_chunk_bytes must be in [4KiB, 16MiB], got {self.stream_chunk_bytes}",
+        )
+        _check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        _check(
+            self.log_level.lower() in {"debug", "info", "warning", "error"},
+            f"log_level must be debug, info, warning or error, got {self.log_level!r}",
+        )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ServerConfig:
+        """Build from a parsed TOML document (or any nested mapping); unknown keys are errors."""
+        return _build(cls, data, prefix="")
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with top-level fields changed; ``dram_capacity_bytes=`` reaches into ``dram``."""
+        if "dram_capacity_bytes" in changes:
+            dram = dataclasses.replace(self.dram, capacity_bytes=changes.pop("dram_capacity_bytes"))
+            changes["dram"] = dram
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = fields.get(name)
+        if f is None:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {prefix}{name!r} (known: {known})")
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[name] = _build(f.default_factory, value, prefix=f"{prefix}{name}.")
+        elif name.endswith("_bytes"):
+            kwargs[name] = parse_bytes(value, name=f"{prefix}{name}")
+        else:
+            expected = type(f.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(
+                    f"{prefix}{name} must be a {expected.__name__}, got {value!r}"
+                )
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc

@@ -1,0 +1,151 @@
+"""Block identity: namespaces and chained block keys.
+
+A block is ``block_size`` tokens of one sequence for one model layout. Its key chains the key of
+the block before it, so a key names the whole prefix up to and including its block::
+
+    key_i = BLAKE2b-256(key_{i-1} || namespace digest || token ids of block i as u32 LE || extra)
+
+with ``key_{-1}`` 32 zero bytes. The hash is a standard, seedless digest: the same tokens and
+namespace give the same keys in every process, on every host, in every Python version.
+
+Engines that already hash their blocks (vLLM, SGLang, Dynamo) may pass their own hashes as opaque
+keys instead; the daemon only requires keys to be non-empty byte strings of bounded length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvstore.errors import InvalidArgumentError
+
+KEY_BYTES = 32
+"""Length of the keys :func:`block_keys` produces."""
+
+MAX_KEY_BYTES = 128
+"""Upper bound on any key the daemon accepts (opaque engine hashes included)."""
+
+_ROOT = bytes(KEY_BYTES)
+_NAMESPACE_VERSION = b"kvstore.namespace.v1"
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Namespace:
+    """Everything that makes KV bytes of the same tokens incompatible.
+
+    Two workers share cached blocks only when every field here is equal. ``salt`` separates
+    tenants (or invalidates a whole cache when changed).
+    """
+
+    model_id: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    salt: str = ""
+    digest: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidArgumentError(f"Namespace.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
+            raise InvalidArgumentError(
+                f"Namespace.tp_rank must be in [0, tp_size={self.tp_size}), got {self.tp_rank!r}"
+            )
+        if not self.model_id:
+            raise InvalidArgumentError("Namespace.model_id must not be empty")
+        if not self.dtype:
+            raise InvalidArgumentError("Namespace.dtype must not be empty")
+        # Length-prefixed fields make the encoding unambiguous ("ab"+"c" != "a"+"bc").
+        encoded = bytearray(_NAMESPACE_VERSION)
+        for value in (
+            self.model_id, self.dtype, self.num_layers, self.num_kv_heads, self.head_dim,
+            self.block_size, self.tp_rank, self.tp_size, self.salt,
+        ):
+            raw = str(value).encode()
+            encoded += len(raw).to_bytes(4, "little") + raw
+        object.__setattr__(self, "digest", _digest(bytes(encoded)))
+
+
+def block_keys(
+    token_ids: Any,
+    *,
+    block_size: int,
+    namespace: Namespace | bytes,
+    extra: bytes = b"",
+    parent: bytes | None = None,
+) -> list[bytes]:
+    """Chained keys of every full block of a token sequence.
+
+    Args:
+        token_ids: the sequence (list of ints, numpy array, CPU torch tensor); values must fit u32.
+        block_size: tokens per block. Must match ``namespace.block_size`` for a :class:`Namespace`.
+        namespace: a :class:`Namespace`, or raw bytes that stand for one.
+        extra: bytes mixed into every block's key (a LoRA id, a multimodal input hash).
+        parent: key of the block just before ``token_ids[0]``, to continue a chain.
+
+    Returns:
+        One 32-byte key per full block; a trailing partial block has no key.
+    """
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise InvalidArgumentError(f"block_size must be a positive int, got {block_size!r}")
+    if isinstance(namespace, Namespace):
+        if namespace.block_size != block_size:
+            raise InvalidArgumentError(
+                f"block_size={block_size} differs from namespace.block_size={namespace.block_size}"
+            )
+        ns = namespace.digest
+    elif isinstance(namespace, (bytes, bytearray)) and namespace:
+        ns = _digest(b"kvstore.raw-namespace.v1", bytes(namespace))
+    else:
+        raise InvalidArgumentError("namespace must be a Namespace or non-empty bytes")
+    if parent is not None and len(parent) != KEY_BYTES:
+        raise InvalidArgumentError(f"parent must be a {KEY_BYTES}-byte key, got {len(parent)} bytes")
+
+    tokens = np.asarray(token_ids)
+    if tokens.ndim != 1:
+        raise InvalidArgumentError(f"token_ids must be one-dimensional, got shape {tokens.shape}")
+    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= 2**32):
+        raise InvalidArgumentError("token_ids must be integers in [0, 2**32)")
+    n_blocks = tokens.size // block_size
+    raw = tokens[: n_blocks * block_size].astype("<u4", copy=False).tobytes()
+    stride = block_size * 4
+
+    keys: list[bytes] = []
+    prev = _ROOT if parent is None else bytes(parent)
+    for i in range(n_blocks):
+        prev = _digest(prev, ns, raw[i * stride : (i + 1) * stride], extra)
+        keys.append(prev)
+    return keys
+
+
+def check_keys(keys: Sequence[bytes], *, max_keys: int, max_key_bytes: int = MAX_KEY_BYTES) -> None:
+    """Raise :class:`InvalidArgumentError` naming the first bad key of a request batch."""
+    if not keys:
+        raise InvalidArgumentError("the request has no keys")
+    if len(keys) > max_keys:
+        raise InvalidArgumentError(f"the request has {len(keys)} keys; at most {max_keys} are allowed")
+    lengths = list(map(len, keys))
+    if min(lengths) == 0:
+        raise InvalidArgumentError(f"key {lengths.index(0)} is empty")
+    longest = max(lengths)
+    if longest > max_key_bytes:
+        raise InvalidArgumentError(
+            f"key {lengths.index(longest)} is {longest} bytes; keys are at most {max_key_bytes} bytes"
+        )

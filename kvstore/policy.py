@@ -1,0 +1,37 @@
+"""The eviction policy contract.
+
+A policy orders the READY blocks of one tier by how much they are worth keeping. It decides and
+never acts: :meth:`EvictionPolicy.victims` returns exactly the blocks to remove, or nothing, and
+changes no state; the caller then moves bytes and reports back through :meth:`remove`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from kvstore.block import BlockRecord
+
+
+class EvictionPolicy(ABC):
+    @abstractmethod
+    def insert(self, record: BlockRecord) -> None:
+        """A block became READY in this tier."""
+
+    @abstractmethod
+    def touch(self, record: BlockRecord) -> None:
+        """A block was read."""
+
+    @abstractmethod
+    def remove(self, record: BlockRecord) -> None:
+        """A block left this tier (evicted, deleted, moved)."""
+
+    @abstractmethod
+    def victims(self, nbytes: int) -> list[BlockRecord]:
+        """Blocks whose reserved bytes add up to at least ``nbytes``, coldest first.
+
+        Pinned blocks are never chosen. Returns ``[]`` when the evictable blocks together are
+        not enough, so a caller never evicts for a reservation that would still fail.
+        """
+
+    @abstractmethod
+    def __len__(self) -> int: ...

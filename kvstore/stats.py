@@ -1,0 +1,47 @@
+"""Counters the daemon keeps; the Stats RPC and the Prometheus collector both read these.
+
+Plain ints mutated on the event-loop thread: one source of truth, no locks, no double bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvstore.tier_kind import TierKind
+
+
+@dataclass(slots=True)
+class TierCounters:
+    hits: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Counters:
+    lookup_hit_blocks: int = 0
+    lookup_miss_blocks: int = 0
+    get_hit_blocks: int = 0
+    get_miss_blocks: int = 0
+    put_stored_blocks: int = 0
+    put_present_blocks: int = 0
+    put_dropped_blocks: int = 0
+    deleted_blocks: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    integrity_failures: int = 0
+    tiers: dict[TierKind, TierCounters] = field(default_factory=dict)
+
+    def tier(self, kind: TierKind) -> TierCounters:
+        counters = self.tiers.get(kind)
+        if counters is None:
+            counters = self.tiers[kind] = TierCounters()
+        return counters
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    kind: TierKind
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int

@@ -1,0 +1,210 @@
+"""The daemon: owns the block index, the eviction policy and the tiers, and applies policy.
+
+Every method runs on the event-loop thread, which is the only thread that touches the index, so
+nothing here takes a lock. The servicer converts protobuf to the plain arguments these methods
+take; the transfer classes move bytes through the reservations and pins handed out here.
+
+A put is two-phase: :meth:`Daemon.reserve` validates the whole batch and reserves space (records
+in WRITING state, invisible to readers), the bytes are written, then :meth:`Daemon.commit` or
+:meth:`Daemon.abort` finishes each block. A get pins the leading READY blocks with
+:meth:`Daemon.acquire` so eviction cannot reuse their bytes mid-read, and :meth:`Daemon.release`
+unpins them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvstore import __version__
+from kvstore.allocator import Extent
+from kvstore.block import BlockRecord, BlockState
+from kvstore.config import ServerConfig, format_bytes
+from kvstore.errors import BlockTooLargeError, InvalidArgumentError
+from kvstore.index import BlockIndex
+from kvstore.keys import check_keys
+from kvstore.lru import LRUPolicy
+from kvstore.stats import Counters, TierUsage
+from kvstore.tier_kind import TierKind
+from kvstore.tiers import MemoryTier, create_tier
+
+log = logging.getLogger("kvstore.daemon")
+
+
+@dataclass(slots=True)
+class PutSlot:
+    """One block of a put batch: where its bytes go, or None when they are to be skipped."""
+
+    size: int
+    checksum: int | None
+    record: BlockRecord | None
+    present: bool = False
+
+
+class Daemon:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.tier: MemoryTier = create_tier(TierKind.DRAM, config.dram)
+        self.index = BlockIndex()
+        self.policy = LRUPolicy()
+        self.counters = Counters()
+        self.started_at = time.monotonic()
+        self.version = __version__
+
+    async def close(self) -> None:
+        await self.tier.close()
+
+    def _check_keys(self, keys: Sequence[bytes]) -> None:
+        check_keys(keys, max_keys=self.config.max_keys_per_request, max_key_bytes=self.config.max_key_bytes)
+
+
+    def lookup(self, keys: Sequence[bytes]) -> list[TierKind]:
+        """Tier of each leading present key; stops at the first miss."""
+        self._check_keys(keys)
+        found = self.index.prefix(keys)
+        self.counters.lookup_hit_blocks += len(found)
+        self.counters.lookup_miss_blocks += len(keys) - len(found)
+        return [record.tier for record in found]
+
+    def acquire(self, keys: Sequence[bytes]) -> list[BlockRecord]:
+        """Pin and touch the leading present blocks; the caller must :meth:`release` them."""
+        self._check_keys(keys)
+        found = self.index.prefix(keys)
+        for record in found:
+            record.pins += 1
+            self.policy.touch(record)
+            self.counters.tier(record.tier).hits += 1
+        self.counters.get_hit_blocks += len(found)
+        self.counters.get_miss_blocks += len(keys) - len(found)
+        return found
+
+    def release(self, records: Sequence[BlockRecord]) -> None:
+        for record in records:
+            record.pins -= 1
+            if record.pins == 0 and record.state is BlockState.GONE:
+                self.tier.release(record.extent)
+
+
+    def reserve(
+        self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]
+    ) -> list[PutSlot]:
+        """Validate a put batch as a whole, then reserve space for each absent key.
+
+        Nothing is reserved when any part of the batch is invalid. A key already present (or
+        being written by another put) gets a slot with no record: its bytes are skipped. A block
+        for which no space can be freed is dropped the same way and counted.
+        """
+        self._check_keys(keys)
+        if len(sizes) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} block sizes")
+        if checksums and len(checksums) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(checksums)} checksums")
+        limit = min(self.config.max_block_bytes, self.tier.capacity_bytes)
+        for i, size in enumerate(sizes):
+            if size <= 0:
+                raise InvalidArgumentError(f"block {i} is empty")
+            if size > limit:
+                raise BlockTooLargeError(
+                    f"block {i} is {format_bytes(size)} ({size} bytes); the largest block this "
+                    f"daemon stores is {format_bytes(limit)} ({limit} bytes: "
+                    f"max_block_bytes={self.config.max_block_bytes}, "
+                    f"dram capacity={self.tier.capacity_bytes})"
+                )
+
+        slots: list[PutSlot] = []
+        for i, (key, size) in enumerate(zip(keys, sizes)):
+            checksum = checksums[i] if checksums else None
+            existing = self.index.get(key)
+            if existing is not None:
+                if existing.state is BlockState.READY:
+                    self.policy.touch(existing)
+                self.counters.put_present_blocks += 1
+                slots.append(PutSlot(size, checksum, None, present=True))
+                continue
+            extent = self._make_room(size)
+            if extent is None:
+                self.counters.put_dropped_blocks += 1
+                slots.append(PutSlot(size, checksum, None))
+                continue
+            record = BlockRecord(key=key, size=size, tier=self.tier.kind, extent=extent)
+            self.index.add(record)
+            slots.append(PutSlot(size, checksum, record))
+        return slots
+
+    def commit(self, slot: PutSlot, checksum: int) -> None:
+        """Make a fully written block visible (unless it was deleted while being written)."""
+        record = slot.record
+        if record.state is BlockState.GONE:
+            self.tier.release(record.extent)
+            return
+        record.checksum = checksum
+        record.advance(BlockState.READY)
+        self.policy.insert(record)
+        self.counters.put_stored_blocks += 1
+
+    def abort(self, slot: PutSlot) -> None:
+        """Throw away a reservation whose bytes did not all arrive or did not verify."""
+        record = slot.record
+        if record.state is BlockState.WRITING:
+            record.advance(BlockState.GONE)
+            self.index.discard(record)
+        self.tier.release(record.extent)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        self._check_keys(keys)
+        deleted = 0
+        for key in keys:
+            record = self.index.get(key)
+            if record is None:
+                continue
+            self._drop(record)
+            deleted += 1
+        self.counters.deleted_blocks += deleted
+        return deleted
+
+
+    def _make_room(self, size: int) -> Extent | None:
+        """Reserve ``size`` bytes, evicting the coldest unpinned blocks as needed."""
+        extent = self.tier.reserve(size)
+        while extent is None:
+            need = max(self.tier.footprint(size) - self.tier.free_bytes, 1)
+            victims = self.policy.victims(need)
+            if not victims:
+                return None
+            for victim in victims:
+                counters = self.counters.tier(victim.tier)
+                counters.evictions += 1
+                counters.evicted_bytes += victim.size
+                self._drop(victim)
+            extent = self.tier.reserve(size)
+        return extent
+
+    def _drop(self, record: BlockRecord) -> None:
+        """Remove a block from the index and the policy; free its bytes once nobody reads them.
+
+        A block still being written keeps its extent until its put finishes (commit sees GONE and
+        the put's abort path frees it).
+        """
+        was_writing = record.state is BlockState.WRITING
+        self.index.discard(record)
+        self.policy.remove(record)
+        record.advance(BlockState.GONE)
+        if not was_writing and record.pins == 0:
+            self.tier.release(record.extent)
+
+
+    def usage(self) -> list[TierUsage]:
+        return [
+            TierUsage(
+                kind=self.tier.kind,
+                capacity_bytes=self.tier.capacity_bytes,
+                used_bytes=self.tier.used_bytes,
+                blocks=len(self.policy),
+            )
+        ]
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at

@@ -1,0 +1,99 @@
+"""One running kvstore node: the daemon, its gRPC server, health service and metrics endpoint.
+
+``async with KVStoreServer(config) as server`` binds everything (port 0 picks a free port,
+reported in ``server.port``) and shuts it all down gracefully on exit: health flips to
+NOT_SERVING, new calls are refused, calls in flight get ``shutdown_grace_s`` to finish, then the
+tiers are closed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from kvstore.config import ServerConfig
+from kvstore.errors import ConfigError
+from kvstore.proto import CHANNEL_OPTIONS
+from kvstore.server.daemon import Daemon
+from kvstore.server.metrics import Metrics
+from kvstore.server.servicer import SERVICE, KVStoreServicer
+
+log = logging.getLogger("kvstore.server")
+
+
+class KVStoreServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.daemon: Daemon | None = None
+        self.metrics: Metrics | None = None
+        self.port: int = 0
+        self.metrics_port: int = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health_aio.HealthServicer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def __aenter__(self) -> KVStoreServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        config = self.config
+        self.daemon = Daemon(config)
+        try:
+            self.metrics = Metrics(self.daemon)
+            self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
+            self._grpc.add_generic_rpc_handlers((KVStoreServicer(self.daemon, self.metrics).handler(),))
+            self._health = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+            if self.port == 0:
+                raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use or not an address here)")
+            await self._grpc.start()
+            if config.metrics_port:
+                try:
+                    self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror}"
+                    ) from None
+            for service in ("", SERVICE):
+                await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await self.stop()
+            raise
+        tier = self.daemon.tier
+        log.info(
+            "kvstore %s listening on %s (metrics %s); dram tier %d bytes",
+            self.daemon.version, self.address,
+            f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+            tier.capacity_bytes,
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call more than once."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+            self._health = None
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.shutdown_grace_s)
+            self._grpc = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        if self.daemon is not None:
+            await self.daemon.close()
+            self.daemon = None
+            log.info("kvstore stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()

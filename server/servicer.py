@@ -1,0 +1,153 @@
+"""The gRPC face of the daemon: protobuf in, domain calls, protobuf out.
+
+Requests arrive as raw bytes and are parsed here, so a message that does not decode is answered
+with INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL). Every kvstore error maps
+to its status code in one place (:mod:`kvstore.proto.status`); anything else is a bug, logged and
+answered with INTERNAL. No policy lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.proto.status import code_for
+from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.server.daemon import Daemon
+from kvstore.server.metrics import Metrics
+from kvstore.framing import pack
+from kvstore.server.transfer import PutReceiver, block_views
+
+log = logging.getLogger("kvstore.servicer")
+
+SERVICE = "kvstore.v1.KVStore"
+
+
+def _parse(cls: type[Message], raw: bytes) -> Message:
+    message = cls()
+    try:
+        message.ParseFromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgumentError(f"cannot decode the {cls.DESCRIPTOR.name} message: {exc}") from None
+    return message
+
+
+class KVStoreServicer:
+    def __init__(self, daemon: Daemon, metrics: Metrics) -> None:
+        self.daemon = daemon
+        self.metrics = metrics
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def out(cls: type[Message]) -> dict:
+            return {"response_serializer": cls.SerializeToString}
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Lookup": grpc.unary_unary_rpc_method_handler(self.lookup, **out(pb.LookupResponse)),
+                "Put": grpc.stream_unary_rpc_method_handler(self.put, **out(pb.PutResponse)),
+                "Get": grpc.unary_stream_rpc_method_handler(self.get, **out(pb.GetResponse)),
+                "Delete": grpc.unary_unary_rpc_method_handler(self.delete, **out(pb.DeleteResponse)),
+                "Stats": grpc.unary_unary_rpc_method_handler(self.stats, **out(pb.StatsResponse)),
+            },
+        )
+
+    @asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except KVStoreError as exc:
+            code = code_for(exc)
+            self.metrics.rpc_errors.labels(method, code.name).inc()
+            await context.abort(code, str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed", method)
+            self.metrics.rpc_errors.labels(method, "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the daemon: {exc!r}")
+        finally:
+            self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
+
+    async def lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        async with self._rpc("Lookup", context):
+            request = _parse(pb.LookupRequest, raw)
+            tiers = self.daemon.lookup(request.keys)
+            return pb.LookupResponse(count=len(tiers), tiers=tiers)
+
+    async def put(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        async with self._rpc("Put", context):
+            stream = aiter(requests)
+            first = await anext(stream, None)
+            header = _parse(pb.PutRequest, first) if first is not None else None
+            if header is None or header.WhichOneof("part") != "header":
+                raise InvalidArgumentError("a put stream must start with a header message")
+            h = header.header
+            slots = self.daemon.reserve(h.keys, h.sizes, h.checksums)
+            receiver = PutReceiver(self.daemon, slots)
+            try:
+                async for raw in stream:
+                    message = _parse(pb.PutRequest, raw)
+                    if message.WhichOneof("part") != "data":
+                        raise InvalidArgumentError("only the first message of a put stream may be a header")
+                    await receiver.feed(message.data)
+                receiver.close()
+            finally:
+                receiver.abort()
+            stored = sum(slot.record is not None for slot in slots)
+            present = sum(slot.present for slot in slots)
+            return pb.PutResponse(stored=stored, present=present, dropped=len(slots) - stored - present)
+
+    async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
+        async with self._rpc("Get", context):
+            request = _parse(pb.GetRequest, raw)
+            records = self.daemon.acquire(request.keys)
+            try:
+                yield pb.GetResponse(
+                    header=pb.GetHeader(
+                        count=len(records),
+                        sizes=[r.size for r in records],
+                        checksums=[r.checksum for r in records],
+                        tiers=[r.tier for r in records],
+                    )
+                )
+                views = await block_views(self.daemon, records)
+                for chunk in pack(views, self.daemon.config.stream_chunk_bytes):
+                    yield pb.GetResponse(data=chunk)
+                self.daemon.counters.bytes_out += sum(r.size for r in records)
+            finally:
+                self.daemon.release(records)
+
+    async def delete(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        async with self._rpc("Delete", context):
+            request = _parse(pb.DeleteRequest, raw)
+            return pb.DeleteResponse(deleted=self.daemon.delete(request.keys))
+
+    async def stats(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        async with self._rpc("Stats", context):
+            _parse(pb.StatsRequest, raw)
+            d = self.daemon
+            c = d.counters
+            tiers = [
+                pb.TierStats(
+                    tier=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes,
+                    blocks=u.blocks, hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
+                    evicted_bytes=c.tier(u.kind).evicted_bytes,
+                )
+                for u in d.usage()
+            ]
+            return pb.StatsResponse(
+                version=d.version, uptime_s=d.uptime_s, tiers=tiers,
+                lookup_hit_blocks=c.lookup_hit_blocks, lookup_miss_blocks=c.lookup_miss_blocks,
+                get_hit_blocks=c.get_hit_blocks, get_miss_blocks=c.get_miss_blocks,
+                put_stored_blocks=c.put_stored_blocks, put_present_blocks=c.put_present_blocks,
+                put_dropped_blocks=c.put_dropped_blocks, deleted_blocks=c.deleted_blocks,
+                bytes_in=c.bytes_in, bytes_out=c.bytes_out, integrity_failures=c.integrity_failures,
+            )

@@ -1,0 +1,66 @@
+"""DRAM tier: one preallocated host-memory arena with an extent allocator.
+
+The arena is a single shared mapping of a memfd (anonymous shared memory on systems without
+memfd), sized once at start-up. Blocks are extents inside it: no per-block Python objects hold
+data, and a block's bytes can be handed out as a zero-copy memoryview.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from kvstore.allocator import Extent, ExtentAllocator
+from kvstore.config import DramConfig
+from kvstore.tier_kind import TierKind
+from kvstore.tiers.base import MemoryTier
+
+
+class DramTier(MemoryTier):
+    kind = TierKind.DRAM
+
+    def __init__(self, config: DramConfig) -> None:
+        self.config = config
+        self._allocator = ExtentAllocator(config.capacity_bytes, config.alignment_bytes)
+        size = self._allocator.capacity_bytes
+        flags = mmap.MAP_SHARED
+        if config.prefault and hasattr(mmap, "MAP_POPULATE"):
+            flags |= mmap.MAP_POPULATE
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                self._mmap = mmap.mmap(fd, size, flags=flags)
+            finally:
+                os.close(fd)
+        else:
+            self._mmap = mmap.mmap(-1, size, flags=flags)
+        self._view = memoryview(self._mmap)
+
+    @classmethod
+    def from_config(cls, config: DramConfig) -> DramTier:
+        return cls(config)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._allocator.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self._allocator.used_bytes
+
+    def footprint(self, nbytes: int) -> int:
+        return self._allocator.round_up(nbytes)
+
+    def reserve(self, nbytes: int) -> Extent | None:
+        return self._allocator.allocate(nbytes)
+
+    def release(self, extent: Extent) -> None:
+        self._allocator.free(extent)
+
+    def view(self, extent: Extent, nbytes: int) -> memoryview:
+        return self._view[extent.offset : extent.offset + nbytes]
+
+    async def close(self) -> None:
+        self._view.release()
+        self._mmap.close()
