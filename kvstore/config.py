@@ -135,7 +135,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         f = fields.get(name)
         if f is None:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key {prefix}{name!r} (known: {known})")
+            raise ConfigError(f"unknown config key '{prefix}{name}' (known: {known})")
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             kwargs[name] = _build(f.default_factory, value, prefix=f"{prefix}{name}.")
         elif name.endswith("_bytes"):

@@ -50,13 +50,17 @@ class KVStoreServer:
         self.daemon = Daemon(config)
         try:
             self.metrics = Metrics(self.daemon)
-            self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
+            # No SO_REUSEPORT: a second daemon on a busy port must fail, not silently share it.
+            self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
             self._grpc.add_generic_rpc_handlers((KVStoreServicer(self.daemon, self.metrics).handler(),))
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+            try:
+                self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+            except RuntimeError:
+                self.port = 0
             if self.port == 0:
-                raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use or not an address here)")
+                raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
             await self._grpc.start()
             if config.metrics_port:
                 try:

@@ -1,0 +1,45 @@
+"""Shared fixtures: a real daemon on port 0 in the test's event loop, and a real client."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from kvstore import Namespace, ServerConfig, block_keys
+from kvstore.client import KVClient
+from kvstore.config import DramConfig
+from kvstore.server import KVStoreServer
+
+NS = Namespace(model_id="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
+
+
+def make_config(dram_bytes: int = 64 << 20, **overrides) -> ServerConfig:
+    """A daemon on a free loopback port with metrics off and a small DRAM tier."""
+    base = dict(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_s=1.0)
+    base.update(overrides)
+    return ServerConfig(dram=DramConfig(capacity_bytes=dram_bytes), **base)
+
+
+def chain(n_blocks: int, *, seed: int = 0, block_size: int = 16) -> list[bytes]:
+    """Keys of a random token sequence of ``n_blocks`` full blocks."""
+    rng = random.Random(seed)
+    tokens = [rng.randrange(50_000) for _ in range(n_blocks * block_size)]
+    return block_keys(tokens, block_size=block_size, namespace=NS)
+
+
+def random_blocks(n: int, size: int) -> list[bytes]:
+    return [os.urandom(size) for _ in range(n)]
+
+
+@pytest.fixture
+async def server():
+    async with KVStoreServer(make_config()) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def kv(server):
+    async with KVClient(f"127.0.0.1:{server.port}") as client:
+        yield client

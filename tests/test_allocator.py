@@ -1,0 +1,87 @@
+"""The extent allocator: alignment, best fit, coalescing, and a randomized model check."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.allocator import Extent, ExtentAllocator
+from kvstore.errors import ConfigError
+
+
+def test_extents_are_aligned_and_rounded_up():
+    a = ExtentAllocator(1 << 20, 4096)
+    e1 = a.allocate(1)
+    e2 = a.allocate(4097)
+    assert (e1.offset, e1.length) == (0, 4096)
+    assert (e2.offset % 4096, e2.length) == (0, 8192)
+    assert a.used_bytes == 3 * 4096
+
+
+def test_full_arena_returns_none_and_free_makes_room():
+    a = ExtentAllocator(4 * 4096, 4096)
+    extents = [a.allocate(4096) for _ in range(4)]
+    assert a.allocate(1) is None
+    a.free(extents[2])
+    assert a.allocate(4096) == extents[2]
+
+
+def test_neighbours_coalesce_into_one_extent():
+    a = ExtentAllocator(8 * 4096, 4096)
+    extents = [a.allocate(4096) for _ in range(8)]
+    for e in extents[2:6]:
+        a.free(e)
+    assert a.largest_free == 4 * 4096
+    for e in (extents[0], extents[1], extents[6], extents[7]):
+        a.free(e)
+    assert a.largest_free == a.capacity_bytes and a.used_bytes == 0
+
+
+def test_best_fit_keeps_large_holes_whole():
+    a = ExtentAllocator(16 * 4096, 4096)
+    small = a.allocate(4096)
+    sep1 = a.allocate(4096)
+    big = a.allocate(8 * 4096)
+    a.allocate(4096)
+    a.free(small)  # a one-page hole
+    a.free(big)    # an eight-page hole
+    assert a.allocate(4096).offset == small.offset
+    assert a.allocate(8 * 4096).offset == big.offset
+    assert sep1 is not None
+
+
+def test_double_free_and_foreign_extents_are_refused():
+    a = ExtentAllocator(4 * 4096, 4096)
+    e = a.allocate(4096)
+    a.free(e)
+    with pytest.raises(ValueError):
+        a.free(e)
+    with pytest.raises(ValueError):
+        a.free(Extent(100, 4096))
+
+
+def test_bad_geometry_is_a_config_error():
+    with pytest.raises(ConfigError):
+        ExtentAllocator(1 << 20, 3000)
+    with pytest.raises(ConfigError):
+        ExtentAllocator(100, 4096)
+
+
+def test_random_workload_never_overlaps_and_accounts_exactly():
+    rng = random.Random(7)
+    a = ExtentAllocator(256 * 4096, 4096)
+    live: list[Extent] = []
+    for _ in range(5000):
+        if live and rng.random() < 0.45:
+            a.free(live.pop(rng.randrange(len(live))))
+        else:
+            e = a.allocate(rng.randrange(1, 9 * 4096))
+            if e is not None:
+                live.append(e)
+        spans = sorted((e.offset, e.offset + e.length) for e in live)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+        assert a.used_bytes == sum(e.length for e in live)
+    for e in live:
+        a.free(e)
+    assert a.largest_free == a.capacity_bytes

@@ -1,0 +1,191 @@
+"""`kvstore serve` and `kvstore stats` as a user runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvstore.client import KVClient
+from kvstore.checksum import checksum
+from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+from conftest import chain, random_blocks
+
+KVSTORE = [sys.executable, "-m", "kvstore.server.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """A `kvstore serve` child process and the port it reported."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*KVSTORE, "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.log: list[str] = []
+        line = self.wait_for("listening on", timeout_s=20)
+        self.port = int(re.search(r"listening on [\d.]+:(\d+)", line).group(1))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                self.log.append(line)
+                if text in line:
+                    return line
+        raise AssertionError(f"{text!r} not seen; daemon said:\n{''.join(self.log)}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10) -> int:
+        self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=timeout_s)
+        self.log.append(out)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def daemon():
+    d = Daemon("--metrics-port", str(free_port()), "--dram-bytes", "64MiB")
+    yield d
+    d.kill()
+
+
+def test_serve_needs_no_config_and_answers_health_and_rpcs(daemon):
+    with grpc.insecure_channel(daemon.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "kvstore.v1.KVStore"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.KVStoreStub(channel)
+        assert stub.Lookup(pb.LookupRequest(keys=[b"k"]), timeout=5).count == 0
+
+
+def test_metrics_endpoint_reports_usage_and_rpc_latency(daemon):
+    metrics_port = int(re.search(r"metrics http://[\d.]+:(\d+)", "".join(daemon.log)).group(1))
+
+    async def traffic():
+        async with KVClient(daemon.target) as kv:
+            keys = chain(3, seed=50)
+            await kv.put(keys, random_blocks(3, 8192))
+            await kv.get(keys)
+            await kv.lookup(keys)
+
+    asyncio.run(traffic())
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'kvstore_tier_capacity_bytes{tier="dram"} 6.7108864e+07' in text
+    assert 'kvstore_tier_used_bytes{tier="dram"} 24576.0' in text
+    assert 'kvstore_blocks_total{op="get",result="hit"} 3.0' in text
+    assert 'kvstore_tier_hits_total{tier="dram"} 3.0' in text
+    assert re.search(r'kvstore_rpc_duration_seconds_count\{method="Put"\} 1\.0', text)
+    assert 'kvstore_tier_evictions_total{tier="dram"} 0.0' in text
+
+
+def test_stats_command_prints_a_table(daemon):
+    async def traffic():
+        async with KVClient(daemon.target) as kv:
+            await kv.put(chain(2, seed=51), random_blocks(2, 1 << 20))
+
+    asyncio.run(traffic())
+    out = subprocess.run(
+        [*KVSTORE, "stats", "--target", daemon.target], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert re.search(r"dram\s+2\.0 MiB\s+64\.0 MiB\s+3\.1%\s+2\s+0\s+0", out), out
+    assert re.search(r"put blocks stored\s+2", out), out
+    as_json = subprocess.run(
+        [*KVSTORE, "stats", "--target", daemon.target, "--json"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert '"put_stored_blocks": 2' in as_json and '"tier": "dram"' in as_json
+
+
+def test_stats_command_without_a_daemon_fails_clearly():
+    result = subprocess.run(
+        [*KVSTORE, "stats", "--target", f"127.0.0.1:{free_port()}", "--timeout", "0.5"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "no kvstore daemon answered" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_shut_down_gracefully(daemon, sig):
+    assert daemon.stop(sig) == 0
+    log = "".join(daemon.log)
+    assert "shutting down" in log and "kvstore stopped" in log and "Traceback" not in log
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", daemon.port)) != 0  # nothing listens any more
+
+
+def test_a_put_in_flight_finishes_during_graceful_shutdown(daemon):
+    keys = chain(4, seed=52)
+    blocks = random_blocks(4, 256 * 1024)
+    header = pb.PutHeader(keys=keys, sizes=[len(b) for b in blocks], checksums=[checksum(b) for b in blocks])
+
+    def slow_stream():
+        yield pb.PutRequest(header=header)
+        for i, block in enumerate(blocks):
+            if i == 1:
+                daemon.proc.send_signal(signal.SIGTERM)  # mid-stream
+            time.sleep(0.2)
+            yield pb.PutRequest(data=block)
+
+    with grpc.insecure_channel(daemon.target) as channel:
+        response = pb_grpc.KVStoreStub(channel).Put(slow_stream(), timeout=10)
+    assert response.stored == 4
+    assert daemon.proc.wait(timeout=10) == 0
+
+
+def test_bad_config_and_busy_port_exit_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dram]\ncapacity = 5\n")
+    result = subprocess.run([*KVSTORE, "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "unknown config key 'dram.capacity'" in result.stderr
+
+    result = subprocess.run([*KVSTORE, "serve", "--dram-bytes", "lots"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--dram-bytes: cannot read 'lots' as a size" in result.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run(
+            [*KVSTORE, "serve", "--port", str(port), "--metrics-port", "0", "--dram-bytes", "16MiB"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_second_daemon_on_the_same_port_is_refused(daemon):
+    result = subprocess.run(
+        [*KVSTORE, "serve", "--port", str(daemon.port), "--metrics-port", "0", "--dram-bytes", "16MiB"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{daemon.port}" in result.stderr

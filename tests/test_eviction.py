@@ -1,0 +1,123 @@
+"""Capacity pressure: LRU order, byte-exactness under churn, and pins held by readers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import grpc
+
+from kvstore import TierKind
+from kvstore.client import KVClient
+from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.server import KVStoreServer
+
+from conftest import chain, make_config, random_blocks
+
+MiB = 1 << 20
+
+
+async def present(kv: KVClient, keys: list[bytes]) -> list[bool]:
+    """Which keys are present, each looked up on its own (not as a chain)."""
+    return [(await kv.lookup([k])).count == 1 for k in keys]
+
+
+async def test_oldest_untouched_blocks_are_evicted_first():
+    async with KVStoreServer(make_config(dram_bytes=16 * MiB)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            old = chain(16, seed=10)
+            old_blocks = random_blocks(16, MiB)
+            assert (await kv.put(old, old_blocks)).stored == 16
+            for k in old[:4]:
+                await kv.get([k])  # touch blocks 0-3: now the hottest
+
+            new = chain(8, seed=11)
+            new_blocks = random_blocks(8, MiB)
+            assert (await kv.put(new, new_blocks)).stored == 8
+
+            assert await present(kv, old) == [True] * 4 + [False] * 8 + [True] * 4
+            assert await present(kv, new) == [True] * 8
+            for key, block in zip(old[:4] + old[12:] + new, old_blocks[:4] + old_blocks[12:] + new_blocks):
+                assert bytes((await kv.get([key]))[0]) == block
+            stats = await kv.stats()
+            assert stats.tier(TierKind.DRAM).evictions == 8
+            assert stats.tier(TierKind.DRAM).evicted_bytes == 8 * MiB
+
+
+async def test_churn_of_mixed_sizes_never_returns_wrong_bytes():
+    rng = random.Random(12)
+    async with KVStoreServer(make_config(dram_bytes=8 * MiB)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            written: dict[bytes, bytes] = {}
+            for round_ in range(30):
+                keys = chain(4, seed=1000 + round_)
+                blocks = [os.urandom(rng.choice([4096, 70_000, 512 * 1024, MiB + 3])) for _ in keys]
+                result = await kv.put(keys, blocks)
+                assert result.stored + result.present + result.dropped == 4
+                written.update(zip(keys, blocks))
+                sample = rng.sample(list(written), min(8, len(written)))
+                for key in sample:
+                    got = await kv.get([key])
+                    assert got == [] or bytes(got[0]) == written[key]
+            stats = await kv.stats()
+            dram = stats.tier(TierKind.DRAM)
+            assert dram.evictions > 0 and dram.used_bytes <= dram.capacity_bytes
+
+
+async def test_a_reader_keeps_its_blocks_while_a_writer_forces_eviction():
+    async with KVStoreServer(make_config(dram_bytes=24 * MiB, stream_chunk_bytes=256 * 1024)) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        async with KVClient(target) as writer:
+            leased = chain(4, seed=20)
+            leased_blocks = random_blocks(4, 4 * MiB)
+            await writer.put(leased, leased_blocks)
+
+            async with grpc.aio.insecure_channel(target) as channel:
+                call = channel.unary_stream(
+                    "/kvstore.v1.KVStore/Get",
+                    request_serializer=pb.GetRequest.SerializeToString,
+                    response_deserializer=pb.GetResponse.FromString,
+                )(pb.GetRequest(keys=leased))
+                stream = aiter(call)
+                header = (await anext(stream)).header
+                assert header.count == 4  # the daemon now pins all four blocks
+
+                flood = chain(5, seed=21)
+                result = await writer.put(flood, random_blocks(5, 4 * MiB))
+                # 8 MiB were free; the pinned 16 MiB could not be evicted for the rest.
+                assert result.stored >= 1 and result.dropped >= 1
+                assert (await writer.lookup(leased)).count == 4
+
+                received = bytearray()
+                async for message in stream:
+                    received += message.data
+                assert bytes(received) == b"".join(leased_blocks)
+
+            # Released: now they are ordinary cold blocks and a new flood evicts them.
+            await asyncio.sleep(0.05)
+            await writer.put(chain(6, seed=22), random_blocks(6, 4 * MiB))
+            assert (await writer.lookup(leased)).count == 0
+
+
+async def test_a_cancelled_reader_releases_its_pins():
+    async with KVStoreServer(make_config(dram_bytes=16 * MiB, stream_chunk_bytes=64 * 1024)) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        async with KVClient(target) as kv:
+            keys = chain(3, seed=30)
+            await kv.put(keys, random_blocks(3, 4 * MiB))
+            async with grpc.aio.insecure_channel(target) as channel:
+                call = channel.unary_stream(
+                    "/kvstore.v1.KVStore/Get",
+                    request_serializer=pb.GetRequest.SerializeToString,
+                    response_deserializer=pb.GetResponse.FromString,
+                )(pb.GetRequest(keys=keys))
+                assert (await anext(aiter(call))).header.count == 3
+                call.cancel()
+            for _ in range(50):  # the daemon notices the cancellation asynchronously
+                if all(not r.pins for r in srv.daemon.index):
+                    break
+                await asyncio.sleep(0.02)
+            result = await kv.put(chain(4, seed=31), random_blocks(4, 4 * MiB))
+            assert result.stored == 4
+            assert (await kv.lookup(keys)).count == 0
