@@ -119,10 +119,10 @@ class ServerConfig:
         return _build(cls, data, prefix="")
 
     def replace(self, **changes: Any) -> ServerConfig:
-        """A copy with top-level fields changed; ``dram_capacity_bytes=`` reaches into ``dram``."""
-        if "dram_capacity_bytes" in changes:
-            dram = dataclasses.replace(self.dram, capacity_bytes=changes.pop("dram_capacity_bytes"))
-            changes["dram"] = dram
+        """A copy with fields changed; ``dram_<field>=`` reaches into the ``dram`` table."""
+        dram = {name[5:]: changes.pop(name) for name in list(changes) if name.startswith("dram_")}
+        if dram:
+            changes["dram"] = dataclasses.replace(self.dram, **dram)
         return dataclasses.replace(self, **changes)
 
 

@@ -46,10 +46,12 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     }
     if args.dram_bytes is not None:
         overrides["dram_capacity_bytes"] = parse_bytes(args.dram_bytes, name="--dram-bytes")
+    if args.dram_prefault:
+        overrides["dram_prefault"] = True
     return config.replace(**overrides)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     """Run a daemon until SIGTERM or SIGINT, then shut it down gracefully."""
     from kvstore.server.server import KVStoreServer
 
@@ -57,7 +59,12 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with KVStoreServer(config):
+    async with KVStoreServer(config) as server:
+        if ready_file:
+            # Written atomically once the daemon answers, so a supervisor can poll for it.
+            tmp = Path(f"{ready_file}.tmp")
+            tmp.write_text(json.dumps({"port": server.port, "metrics_port": server.metrics_port}))
+            tmp.replace(ready_file)
         await stop.wait()
         logging.getLogger("kvstore.server").info("shutting down (grace %.1fs)", config.shutdown_grace_s)
 
@@ -119,12 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dram-bytes", metavar="SIZE",
         help=f"DRAM tier capacity, e.g. 8GiB (default {format_bytes(DEFAULTS.dram.capacity_bytes)})",
     )
+    s.add_argument(
+        "--dram-prefault", action="store_true",
+        help="touch the whole DRAM arena at start-up (commits the memory; no first-touch stalls later)",
+    )
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--ready-file", metavar="PATH",
+        help='once serving, write {"port": ..., "metrics_port": ...} as JSON to PATH (for supervisors)',
+    )
 
     st = sub.add_parser("stats", help="print a running daemon's stats")
     st.add_argument("--target", default=f"127.0.0.1:{DEFAULTS.port}", help="daemon address host:port")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
+    b = sub.add_parser("bench", help="benchmark put/get/lookup against same-run baselines")
+    from kvstore.bench.cli import add_arguments
+
+    add_arguments(b)
     return parser
 
 
@@ -136,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(
                 level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
-            asyncio.run(serve(config))
+            asyncio.run(serve(config, args.ready_file))
         elif args.command == "stats":
             _print_stats(args.target, args.json, args.timeout)
+        elif args.command == "bench":
+            from kvstore.bench.cli import main as bench_main
+
+            return bench_main(args)
     except KVStoreError as exc:
         print(f"kvstore: error: {exc}", file=sys.stderr)
         return 2

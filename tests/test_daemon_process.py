@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -18,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore.client import KVClient
+from kvstore.server.process import DaemonProcess
 from kvstore.checksum import checksum
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
@@ -33,49 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Daemon:
-    """A `kvstore serve` child process and the port it reported."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [*KVSTORE, "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.log: list[str] = []
-        line = self.wait_for("listening on", timeout_s=20)
-        self.port = int(re.search(r"listening on [\d.]+:(\d+)", line).group(1))
-        self.target = f"127.0.0.1:{self.port}"
-
-    def wait_for(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                self.log.append(line)
-                if text in line:
-                    return line
-        raise AssertionError(f"{text!r} not seen; daemon said:\n{''.join(self.log)}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10) -> int:
-        self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=timeout_s)
-        self.log.append(out)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-
 @pytest.fixture
 def daemon():
-    d = Daemon("--metrics-port", str(free_port()), "--dram-bytes", "64MiB")
-    yield d
-    d.kill()
+    with DaemonProcess(["--metrics-port", str(free_port()), "--dram-bytes", "64MiB"]) as d:
+        yield d
 
 
 def test_serve_needs_no_config_and_answers_health_and_rpcs(daemon):
@@ -89,7 +49,8 @@ def test_serve_needs_no_config_and_answers_health_and_rpcs(daemon):
 
 
 def test_metrics_endpoint_reports_usage_and_rpc_latency(daemon):
-    metrics_port = int(re.search(r"metrics http://[\d.]+:(\d+)", "".join(daemon.log)).group(1))
+    metrics_port = daemon.metrics_port
+    assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in daemon.log()
 
     async def traffic():
         async with KVClient(daemon.target) as kv:
@@ -136,11 +97,12 @@ def test_stats_command_without_a_daemon_fails_clearly():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signals_shut_down_gracefully(daemon, sig):
+    port = daemon.port
     assert daemon.stop(sig) == 0
-    log = "".join(daemon.log)
+    log = daemon.log()
     assert "shutting down" in log and "kvstore stopped" in log and "Traceback" not in log
     with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", daemon.port)) != 0  # nothing listens any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
 
 
 def test_a_put_in_flight_finishes_during_graceful_shutdown(daemon):

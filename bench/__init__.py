@@ -1,0 +1,1 @@
+"""``kvstore bench``: data-path benchmarks with same-run baselines, printed as ratio tables."""
