@@ -202,7 +202,9 @@ class KVClient:
                 call.cancel()
         for i, size in enumerate(header.sizes):
             if checksum(views[i][:size]) != header.checksums[i]:
-                log.warning("block %d of a get failed its checksum; treating it and the rest as misses", i)
+                log.warning("block %d of a get failed its checksum: a miss from there on; dropping it", i)
+                # Drop the bad copy so the next put of this key stores a good one.
+                await self.delete([keys[i]])
                 return i
         return header.count
 

@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kvstore stats | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 
