@@ -36,6 +36,7 @@ class ExtentAllocator:
         self.capacity_bytes = capacity
         self.alignment_bytes = alignment_bytes
         self.used_bytes = 0
+        self._live: dict[int, int] = {}      # start -> length of each allocated extent
         self._by_start: dict[int, int] = {}   # start -> length of each free extent
         self._by_end: dict[int, int] = {}     # end -> start, to coalesce with a left neighbour
         self._by_size: list[tuple[int, int]] = []  # sorted (length, start): best fit by bisect
@@ -65,14 +66,16 @@ class ExtentAllocator:
         if free_len > length:
             self._add_free(start + length, free_len - length)
         self.used_bytes += length
+        self._live[start] = length
         return Extent(start, length)
 
     def free(self, extent: Extent) -> None:
         """Return an extent; it merges with free neighbours on both sides."""
         start, length = extent.offset, extent.length
+        if self._live.get(start) != length:
+            raise ValueError(f"free of an extent that is not allocated: {extent}")
+        del self._live[start]
         end = start + length
-        if start in self._by_start or end > self.capacity_bytes or start % self.alignment_bytes:
-            raise ValueError(f"free of an extent that was not allocated: {extent}")
         self.used_bytes -= length
         left = self._by_end.get(start)
         if left is not None:
@@ -83,6 +86,17 @@ class ExtentAllocator:
             self._remove_free(end, right_len)
             end += right_len
         self._add_free(start, end - start)
+
+    def largest_free_after(self, extents: list[Extent]) -> int:
+        """The largest contiguous free run there would be if ``extents`` were freed (no change)."""
+        spans = sorted([(e.offset, e.length) for e in extents] + list(self._by_start.items()))
+        best = run_start = run_end = 0
+        for start, length in spans:
+            if start != run_end:
+                run_start = start
+            run_end = start + length
+            best = max(best, run_end - run_start)
+        return best
 
     def _add_free(self, start: int, length: int) -> None:
         self._by_start[start] = length

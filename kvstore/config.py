@@ -7,6 +7,7 @@ given as ints or as strings with binary or decimal units (``"4GiB"``, ``"512MiB"
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ _UNITS = {
     "t": 1000**4, "tb": 1000**4,
     "ki": KiB, "kib": KiB, "mi": MiB, "mib": MiB, "gi": GiB, "gib": GiB, "ti": TiB, "tib": TiB,
 }
+MAX_HEADER_BYTES = 48 * MiB
+"""Room for the keys of one request inside one gRPC message (64 MiB, with margin)."""
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -83,6 +87,7 @@ class ServerConfig:
     max_keys_per_request: int = 65536
     max_key_bytes: int = MAX_KEY_BYTES
     stream_chunk_bytes: int = 1 * MiB
+    stream_idle_timeout_s: float = 30.0
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
     dram: DramConfig = field(default_factory=DramConfig)
@@ -107,7 +112,19 @@ class ServerConfig:
             4 * KiB <= self.stream_chunk_bytes <= 16 * MiB,
             f"stream_chunk_bytes must be in [4KiB, 16MiB], got {self.stream_chunk_bytes}",
         )
-        _check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        _check(
+            0 <= self.shutdown_grace_s < math.inf,
+            f"shutdown_grace_s must be finite and >= 0, got {self.shutdown_grace_s}",
+        )
+        _check(
+            0 < self.stream_idle_timeout_s < math.inf,
+            f"stream_idle_timeout_s must be finite and > 0, got {self.stream_idle_timeout_s}",
+        )
+        _check(
+            self.max_keys_per_request * (self.max_key_bytes + 3) <= MAX_HEADER_BYTES,
+            f"max_keys_per_request={self.max_keys_per_request} keys of up to {self.max_key_bytes} bytes "
+            f"do not fit in one {MAX_HEADER_BYTES}-byte request",
+        )
         _check(
             self.log_level.lower() in {"debug", "info", "warning", "error"},
             f"log_level must be debug, info, warning or error, got {self.log_level!r}",

@@ -7,6 +7,8 @@ side is the coldest block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvstore.block import BlockRecord
 from kvstore.policy import EvictionPolicy
 
@@ -40,16 +42,20 @@ class LRUPolicy(EvictionPolicy):
         self._unlink(record)
         self._len -= 1
 
-    def victims(self, nbytes: int) -> list[BlockRecord]:
+    def victims(
+        self, nbytes: int, fits: Callable[[list[BlockRecord]], bool] | None = None
+    ) -> list[BlockRecord]:
         chosen: list[BlockRecord] = []
         total = 0
         node = self._head.next
-        while node is not self._tail and total < nbytes:
+        while node is not self._tail:
             if node.evictable:
                 chosen.append(node)
                 total += node.extent.length
+                if total >= nbytes and (fits is None or fits(chosen)):
+                    return chosen
             node = node.next
-        return chosen if total >= nbytes else []
+        return []
 
     def coldest_first(self) -> list[BlockRecord]:
         """Every block, coldest first (for stats and tests; O(n))."""

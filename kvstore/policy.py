@@ -8,6 +8,7 @@ changes no state; the caller then moves bytes and reports back through :meth:`re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from kvstore.block import BlockRecord
 
@@ -26,11 +27,14 @@ class EvictionPolicy(ABC):
         """A block left this tier (evicted, deleted, moved)."""
 
     @abstractmethod
-    def victims(self, nbytes: int) -> list[BlockRecord]:
-        """Blocks whose reserved bytes add up to at least ``nbytes``, coldest first.
+    def victims(
+        self, nbytes: int, fits: Callable[[list[BlockRecord]], bool] | None = None
+    ) -> list[BlockRecord]:
+        """The coldest unpinned blocks whose bytes add up to at least ``nbytes``.
 
-        Pinned blocks are never chosen. Returns ``[]`` when the evictable blocks together are
-        not enough, so a caller never evicts for a reservation that would still fail.
+        With ``fits``, keeps adding blocks until ``fits(chosen)`` is also true (for example:
+        freeing them leaves one contiguous hole large enough). Returns ``[]`` when no such set
+        exists, so a caller never evicts for a reservation that would still fail.
         """
 
     @abstractmethod

@@ -133,16 +133,17 @@ class Daemon:
             slots.append(PutSlot(size, checksum, record))
         return slots
 
-    def commit(self, slot: PutSlot, checksum: int) -> None:
-        """Make a fully written block visible (unless it was deleted while being written)."""
+    def commit(self, slot: PutSlot, checksum: int) -> bool:
+        """Make a fully written block visible; False if it was deleted while being written."""
         record = slot.record
         if record.state is BlockState.GONE:
             self.tier.release(record.extent)
-            return
+            return False
         record.checksum = checksum
         record.advance(BlockState.READY)
         self.policy.insert(record)
         self.counters.put_stored_blocks += 1
+        return True
 
     def abort(self, slot: PutSlot) -> None:
         """Throw away a reservation whose bytes did not all arrive or did not verify."""
@@ -152,12 +153,17 @@ class Daemon:
             self.index.discard(record)
         self.tier.release(record.extent)
 
-    def delete(self, keys: Sequence[bytes]) -> int:
+    def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = ()) -> int:
+        """Remove ``keys``; with ``if_checksums``, only blocks whose checksum is the one given."""
         self._check_keys(keys)
+        if if_checksums and len(if_checksums) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(if_checksums)} checksums")
         deleted = 0
-        for key in keys:
+        for i, key in enumerate(keys):
             record = self.index.get(key)
             if record is None:
+                continue
+            if if_checksums and (record.state is not BlockState.READY or record.checksum != if_checksums[i]):
                 continue
             self._drop(record)
             deleted += 1
@@ -168,18 +174,21 @@ class Daemon:
     def _make_room(self, size: int) -> Extent | None:
         """Reserve ``size`` bytes, evicting the coldest unpinned blocks as needed."""
         extent = self.tier.reserve(size)
-        while extent is None:
-            need = max(self.tier.footprint(size) - self.tier.free_bytes, 1)
-            victims = self.policy.victims(need)
-            if not victims:
-                return None
-            for victim in victims:
-                counters = self.counters.tier(victim.tier)
-                counters.evictions += 1
-                counters.evicted_bytes += victim.size
-                self._drop(victim)
-            extent = self.tier.reserve(size)
-        return extent
+        if extent is not None:
+            return extent
+        length = self.tier.footprint(size)
+        victims = self.policy.victims(
+            max(length - self.tier.free_bytes, 1),
+            fits=lambda chosen: self.tier.largest_free_after([r.extent for r in chosen]) >= length,
+        )
+        if not victims:
+            return None
+        for victim in victims:
+            counters = self.counters.tier(victim.tier)
+            counters.evictions += 1
+            counters.evicted_bytes += victim.size
+            self._drop(victim)
+        return self.tier.reserve(size)
 
     def _drop(self, record: BlockRecord) -> None:
         """Remove a block from the index and the policy; free its bytes once nobody reads them.

@@ -8,6 +8,7 @@ answered with INTERNAL. No policy lives here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.errors import DeadlineExceededError, IntegrityError, InvalidArgumentError, KVStoreError
 from kvstore.proto.status import code_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server.daemon import Daemon
@@ -36,6 +37,27 @@ def _parse(cls: type[Message], raw: bytes) -> Message:
     except DecodeError as exc:
         raise InvalidArgumentError(f"cannot decode the {cls.DESCRIPTOR.name} message: {exc}") from None
     return message
+
+
+DRAIN_LIMIT_BYTES = 256 << 20
+"""How much of a rejected put stream the daemon reads and discards before answering."""
+
+
+async def _drain(stream: AsyncIterator[bytes], limit_bytes: int, timeout_s: float) -> None:
+    seen = 0
+    try:
+        while seen < limit_bytes and (raw := await asyncio.wait_for(anext(stream, None), timeout_s)) is not None:
+            seen += len(raw)
+    except (asyncio.TimeoutError, grpc.RpcError):
+        pass
+
+
+async def _next_within(stream: AsyncIterator[bytes], timeout_s: float) -> bytes | None:
+    """The next message of a client stream, None at its end; DeadlineExceeded if it stalls."""
+    try:
+        return await asyncio.wait_for(anext(stream, None), timeout_s)
+    except asyncio.TimeoutError:
+        raise DeadlineExceededError(f"the put stream sent nothing for {timeout_s:g}s; its reservations were released") from None
 
 
 class KVStoreServicer:
@@ -72,7 +94,9 @@ class KVStoreServicer:
         except Exception as exc:
             log.exception("%s failed", method)
             self.metrics.rpc_errors.labels(method, "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the daemon: {exc!r}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"{method} failed inside the daemon ({type(exc).__name__}); see its log"
+            )
         finally:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
@@ -85,25 +109,36 @@ class KVStoreServicer:
     async def put(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.PutResponse:
         async with self._rpc("Put", context):
             stream = aiter(requests)
-            first = await anext(stream, None)
-            header = _parse(pb.PutRequest, first) if first is not None else None
-            if header is None or header.WhichOneof("part") != "header":
-                raise InvalidArgumentError("a put stream must start with a header message")
-            h = header.header
-            slots = self.daemon.reserve(h.keys, h.sizes, h.checksums)
-            receiver = PutReceiver(self.daemon, slots)
             try:
-                async for raw in stream:
-                    message = _parse(pb.PutRequest, raw)
-                    if message.WhichOneof("part") != "data":
-                        raise InvalidArgumentError("only the first message of a put stream may be a header")
-                    await receiver.feed(message.data)
-                receiver.close()
-            finally:
-                receiver.abort()
-            stored = sum(slot.record is not None for slot in slots)
-            present = sum(slot.present for slot in slots)
-            return pb.PutResponse(stored=stored, present=present, dropped=len(slots) - stored - present)
+                return await self._put(stream)
+            except (InvalidArgumentError, IntegrityError):
+                # Answering while the client still writes makes grpc report a bare INTERNAL to it
+                # instead of this status; read what it already sent (bounded) before answering.
+                await _drain(stream, DRAIN_LIMIT_BYTES, self.daemon.config.stream_idle_timeout_s)
+                raise
+
+    async def _put(self, stream: AsyncIterator[bytes]) -> pb.PutResponse:
+        idle_s = self.daemon.config.stream_idle_timeout_s
+        first = await _next_within(stream, idle_s)
+        header = _parse(pb.PutRequest, first) if first is not None else None
+        if header is None or header.WhichOneof("part") != "header":
+            raise InvalidArgumentError("a put stream must start with a header message")
+        h = header.header
+        slots = self.daemon.reserve(h.keys, h.sizes, h.checksums)
+        receiver = PutReceiver(self.daemon, slots)
+        try:
+            # Space is reserved now; a stream that stalls must not hold it for ever.
+            while (raw := await _next_within(stream, idle_s)) is not None:
+                message = _parse(pb.PutRequest, raw)
+                if message.WhichOneof("part") != "data":
+                    raise InvalidArgumentError("only the first message of a put stream may be a header")
+                await receiver.feed(message.data)
+            receiver.close()
+        finally:
+            receiver.abort()
+        present = sum(slot.present for slot in slots)
+        dropped = sum(slot.record is None and not slot.present for slot in slots)
+        return pb.PutResponse(stored=receiver.stored, present=present, dropped=dropped)
 
     async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
         async with self._rpc("Get", context):
@@ -128,7 +163,7 @@ class KVStoreServicer:
     async def delete(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         async with self._rpc("Delete", context):
             request = _parse(pb.DeleteRequest, raw)
-            return pb.DeleteResponse(deleted=self.daemon.delete(request.keys))
+            return pb.DeleteResponse(deleted=self.daemon.delete(request.keys, request.if_checksums))
 
     async def stats(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         async with self._rpc("Stats", context):

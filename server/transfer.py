@@ -25,6 +25,7 @@ class PutReceiver:
         self._unpacker = Unpacker([slot.size for slot in slots])
         self._finished = 0
         self._hasher = hasher()
+        self.stored = 0
         self.corrupt: list[int] = []
 
     async def feed(self, data: bytes) -> None:
@@ -60,7 +61,7 @@ class PutReceiver:
             actual = self._hasher.intdigest()
             self._hasher.reset()
             if slot.checksum is None or slot.checksum == actual:
-                self._daemon.commit(slot, actual)
+                self.stored += self._daemon.commit(slot, actual)
             else:
                 self.corrupt.append(i)
                 self._daemon.abort(slot)

@@ -48,6 +48,10 @@ class Tier(ABC):
         """Give a reserved extent back."""
 
     @abstractmethod
+    def largest_free_after(self, extents: list[Extent]) -> int:
+        """The largest block that would fit if ``extents`` were released (changes nothing)."""
+
+    @abstractmethod
     async def write(self, extent: Extent, offset: int, data: memoryview) -> None:
         """Copy ``data`` into the extent at ``offset`` (bytes from the extent's start)."""
 

@@ -12,8 +12,20 @@ import os
 
 from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.config import DramConfig
+from kvstore.errors import ConfigError
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.base import MemoryTier
+
+
+def _map_arena(size: int, flags: int) -> mmap.mmap:
+    if not hasattr(os, "memfd_create"):
+        return mmap.mmap(-1, size, flags=flags)
+    fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, flags=flags)
+    finally:
+        os.close(fd)
 
 
 class DramTier(MemoryTier):
@@ -26,15 +38,12 @@ class DramTier(MemoryTier):
         flags = mmap.MAP_SHARED
         if config.prefault and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE
-        if hasattr(os, "memfd_create"):
-            fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-                self._mmap = mmap.mmap(fd, size, flags=flags)
-            finally:
-                os.close(fd)
-        else:
-            self._mmap = mmap.mmap(-1, size, flags=flags)
+        try:
+            self._mmap = _map_arena(size, flags)
+        except OSError as exc:
+            raise ConfigError(
+                f"dram.capacity_bytes={size}: cannot map a host-memory arena that large ({exc.strerror})"
+            ) from None
         self._view = memoryview(self._mmap)
 
     @classmethod
@@ -57,6 +66,9 @@ class DramTier(MemoryTier):
 
     def release(self, extent: Extent) -> None:
         self._allocator.free(extent)
+
+    def largest_free_after(self, extents: list[Extent]) -> int:
+        return self._allocator.largest_free_after(extents)
 
     def view(self, extent: Extent, nbytes: int) -> memoryview:
         return self._view[extent.offset : extent.offset + nbytes]

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvstore/proto/v1/kvstore.proto\x12\nkvstore.v1\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"@\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\";\n\tPutHeader\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\"M\n\nPutRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"]\n\tGetHeader\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\x12\x1f\n\x05tiers\x18\x04 \x03(\x0e\x32\x10.kvstore.v1.Tier\"N\n\x0bGetResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.GetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9f\x01\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x15\n\revicted_bytes\x18\x07 \x01(\x04\"\xec\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x19\n\x11lookup_hit_blocks\x18\x04 \x01(\x04\x12\x1a\n\x12lookup_miss_blocks\x18\x05 \x01(\x04\x12\x16\n\x0eget_hit_blocks\x18\x06 \x01(\x04\x12\x17\n\x0fget_miss_blocks\x18\x07 \x01(\x04\x12\x19\n\x11put_stored_blocks\x18\x08 \x01(\x04\x12\x1a\n\x12put_present_blocks\x18\t \x01(\x04\x12\x1a\n\x12put_dropped_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64\x65leted_blocks\x18\x0b \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x04\x12\x11\n\tbytes_out\x18\r \x01(\x04\x12\x1a\n\x12integrity_failures\x18\x0e \x01(\x04*d\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x12\x0b\n\x07TIER_S3\x10\x04\x12\r\n\tTIER_PEER\x10\x05\x32\xbd\x02\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvstore/proto/v1/kvstore.proto\x12\nkvstore.v1\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"@\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\";\n\tPutHeader\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\"M\n\nPutRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"]\n\tGetHeader\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\x12\x1f\n\x05tiers\x18\x04 \x03(\x0e\x32\x10.kvstore.v1.Tier\"N\n\x0bGetResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.GetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x14\n\x0cif_checksums\x18\x02 \x03(\x06\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9f\x01\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x15\n\revicted_bytes\x18\x07 \x01(\x04\"\xec\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x19\n\x11lookup_hit_blocks\x18\x04 \x01(\x04\x12\x1a\n\x12lookup_miss_blocks\x18\x05 \x01(\x04\x12\x16\n\x0eget_hit_blocks\x18\x06 \x01(\x04\x12\x17\n\x0fget_miss_blocks\x18\x07 \x01(\x04\x12\x19\n\x11put_stored_blocks\x18\x08 \x01(\x04\x12\x1a\n\x12put_present_blocks\x18\t \x01(\x04\x12\x1a\n\x12put_dropped_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64\x65leted_blocks\x18\x0b \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x04\x12\x11\n\tbytes_out\x18\r \x01(\x04\x12\x1a\n\x12integrity_failures\x18\x0e \x01(\x04*d\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x12\x0b\n\x07TIER_S3\x10\x04\x12\r\n\tTIER_PEER\x10\x05\x32\xbd\x02\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.proto.v1.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1162
-  _globals['_TIER']._serialized_end=1262
+  _globals['_TIER']._serialized_start=1184
+  _globals['_TIER']._serialized_end=1284
   _globals['_LOOKUPREQUEST']._serialized_start=46
   _globals['_LOOKUPREQUEST']._serialized_end=75
   _globals['_LOOKUPRESPONSE']._serialized_start=77
@@ -50,15 +50,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRESPONSE']._serialized_start=471
   _globals['_GETRESPONSE']._serialized_end=549
   _globals['_DELETEREQUEST']._serialized_start=551
-  _globals['_DELETEREQUEST']._serialized_end=580
-  _globals['_DELETERESPONSE']._serialized_start=582
-  _globals['_DELETERESPONSE']._serialized_end=615
-  _globals['_STATSREQUEST']._serialized_start=617
-  _globals['_STATSREQUEST']._serialized_end=631
-  _globals['_TIERSTATS']._serialized_start=634
-  _globals['_TIERSTATS']._serialized_end=793
-  _globals['_STATSRESPONSE']._serialized_start=796
-  _globals['_STATSRESPONSE']._serialized_end=1160
-  _globals['_KVSTORE']._serialized_start=1265
-  _globals['_KVSTORE']._serialized_end=1582
+  _globals['_DELETEREQUEST']._serialized_end=602
+  _globals['_DELETERESPONSE']._serialized_start=604
+  _globals['_DELETERESPONSE']._serialized_end=637
+  _globals['_STATSREQUEST']._serialized_start=639
+  _globals['_STATSREQUEST']._serialized_end=653
+  _globals['_TIERSTATS']._serialized_start=656
+  _globals['_TIERSTATS']._serialized_end=815
+  _globals['_STATSRESPONSE']._serialized_start=818
+  _globals['_STATSRESPONSE']._serialized_end=1182
+  _globals['_KVSTORE']._serialized_start=1287
+  _globals['_KVSTORE']._serialized_end=1604
 # @@protoc_insertion_point(module_scope)
