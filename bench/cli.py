@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from kvstore.bench.datapath import MiB, Plan, datapath_rows, lookup_rows
-from kvstore.bench.report import machine, table, write_json
-from kvstore.client import KVClient
+from kvstore.bench.plan import MiB, Plan
 from kvstore.config import parse_bytes
-from kvstore.server.process import DaemonProcess
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +35,9 @@ def _fields(plan: Plan) -> dict:
 
 
 async def _run(target: str, plan: Plan) -> list:
+    from kvstore.bench.datapath import datapath_rows, lookup_rows
+    from kvstore.client import KVClient
+
     async with KVClient(target, timeout_s=120) as kv:
         rows = await datapath_rows(kv, plan)
         rows += await lookup_rows(kv, plan)
@@ -45,6 +45,9 @@ async def _run(target: str, plan: Plan) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
+    from kvstore.bench.report import machine, table, write_json
+    from kvstore.server.process import DaemonProcess
+
     plan = plan_from(args)
     if args.target:
         rows = asyncio.run(_run(args.target, plan))

@@ -7,28 +7,14 @@ the ratio, so the figures mean something on any machine.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import numpy as np
 
 from kvstore.bench.measure import Result, compare, summarize, time_async, time_sync
+from kvstore.bench.plan import Plan
 from kvstore.client import KVClient
 from kvstore.keys import Namespace, block_keys
 
-MiB = 1 << 20
 NS = Namespace(model_id="bench", dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128, block_size=16)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    block_sizes: tuple[int, ...] = (256 * 1024, 2 * MiB, 8 * MiB)
-    batches: tuple[int, ...] = (1, 64)
-    bytes_per_case: int = 512 * MiB   # payload moved per (op, size, batch) case
-    lookup_keys: int = 8192
-    lookup_calls: int = 200
-
-    def calls(self, block_bytes: int, batch: int) -> int:
-        return max(3, min(200, self.bytes_per_case // (block_bytes * batch)))
 
 
 def memcpy_row(block_bytes: int, batch: int, calls: int) -> Result:

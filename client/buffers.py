@@ -9,6 +9,10 @@ import numpy as np
 from kvstore.errors import InvalidArgumentError
 
 
+# Fixed-size numeric formats (with optional byte order) that cast to bytes.
+_PLAIN_FORMATS = {p + c for p in ("", "@", "=", "<", ">", "!") for c in "bBhHiIlLqQnNefd?c"}
+
+
 def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
     """A flat, C-contiguous ``uint8`` view of ``obj`` without copying.
 
@@ -25,8 +29,10 @@ def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
             ) from None
         try:
             view = memoryview(np.asarray(obj))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise InvalidArgumentError(f"block {index}: cannot view a {type(obj).__name__} as bytes: {exc}") from None
+    if view.format not in _PLAIN_FORMATS:
+        raise InvalidArgumentError(f"block {index}: cannot view items of format {view.format!r} as bytes")
     if not view.c_contiguous:
         raise InvalidArgumentError(f"block {index} is not C-contiguous; pass a contiguous copy")
     if writable and view.readonly:

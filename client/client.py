@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from kvstore.checksum import checksum
-from kvstore.errors import InvalidArgumentError, UnavailableError
+from kvstore.errors import InternalError, InvalidArgumentError, UnavailableError
 from kvstore.framing import Unpacker, pack
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.proto.status import error_from_rpc
@@ -35,6 +35,7 @@ from kvstore.client.results import LookupResult, PutResult, Stats
 log = logging.getLogger("kvstore.client")
 
 MiB = 1 << 20
+MAX_CHUNK_BYTES = 16 * MiB
 
 
 class KVClient:
@@ -46,6 +47,8 @@ class KVClient:
         connect_timeout_s: how long entering the context waits for the daemon to answer.
         chunk_bytes: size of the data messages a put sends.
         max_put_stream_bytes: a put of more bytes is split into several streams.
+        max_keys_per_call: longer batches are split into several calls (the daemon's
+            ``max_keys_per_request``).
     """
 
     def __init__(
@@ -56,14 +59,18 @@ class KVClient:
         connect_timeout_s: float = 5.0,
         chunk_bytes: int = 1 * MiB,
         max_put_stream_bytes: int = 256 * MiB,
+        max_keys_per_call: int = 65536,
     ) -> None:
-        if chunk_bytes <= 0 or max_put_stream_bytes <= 0:
-            raise InvalidArgumentError("chunk_bytes and max_put_stream_bytes must be positive")
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise InvalidArgumentError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+        if max_put_stream_bytes <= 0 or max_keys_per_call <= 0:
+            raise InvalidArgumentError("max_put_stream_bytes and max_keys_per_call must be positive")
         self.target = target
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
         self.max_put_stream_bytes = max_put_stream_bytes
+        self.max_keys_per_call = max_keys_per_call
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.KVStoreStub | None = None
 
@@ -111,9 +118,15 @@ class KVClient:
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading ``keys`` are cached, and which tier holds each of them."""
-        async with self._errors():
-            response = await self.stub.Lookup(pb.LookupRequest(keys=keys), timeout=self.timeout_s)
-        return LookupResult(count=response.count, tiers=[TierKind(t) for t in response.tiers])
+        tiers: list[TierKind] = []
+        for start in range(0, len(keys), self.max_keys_per_call):
+            batch = keys[start : start + self.max_keys_per_call]
+            async with self._errors():
+                response = await self.stub.Lookup(pb.LookupRequest(keys=batch), timeout=self.timeout_s)
+            tiers += [TierKind(t) for t in response.tiers]
+            if response.count < len(batch):
+                break
+        return LookupResult(count=len(tiers), tiers=tiers)
 
     async def put(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> PutResult:
         """Store ``blocks[i]`` under ``keys[i]``. Keys already present are left as they are."""
@@ -129,9 +142,12 @@ class KVClient:
         return PutResult(stored=stored, present=present, dropped=dropped)
 
     def _put_batches(self, views: Sequence[memoryview]) -> list[tuple[int, int]]:
+        if not views:
+            return []
         batches, start, total = [], 0, 0
         for i, view in enumerate(views):
-            if i > start and total + view.nbytes > self.max_put_stream_bytes:
+            full = i - start == self.max_keys_per_call or total + view.nbytes > self.max_put_stream_bytes
+            if i > start and full:
                 batches.append((start, i))
                 start, total = i, 0
             total += view.nbytes
@@ -184,12 +200,20 @@ class KVClient:
 
     async def _get(self, keys: Sequence[bytes], targets: Callable[[Sequence[int]], list[memoryview]]) -> int:
         """Stream the leading blocks into ``targets(sizes)``; returns how many verified."""
+        if not keys:
+            return 0
+        if len(keys) > self.max_keys_per_call:
+            raise InvalidArgumentError(
+                f"a get takes at most {self.max_keys_per_call} keys; look up the chain, then get it in parts"
+            )
         async with self._errors():
             call = self.stub.Get(pb.GetRequest(keys=keys), timeout=self.timeout_s)
             try:
                 stream = aiter(call)
-                first = await anext(stream)
-                header = first.header
+                first = await anext(stream, None)
+                header = first.header if first is not None else None
+                if header is None or not header.count == len(header.sizes) == len(header.checksums) <= len(keys):
+                    raise InternalError("the daemon answered a get with a malformed header")
                 if header.count == 0:
                     return 0
                 views = targets(header.sizes)
@@ -203,16 +227,23 @@ class KVClient:
         for i, size in enumerate(header.sizes):
             if checksum(views[i][:size]) != header.checksums[i]:
                 log.warning("block %d of a get failed its checksum: a miss from there on; dropping it", i)
-                # Drop the bad copy so the next put of this key stores a good one.
-                await self.delete([keys[i]])
+                # Drop the bad copy (only if it is still the one we read) so a put can repair it.
+                async with self._errors():
+                    await self.stub.Delete(
+                        pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]]), timeout=self.timeout_s
+                    )
                 return i
         return header.count
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Remove ``keys``; returns how many were present."""
-        async with self._errors():
-            response = await self.stub.Delete(pb.DeleteRequest(keys=keys), timeout=self.timeout_s)
-        return response.deleted
+        deleted = 0
+        for start in range(0, len(keys), self.max_keys_per_call):
+            batch = keys[start : start + self.max_keys_per_call]
+            async with self._errors():
+                response = await self.stub.Delete(pb.DeleteRequest(keys=batch), timeout=self.timeout_s)
+            deleted += response.deleted
+        return deleted
 
     async def stats(self) -> Stats:
         async with self._errors():

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvstore.client.client import KVClient
+from kvstore.errors import UnavailableError
 from kvstore.client.results import LookupResult, PutResult, Stats
 
 
@@ -32,6 +33,8 @@ class SyncKVClient:
         self.close()
 
     def connect(self) -> None:
+        if self._loop is not None:
+            raise RuntimeError("SyncKVClient is already connected")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-client", daemon=True)
         self._thread.start()
@@ -57,7 +60,7 @@ class SyncKVClient:
     def _run(self, coro):
         if self._loop is None:
             coro.close()
-            raise RuntimeError("SyncKVClient is not connected (use `with SyncKVClient(...)`)")
+            raise UnavailableError("SyncKVClient is not connected (use `with SyncKVClient(...)`)")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:

@@ -14,7 +14,9 @@ from kvstore.errors import InvalidArgumentError
 
 
 def pack(views: Iterable[memoryview], chunk_bytes: int) -> Iterator[bytes]:
-    """Chunks of the concatenated ``views``, each at most ``chunk_bytes`` (one copy per byte)."""
+    """Chunks of the concatenated byte ``views``, each at most ``chunk_bytes`` (one copy per byte)."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     pieces: list[memoryview] = []
     pending = 0
     for view in views:

@@ -62,7 +62,7 @@ class Namespace:
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidArgumentError(f"Namespace.{name} must be a positive int, got {value!r}")
         if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
             raise InvalidArgumentError(
@@ -115,6 +115,8 @@ def block_keys(
         ns = _digest(b"kvstore.raw-namespace.v1", bytes(namespace))
     else:
         raise InvalidArgumentError("namespace must be a Namespace or non-empty bytes")
+    if not isinstance(extra, (bytes, bytearray)):
+        raise InvalidArgumentError(f"extra must be bytes, got {type(extra).__name__}")
     if parent is not None and len(parent) != KEY_BYTES:
         raise InvalidArgumentError(f"parent must be a {KEY_BYTES}-byte key, got {len(parent)} bytes")
 

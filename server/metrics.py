@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvstore.server.daemon import Daemon
+from kvstore.stats import TierCounters
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -54,7 +55,7 @@ class DaemonCollector(Collector):
         count = GaugeMetricFamily("kvstore_tier_blocks", "Blocks resident", labels=["tier"])
         for usage in self._daemon.usage():
             label = [usage.kind.label]
-            tc = c.tier(usage.kind)
+            tc = c.tiers.get(usage.kind) or TierCounters()  # read-only: this runs off the loop
             hits.add_metric(label, tc.hits)
             evictions.add_metric(label, tc.evictions)
             evicted.add_metric(label, tc.evicted_bytes)

@@ -31,6 +31,7 @@ class DaemonProcess:
         self.metrics_port = 0
         self._dir = tempfile.TemporaryDirectory(prefix="kvstore-daemon-")
         self.log_path = Path(self._dir.name) / "daemon.log"
+        self._final_log: str | None = None
 
     @property
     def target(self) -> str:
@@ -62,6 +63,9 @@ class DaemonProcess:
         self.port, self.metrics_port = info["port"], info["metrics_port"]
 
     def log(self) -> str:
+        """What the daemon printed (kept after it stopped)."""
+        if self._final_log is not None:
+            return self._final_log
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int | None:
@@ -77,4 +81,6 @@ class DaemonProcess:
                 self.proc.wait()
         code = self.proc.returncode
         self.proc = None
+        self._final_log = self.log()
+        self._dir.cleanup()
         return code

@@ -83,20 +83,24 @@ class KVStoreServer:
         )
 
     async def stop(self) -> None:
-        """Graceful shutdown; safe to call more than once."""
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
-            self._health = None
-        if self._grpc is not None:
-            await self._grpc.stop(self.config.shutdown_grace_s)
-            self._grpc = None
-        if self.metrics is not None:
-            self.metrics.stop()
-            self.metrics = None
-        if self.daemon is not None:
-            await self.daemon.close()
-            self.daemon = None
-            log.info("kvstore stopped")
+        """Graceful shutdown; safe to call more than once, and every part is stopped even if one fails."""
+        try:
+            if self._health is not None:
+                health, self._health = self._health, None
+                await health.enter_graceful_shutdown()
+        finally:
+            try:
+                if self._grpc is not None:
+                    grpc_server, self._grpc = self._grpc, None
+                    await grpc_server.stop(self.config.shutdown_grace_s)
+            finally:
+                if self.metrics is not None:
+                    metrics, self.metrics = self.metrics, None
+                    metrics.stop()
+                if self.daemon is not None:
+                    daemon, self.daemon = self.daemon, None
+                    await daemon.close()
+                    log.info("kvstore stopped")
 
     async def wait_for_termination(self) -> None:
         if self._grpc is not None:

@@ -85,3 +85,25 @@ def test_random_workload_never_overlaps_and_accounts_exactly():
     for e in live:
         a.free(e)
     assert a.largest_free == a.capacity_bytes
+
+
+def test_a_double_free_after_coalescing_is_still_refused():
+    a = ExtentAllocator(8 * 4096, 4096)
+    first, second = a.allocate(4096), a.allocate(4096)
+    a.free(second)
+    a.free(first)  # merges with the hole `second` left
+    with pytest.raises(ValueError):
+        a.free(second)
+    with pytest.raises(ValueError):
+        a.free(Extent(8192, 4096))  # inside a free run, never allocated
+    assert a.used_bytes == 0 and a.largest_free == a.capacity_bytes
+
+
+def test_largest_free_after_is_a_dry_run():
+    a = ExtentAllocator(4 * 4096, 4096)
+    e = [a.allocate(4096) for _ in range(4)]
+    a.free(e[0])
+    assert a.largest_free_after([e[2]]) == 4096           # holes at 0 and 2 are not adjacent
+    assert a.largest_free_after([e[1]]) == 2 * 4096       # 0 and 1 merge
+    assert a.largest_free_after([e[1], e[2], e[3]]) == 4 * 4096
+    assert a.used_bytes == 3 * 4096 and a.largest_free == 4096  # nothing changed

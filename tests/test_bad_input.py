@@ -58,7 +58,7 @@ async def expect_status(awaitable, code: grpc.StatusCode, match: str) -> None:
 
 @pytest.mark.parametrize(
     "keys, match",
-    [([], "no keys"), ([b"ok", b""], "key 1 is empty"), ([b"k" * 129], "key 0 is 129 bytes")],
+    [([b"ok", b""], "key 1 is empty"), ([b"k" * 129], "key 0 is 129 bytes")],
 )
 async def test_bad_keys_are_invalid_argument_on_every_rpc(kv, stored, keys, match):
     for call in (kv.lookup(keys), kv.get(keys), kv.delete(keys), kv.put(keys, [b"x"] * len(keys))):
@@ -66,11 +66,22 @@ async def test_bad_keys_are_invalid_argument_on_every_rpc(kv, stored, keys, matc
             await call
 
 
-async def test_too_many_keys(server, stored):
-    async with KVClient(f"127.0.0.1:{server.port}") as kv:
-        keys = [os.urandom(16) for _ in range(server.config.max_keys_per_request + 1)]
-        with pytest.raises(InvalidArgumentError, match="at most 65536"):
-            await kv.lookup(keys)
+async def test_empty_batches_are_empty_results_and_the_daemon_refuses_them(kv, channel, stored):
+    assert (await kv.lookup([])).count == 0
+    assert await kv.get([]) == [] and await kv.get_into([], []) == 0
+    assert (await kv.put([], [])).stored == 0 and await kv.delete([]) == 0
+    lookup = channel.unary_unary("/kvstore.v1.KVStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString)
+    await expect_status(lookup(pb.LookupRequest(keys=[])), grpc.StatusCode.INVALID_ARGUMENT, "no keys")
+
+
+async def test_too_many_keys(server, kv, channel, stored):
+    keys = [os.urandom(16) for _ in range(server.config.max_keys_per_request + 1)]
+    lookup = channel.unary_unary("/kvstore.v1.KVStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString)
+    await expect_status(lookup(pb.LookupRequest(keys=keys)), grpc.StatusCode.INVALID_ARGUMENT, "at most 65536")
+    # The client splits long batches at the daemon's limit instead.
+    assert (await kv.lookup(stored[0] + keys)).count == 6
+    with pytest.raises(InvalidArgumentError, match="at most 65536 keys"):
+        await kv.get(keys)
 
 
 async def test_empty_and_oversized_blocks(kv, stored):

@@ -1,0 +1,78 @@
+"""Daemon scenarios below the wire: eviction under fragmentation, idle streams, conditional delete."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from kvstore.checksum import checksum
+from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.server import KVStoreServer
+from kvstore.server.daemon import Daemon
+
+from conftest import make_config
+
+PAGE = 4096
+
+
+@pytest.fixture
+async def daemon():
+    d = Daemon(make_config(dram_bytes=4 * PAGE))
+    yield d
+    await d.close()
+
+
+def put_now(d: Daemon, key: bytes, size: int = PAGE) -> bool:
+    """Reserve and commit one block without bytes (the bytes are not what these tests check)."""
+    (slot,) = d.reserve([key], [size], [])
+    return slot.record is not None and d.commit(slot, 0)
+
+
+async def test_eviction_under_fragmentation_evicts_nothing_when_it_cannot_help(daemon):
+    for k in (b"k0", b"k1", b"k2", b"k3"):
+        assert put_now(daemon, k)
+    pinned = daemon.acquire([b"k1"]) + daemon.acquire([b"k3"])
+    # Pages 1 and 3 are pinned: no two adjacent pages can be freed for a 2-page block.
+    (slot,) = daemon.reserve([b"big"], [2 * PAGE], [])
+    assert slot.record is None and not slot.present
+    assert daemon.lookup([b"k0"]) and daemon.lookup([b"k2"])  # nothing was evicted for nothing
+    assert daemon.counters.put_dropped_blocks == 1
+    daemon.release(pinned)
+    # Unpinned: coldest first, k0, k2, then k1 (which joins them into three free pages).
+    assert put_now(daemon, b"big", 2 * PAGE)
+    assert [bool(daemon.lookup([k])) for k in (b"k0", b"k1", b"k2", b"k3", b"big")] == [False, False, False, True, True]
+    assert daemon.tier.used_bytes == 3 * PAGE
+
+
+async def test_a_put_that_goes_quiet_times_out_and_gives_its_space_back():
+    config = make_config(dram_bytes=16 * PAGE, stream_idle_timeout_s=0.3)
+    async with KVStoreServer(config) as srv:
+        async def header_then_silence():
+            yield pb.PutRequest(header=pb.PutHeader(keys=[b"a", b"b"], sizes=[PAGE, PAGE])).SerializeToString()
+            await asyncio.sleep(3)
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            put = channel.stream_unary("/kvstore.v1.KVStore/Put")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await put(header_then_silence())
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "sent nothing for 0.3s" in info.value.details()
+        assert srv.daemon.tier.used_bytes == 0 and len(srv.daemon.index) == 0
+
+
+async def test_conditional_delete_keeps_a_block_whose_checksum_differs(daemon):
+    (slot,) = daemon.reserve([b"k"], [PAGE], [])
+    daemon.commit(slot, checksum(b"good"))
+    assert daemon.delete([b"k"], [checksum(b"bad")]) == 0
+    assert daemon.lookup([b"k"])
+    assert daemon.delete([b"k"], [checksum(b"good")]) == 1
+    assert not daemon.lookup([b"k"])
+
+
+async def test_a_block_deleted_while_being_written_is_not_stored(daemon):
+    (slot,) = daemon.reserve([b"k"], [PAGE], [])
+    assert daemon.delete([b"k"]) == 1
+    assert daemon.commit(slot, 0) is False
+    assert not daemon.lookup([b"k"]) and daemon.tier.used_bytes == 0
