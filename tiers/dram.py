@@ -7,6 +7,8 @@ data, and a block's bytes can be handed out as a zero-copy memoryview.
 
 from __future__ import annotations
 
+import gc
+import logging
 import mmap
 import os
 
@@ -15,6 +17,8 @@ from kvstore.config import DramConfig
 from kvstore.errors import ConfigError
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.base import MemoryTier
+
+log = logging.getLogger("kvstore.tiers.dram")
 
 
 def _map_arena(size: int, flags: int) -> mmap.mmap:
@@ -75,4 +79,12 @@ class DramTier(MemoryTier):
 
     async def close(self) -> None:
         self._view.release()
-        self._mmap.close()
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A cancelled reader's views may outlive its call until the collector runs.
+            gc.collect()
+            try:
+                self._mmap.close()
+            except BufferError:
+                log.warning("DRAM arena still has views alive; it is unmapped when the last one goes")
