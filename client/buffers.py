@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,3 +41,15 @@ def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view
+
+
+def check_targets(views: Sequence[memoryview]) -> Callable[[Sequence[int]], list[memoryview]]:
+    """A ``targets`` callback that checks caller buffers against the announced block sizes."""
+
+    def targets(sizes: Sequence[int]) -> list[memoryview]:
+        for i, size in enumerate(sizes):
+            if views[i].nbytes < size:
+                raise InvalidArgumentError(f"buffer {i} holds {views[i].nbytes} bytes but block {i} is {size} bytes")
+        return list(views)
+
+    return targets

@@ -7,35 +7,41 @@
         await kv.put(new_keys, new_blocks)
 
 Every call is batch-first. A miss is a result (a short count), never an exception; failures raise
-the kvstore error classes (:mod:`kvstore.errors`). Every block travels with its XXH3-64 checksum
-and is verified on arrival at both ends: a block that does not verify is never handed back.
+the kvstore error classes (:mod:`kvstore.errors`).
+
+Bytes take one of two paths, chosen when the client connects: on the daemon's host the client
+maps the daemon's DRAM arena and copies blocks in and out itself (:mod:`kvstore.client.local`);
+anywhere else they travel in chunked gRPC streams with end-to-end checksums
+(:mod:`kvstore.client.remote`). ``kv.path`` says which one is in use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 
-from kvstore.checksum import checksum
-from kvstore.errors import InternalError, InvalidArgumentError, UnavailableError
-from kvstore.framing import Unpacker, pack
+from kvstore.errors import InvalidArgumentError, KVStoreError, StaleSessionError, UnavailableError
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.proto.status import error_from_rpc
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.tier_kind import TierKind
-from kvstore.client.buffers import byte_view
+from kvstore.client.buffers import byte_view, check_targets
+from kvstore.client.local import LocalArena, LocalPath
+from kvstore.client.remote import RemotePath
 from kvstore.client.results import LookupResult, PutResult, Stats
 
 log = logging.getLogger("kvstore.client")
 
 MiB = 1 << 20
 MAX_CHUNK_BYTES = 16 * MiB
+LOCAL_MODES = ("auto", "off", "require")
+_TIERS = {kind.value: kind for kind in TierKind}
 
 
 class KVClient:
@@ -43,10 +49,13 @@ class KVClient:
 
     Args:
         target: ``host:port`` of the daemon.
+        local: ``"auto"`` uses the same-host shared-memory path when the daemon's arena can be
+            mapped from here and the remote path otherwise; ``"off"`` always streams over gRPC;
+            ``"require"`` fails to connect unless the same-host path works.
         timeout_s: deadline of each call.
         connect_timeout_s: how long entering the context waits for the daemon to answer.
-        chunk_bytes: size of the data messages a put sends.
-        max_put_stream_bytes: a put of more bytes is split into several streams.
+        chunk_bytes: size of the data messages a remote put sends (at most 16 MiB).
+        max_put_stream_bytes: a remote put of more bytes is split into several streams.
         max_keys_per_call: longer batches are split into several calls (the daemon's
             ``max_keys_per_request``).
     """
@@ -55,17 +64,21 @@ class KVClient:
         self,
         target: str,
         *,
+        local: str = "auto",
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         chunk_bytes: int = 1 * MiB,
         max_put_stream_bytes: int = 256 * MiB,
         max_keys_per_call: int = 65536,
     ) -> None:
+        if local not in LOCAL_MODES:
+            raise InvalidArgumentError(f"local must be one of {LOCAL_MODES}, got {local!r}")
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise InvalidArgumentError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
         if max_put_stream_bytes <= 0 or max_keys_per_call <= 0:
             raise InvalidArgumentError("max_put_stream_bytes and max_keys_per_call must be positive")
         self.target = target
+        self.local = local
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
@@ -73,6 +86,8 @@ class KVClient:
         self.max_keys_per_call = max_keys_per_call
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.KVStoreStub | None = None
+        self._remote: RemotePath | None = None
+        self._local: LocalPath | None = None
 
     async def __aenter__(self) -> KVClient:
         await self.connect()
@@ -82,26 +97,59 @@ class KVClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Open the channel and wait until the daemon answers."""
+        """Open the channel, wait until the daemon answers, and pick the data path."""
         channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         try:
             await asyncio.wait_for(channel.channel_ready(), self.connect_timeout_s)
+            self._channel = channel
+            self._stub = pb_grpc.KVStoreStub(channel)
+            self._remote = RemotePath(self._stub, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s)
+            if self.local != "off":
+                await self._attach()
         except asyncio.TimeoutError:
+            await self.close()
             await channel.close()
             raise UnavailableError(
                 f"no kvstore daemon answered at {self.target} within {self.connect_timeout_s:g}s "
                 "(is `kvstore serve` running there?)"
             ) from None
         except BaseException:
+            await self.close()
             await channel.close()
             raise
-        self._channel = channel
-        self._stub = pb_grpc.KVStoreStub(channel)
+
+    async def _attach(self) -> None:
+        """Map the daemon's arena if this process can; else stay on the remote path."""
+        if self._local is not None:
+            await self._local.close()
+            self._local = None
+        async with self._errors():
+            info = await self._stub.Attach(pb.AttachRequest(), timeout=self.timeout_s)
+        reason = "the daemon offers no same-host socket"
+        if info.socket_path:
+            try:
+                arena = await asyncio.to_thread(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes)
+                self._local = LocalPath(self._stub, arena, ttl_s=info.lease_ttl_s, timeout_s=self.timeout_s)
+                return
+            except (OSError, ValueError) as exc:
+                reason = f"cannot map the daemon's arena through {info.socket_path}: {exc}"
+        if self.local == "require":
+            raise UnavailableError(f"same-host path required but unavailable: {reason}")
+        log.info("using the remote data path to %s (%s)", self.target, reason)
 
     async def close(self) -> None:
+        if self._local is not None:
+            local, self._local = self._local, None
+            await local.close()
         if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+            channel, self._channel = self._channel, None
+            self._stub = self._remote = None
+            await channel.close()
+
+    @property
+    def path(self) -> str:
+        """``"local"`` (shared memory) or ``"remote"`` (gRPC streams)."""
+        return "local" if self._local is not None else "remote"
 
     @property
     def stub(self) -> pb_grpc.KVStoreStub:
@@ -116,6 +164,21 @@ class KVClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
+    async def _data(self, op: str, *args: Any) -> Any:
+        """Run ``op`` on the data path in use; re-attach once if the daemon restarted."""
+        if self._stub is None:
+            raise UnavailableError("the client is not connected (use `async with KVClient(...)`)")
+        for attempt in (1, 2):
+            path = self._local or self._remote
+            try:
+                async with self._errors():
+                    return await getattr(path, op)(*args)
+            except StaleSessionError:
+                if path is not self._local or attempt == 2:
+                    raise
+                log.info("same-host session ended (daemon restarted?); attaching again")
+                await self._attach()
+
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading ``keys`` are cached, and which tier holds each of them."""
         tiers: list[TierKind] = []
@@ -123,7 +186,7 @@ class KVClient:
             batch = keys[start : start + self.max_keys_per_call]
             async with self._errors():
                 response = await self.stub.Lookup(pb.LookupRequest(keys=batch), timeout=self.timeout_s)
-            tiers += [TierKind(t) for t in response.tiers]
+            tiers += map(_TIERS.__getitem__, response.tiers)
             if response.count < len(batch):
                 break
         return LookupResult(count=len(tiers), tiers=tiers)
@@ -135,7 +198,7 @@ class KVClient:
         views = [byte_view(block, i) for i, block in enumerate(blocks)]
         stored = present = dropped = 0
         for start, stop in self._put_batches(views):
-            result = await self._put_stream(keys[start:stop], views[start:stop])
+            result = await self._data("put", keys[start:stop], views[start:stop])
             stored += result.stored
             present += result.present
             dropped += result.dropped
@@ -154,30 +217,18 @@ class KVClient:
         batches.append((start, len(views)))
         return batches
 
-    async def _put_stream(self, keys: Sequence[bytes], views: Sequence[memoryview]) -> pb.PutResponse:
-        header = pb.PutHeader(
-            keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]
-        )
-
-        def messages():
-            yield pb.PutRequest(header=header)
-            for chunk in pack(views, self.chunk_bytes):
-                yield pb.PutRequest(data=chunk)
-
-        async with self._errors():
-            return await self.stub.Put(messages(), timeout=self.timeout_s)
+    def _check_get(self, keys: Sequence[bytes]) -> None:
+        if len(keys) > self.max_keys_per_call:
+            raise InvalidArgumentError(
+                f"a get takes at most {self.max_keys_per_call} keys; look up the chain, then get it in parts"
+            )
 
     async def get(self, keys: Sequence[bytes]) -> list[bytearray]:
         """The bytes of the leading cached ``keys``, in order (stops at the first miss)."""
-        out: list[bytearray] = []
-
-        def targets(sizes: Sequence[int]) -> list[memoryview]:
-            out.extend(bytearray(size) for size in sizes)
-            return [memoryview(b) for b in out]
-
-        count = await self._get(keys, targets)
-        del out[count:]
-        return out
+        if not keys:
+            return []
+        self._check_get(keys)
+        return await self._data("get", keys)
 
     async def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> int:
         """Write the leading cached blocks into ``buffers``; returns how many were filled.
@@ -186,54 +237,11 @@ class KVClient:
         """
         if len(keys) != len(buffers):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
-        views = [byte_view(buf, i, writable=True) for i, buf in enumerate(buffers)]
-
-        def targets(sizes: Sequence[int]) -> list[memoryview]:
-            for i, size in enumerate(sizes):
-                if views[i].nbytes < size:
-                    raise InvalidArgumentError(
-                        f"buffer {i} holds {views[i].nbytes} bytes but block {i} is {size} bytes"
-                    )
-            return views
-
-        return await self._get(keys, targets)
-
-    async def _get(self, keys: Sequence[bytes], targets: Callable[[Sequence[int]], list[memoryview]]) -> int:
-        """Stream the leading blocks into ``targets(sizes)``; returns how many verified."""
         if not keys:
             return 0
-        if len(keys) > self.max_keys_per_call:
-            raise InvalidArgumentError(
-                f"a get takes at most {self.max_keys_per_call} keys; look up the chain, then get it in parts"
-            )
-        async with self._errors():
-            call = self.stub.Get(pb.GetRequest(keys=keys), timeout=self.timeout_s)
-            try:
-                stream = aiter(call)
-                first = await anext(stream, None)
-                header = first.header if first is not None else None
-                if header is None or not header.count == len(header.sizes) == len(header.checksums) <= len(keys):
-                    raise InternalError("the daemon answered a get with a malformed header")
-                if header.count == 0:
-                    return 0
-                views = targets(header.sizes)
-                unpacker = Unpacker(header.sizes)
-                async for message in stream:
-                    for i, offset, piece in unpacker.feed(message.data):
-                        views[i][offset : offset + piece.nbytes] = piece
-                unpacker.check_complete()
-            finally:
-                call.cancel()
-        for i, size in enumerate(header.sizes):
-            if checksum(views[i][:size]) != header.checksums[i]:
-                log.warning("block %d of a get failed its checksum: a miss from there on; dropping it", i)
-                # Drop the bad copy (only if it is still the one we read) so a put can repair it.
-                async with self._errors():
-                    await self.stub.Delete(
-                        pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]]), timeout=self.timeout_s
-                    )
-                return i
-        return header.count
+        self._check_get(keys)
+        views = [byte_view(buf, i, writable=True) for i, buf in enumerate(buffers)]
+        return await self._data("get_into", keys, check_targets(views))
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Remove ``keys``; returns how many were present."""

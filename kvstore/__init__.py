@@ -16,6 +16,7 @@ from kvstore.errors import (
     KVStoreError,
     ResourceExhaustedError,
     RetryableError,
+    StaleSessionError,
     UnavailableError,
 )
 from kvstore.keys import KEY_BYTES, MAX_KEY_BYTES, Namespace, block_keys
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 __all__ = [
     "KEY_BYTES", "MAX_KEY_BYTES", "BlockTooLargeError", "ConfigError", "DeadlineExceededError",
     "DramConfig", "IntegrityError", "InternalError", "InvalidArgumentError", "KVStoreError",
-    "Namespace", "ResourceExhaustedError", "RetryableError", "ServerConfig", "TierKind",
+    "Namespace", "ResourceExhaustedError", "RetryableError", "ServerConfig", "StaleSessionError", "TierKind",
     "UnavailableError", "block_keys", "parse_bytes",
 ]

@@ -39,7 +39,7 @@ class BlockRecord:
 
     key: bytes
     size: int = 0
-    checksum: int = 0
+    checksum: int | None = None   # computed when first needed for blocks put in place
     tier: TierKind = TierKind.DRAM
     extent: Any = None
     state: BlockState = BlockState.WRITING

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +90,8 @@ class ServerConfig:
     max_key_bytes: int = MAX_KEY_BYTES
     stream_chunk_bytes: int = 1 * MiB
     stream_idle_timeout_s: float = 30.0
+    lease_ttl_s: float = 60.0
+    local_socket: str = "auto"
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
     dram: DramConfig = field(default_factory=DramConfig)
@@ -121,6 +125,11 @@ class ServerConfig:
             f"stream_idle_timeout_s must be finite and > 0, got {self.stream_idle_timeout_s}",
         )
         _check(
+            0 < self.lease_ttl_s < math.inf,
+            f"lease_ttl_s must be finite and > 0, got {self.lease_ttl_s}",
+        )
+        _check(bool(self.local_socket), 'local_socket must be "auto", "off" or a path')
+        _check(
             self.max_keys_per_request * (self.max_key_bytes + 3) <= MAX_HEADER_BYTES,
             f"max_keys_per_request={self.max_keys_per_request} keys of up to {self.max_key_bytes} bytes "
             f"do not fit in one {MAX_HEADER_BYTES}-byte request",
@@ -134,6 +143,14 @@ class ServerConfig:
     def from_mapping(cls, data: Mapping[str, Any]) -> ServerConfig:
         """Build from a parsed TOML document (or any nested mapping); unknown keys are errors."""
         return _build(cls, data, prefix="")
+
+    def local_socket_path(self, port: int) -> str | None:
+        """Where same-host clients get the arena: None when the same-host path is off."""
+        if self.local_socket == "off":
+            return None
+        if self.local_socket == "auto":
+            return os.path.join(tempfile.gettempdir(), f"kvstore-{port}.sock")
+        return self.local_socket
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A copy with fields changed; ``dram_<field>=`` reaches into the ``dram`` table."""

@@ -30,6 +30,10 @@ class ConfigError(InvalidArgumentError):
     """A configuration value is invalid; the message names the field."""
 
 
+class StaleSessionError(KVStoreError):
+    """A same-host session or lease the daemon no longer knows (it restarted, or the lease expired)."""
+
+
 class IntegrityError(KVStoreError):
     """Bytes did not match their checksum (a corrupt upload or a corrupt stored block)."""
 

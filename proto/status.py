@@ -14,6 +14,7 @@ _CODES: list[tuple[type[errors.KVStoreError], grpc.StatusCode]] = [
     # Most specific first: code_for walks this list in order.
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.StaleSessionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -22,7 +23,6 @@ _CODES: list[tuple[type[errors.KVStoreError], grpc.StatusCode]] = [
 _ERRORS = {code: cls for cls, code in _CODES}
 _ERRORS[grpc.StatusCode.CANCELLED] = errors.UnavailableError
 _ERRORS[grpc.StatusCode.OUT_OF_RANGE] = errors.InvalidArgumentError
-_ERRORS[grpc.StatusCode.FAILED_PRECONDITION] = errors.InvalidArgumentError
 
 
 def code_for(exc: errors.KVStoreError) -> grpc.StatusCode:

@@ -14,6 +14,7 @@ unpins them.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from kvstore import __version__
 from kvstore.allocator import Extent
 from kvstore.block import BlockRecord, BlockState
 from kvstore.config import ServerConfig, format_bytes
-from kvstore.errors import BlockTooLargeError, InvalidArgumentError
+from kvstore.errors import BlockTooLargeError, IntegrityError, InvalidArgumentError, StaleSessionError
 from kvstore.index import BlockIndex
 from kvstore.keys import check_keys
+from kvstore.lease import Lease, LeaseTable
+from kvstore.checksum import checksum
 from kvstore.lru import LRUPolicy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
@@ -50,6 +53,11 @@ class Daemon:
         self.index = BlockIndex()
         self.policy = LRUPolicy()
         self.counters = Counters()
+        self.leases = LeaseTable(config.lease_ttl_s)
+        self.arena_id = secrets.token_hex(8)
+        # Extents of expired write leases whose session is still alive: the client may still be
+        # copying into them, so they are reused only once that session ends.
+        self._quarantine: dict[str, list[Extent]] = {}
         self.started_at = time.monotonic()
         self.version = __version__
 
@@ -133,7 +141,7 @@ class Daemon:
             slots.append(PutSlot(size, checksum, record))
         return slots
 
-    def commit(self, slot: PutSlot, checksum: int) -> bool:
+    def commit(self, slot: PutSlot, checksum: int | None) -> bool:
         """Make a fully written block visible; False if it was deleted while being written."""
         record = slot.record
         if record.state is BlockState.GONE:
@@ -163,13 +171,106 @@ class Daemon:
             record = self.index.get(key)
             if record is None:
                 continue
-            if if_checksums and (record.state is not BlockState.READY or record.checksum != if_checksums[i]):
+            if if_checksums and (
+                record.state is not BlockState.READY or self.checksum_of(record) != if_checksums[i]
+            ):
                 continue
             self._drop(record)
             deleted += 1
         self.counters.deleted_blocks += deleted
         return deleted
 
+
+    def checksum_of(self, record: BlockRecord) -> int:
+        """The block's checksum, computed from its bytes on first need (same-host puts skip it)."""
+        if record.checksum is None:
+            record.checksum = checksum(self.tier.view(record.extent, record.size))
+        return record.checksum
+
+    def acquire_lease(self, session: str, keys: Sequence[bytes], now: float) -> Lease | None:
+        """Pin the leading present blocks for a same-host reader; None when there are none."""
+        self.leases.check(session)
+        records = self.acquire(keys)
+        return self.leases.grant(session, now, records=records) if records else None
+
+    def release_leases(self, session: str, lease_ids: Sequence[int]) -> int:
+        """End read leases; returns how many were still held."""
+        released = 0
+        for lease_id in lease_ids:
+            lease = self.leases.take(session, lease_id)
+            if lease is not None and not lease.writing:
+                self.release(lease.records)
+                released += 1
+        return released
+
+    def reserve_lease(self, session: str, keys: Sequence[bytes], sizes: Sequence[int], now: float) -> tuple[Lease, list[PutSlot]]:
+        """Put phase 1 for a same-host writer: reserve, and hold the reservations under a lease."""
+        self.leases.check(session)
+        slots = self.reserve(keys, sizes, ())
+        return self.leases.grant(session, now, slots=slots), slots
+
+    def commit_lease(self, session: str, lease_id: int, checksums: Sequence[int], abort: bool) -> tuple[int, list[PutSlot]]:
+        """Put phase 2: commit (or abort) every reservation of a write lease; returns blocks stored."""
+        lease = self.leases.take(session, lease_id)
+        if lease is None or not lease.writing:
+            raise StaleSessionError(f"write lease {lease_id} expired or is unknown; nothing of it was stored")
+        slots = lease.slots
+        if checksums and len(checksums) != len(slots):
+            for slot in slots:
+                if slot.record is not None:
+                    self.abort(slot)
+            raise InvalidArgumentError(f"{len(slots)} reserved keys but {len(checksums)} checksums")
+        stored, corrupt = 0, []
+        for i, slot in enumerate(slots):
+            if slot.record is None:
+                continue
+            if abort:
+                self.abort(slot)
+                continue
+            actual = None
+            if checksums:
+                actual = checksum(self.tier.view(slot.record.extent, slot.size))
+                if actual != checksums[i]:
+                    corrupt.append(i)
+                    self.abort(slot)
+                    continue
+            stored += self.commit(slot, actual)
+        if corrupt:
+            self.counters.integrity_failures += len(corrupt)
+            raise IntegrityError(f"blocks {corrupt} did not match their checksums and were not stored")
+        return stored, list(slots)
+
+    def expire_leases(self, now: float) -> int:
+        """Take back every lease past its TTL; returns how many."""
+        expired = self.leases.expired(now)
+        for lease in expired:
+            log.warning("lease %d of a same-host client expired after %.0fs", lease.id, self.leases.ttl_s)
+            self._end_lease(lease, session_alive=True)
+        return len(expired)
+
+    def close_session(self, session: str) -> None:
+        """A same-host client went away: end all of its leases and free what it held."""
+        for lease in self.leases.close_session(session):
+            self._end_lease(lease, session_alive=False)
+        for extent in self._quarantine.pop(session, ()):
+            self.tier.release(extent)
+
+    def _end_lease(self, lease: Lease, *, session_alive: bool) -> None:
+        if not lease.writing:
+            self.release(lease.records)
+            return
+        for slot in lease.slots:
+            record = slot.record
+            if record is None:
+                continue
+            if not session_alive:
+                self.abort(slot)
+                continue
+            # The writer may still be copying: hide the block now, reuse its bytes later.
+            if record.state is BlockState.WRITING:
+                record.advance(BlockState.GONE)
+                self.index.discard(record)
+            self._quarantine.setdefault(lease.session, []).append(record.extent)
 
     def _make_room(self, size: int) -> Extent | None:
         """Reserve ``size`` bytes, evicting the coldest unpinned blocks as needed."""

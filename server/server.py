@@ -8,7 +8,9 @@ tiers are closed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +20,7 @@ from kvstore.config import ServerConfig
 from kvstore.errors import ConfigError
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.server.daemon import Daemon
+from kvstore.server.local import LocalSocket
 from kvstore.server.metrics import Metrics
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 
@@ -33,6 +36,8 @@ class KVStoreServer:
         self.metrics_port: int = 0
         self._grpc: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
+        self._local: LocalSocket | None = None
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -52,7 +57,8 @@ class KVStoreServer:
             self.metrics = Metrics(self.daemon)
             # No SO_REUSEPORT: a second daemon on a busy port must fail, not silently share it.
             self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-            self._grpc.add_generic_rpc_handlers((KVStoreServicer(self.daemon, self.metrics).handler(),))
+            servicer = KVStoreServicer(self.daemon, self.metrics)
+            self._grpc.add_generic_rpc_handlers((servicer.handler(),))
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
             try:
@@ -61,6 +67,12 @@ class KVStoreServer:
                 self.port = 0
             if self.port == 0:
                 raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
+            path = config.local_socket_path(self.port)
+            if path is not None:
+                self._local = LocalSocket(self.daemon, path)
+                await self._local.start()
+                servicer.local_socket_path = path
+            self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstore-lease-sweeper")
             await self._grpc.start()
             if config.metrics_port:
                 try:
@@ -76,10 +88,10 @@ class KVStoreServer:
             raise
         tier = self.daemon.tier
         log.info(
-            "kvstore %s listening on %s (metrics %s); dram tier %d bytes",
+            "kvstore %s listening on %s (metrics %s; same-host socket %s); dram tier %d bytes",
             self.daemon.version, self.address,
             f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
-            tier.capacity_bytes,
+            self._local.path if self._local else "off", tier.capacity_bytes,
         )
 
     async def stop(self) -> None:
@@ -94,6 +106,13 @@ class KVStoreServer:
                     grpc_server, self._grpc = self._grpc, None
                     await grpc_server.stop(self.config.shutdown_grace_s)
             finally:
+                if self._sweeper is not None:
+                    self._sweeper.cancel()
+                    await asyncio.gather(self._sweeper, return_exceptions=True)
+                    self._sweeper = None
+                if self._local is not None:
+                    local, self._local = self._local, None
+                    await local.stop()
                 if self.metrics is not None:
                     metrics, self.metrics = self.metrics, None
                     metrics.stop()
@@ -101,6 +120,13 @@ class KVStoreServer:
                     daemon, self.daemon = self.daemon, None
                     await daemon.close()
                     log.info("kvstore stopped")
+
+    async def _sweep_leases(self) -> None:
+        """Take back leases that outlived their TTL (a client that hangs without exiting)."""
+        period = min(1.0, self.config.lease_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.daemon.expire_leases(time.monotonic())
 
     async def wait_for_termination(self) -> None:
         if self._grpc is not None:

@@ -61,9 +61,10 @@ async def _next_within(stream: AsyncIterator[bytes], timeout_s: float) -> bytes 
 
 
 class KVStoreServicer:
-    def __init__(self, daemon: Daemon, metrics: Metrics) -> None:
+    def __init__(self, daemon: Daemon, metrics: Metrics, local_socket_path: str | None = None) -> None:
         self.daemon = daemon
         self.metrics = metrics
+        self.local_socket_path = local_socket_path
 
     def handler(self) -> grpc.GenericRpcHandler:
         def out(cls: type[Message]) -> dict:
@@ -77,6 +78,11 @@ class KVStoreServicer:
                 "Get": grpc.unary_stream_rpc_method_handler(self.get, **out(pb.GetResponse)),
                 "Delete": grpc.unary_unary_rpc_method_handler(self.delete, **out(pb.DeleteResponse)),
                 "Stats": grpc.unary_unary_rpc_method_handler(self.stats, **out(pb.StatsResponse)),
+                "Attach": grpc.unary_unary_rpc_method_handler(self.attach, **out(pb.AttachResponse)),
+                "Reserve": grpc.unary_unary_rpc_method_handler(self.reserve, **out(pb.ReserveResponse)),
+                "Commit": grpc.unary_unary_rpc_method_handler(self.commit, **out(pb.PutResponse)),
+                "Acquire": grpc.unary_unary_rpc_method_handler(self.acquire, **out(pb.AcquireResponse)),
+                "Release": grpc.unary_unary_rpc_method_handler(self.release, **out(pb.ReleaseResponse)),
             },
         )
 
@@ -149,7 +155,7 @@ class KVStoreServicer:
                     header=pb.GetHeader(
                         count=len(records),
                         sizes=[r.size for r in records],
-                        checksums=[r.checksum for r in records],
+                        checksums=[self.daemon.checksum_of(r) for r in records],
                         tiers=[r.tier for r in records],
                     )
                 )
@@ -186,3 +192,56 @@ class KVStoreServicer:
                 put_dropped_blocks=c.put_dropped_blocks, deleted_blocks=c.deleted_blocks,
                 bytes_in=c.bytes_in, bytes_out=c.bytes_out, integrity_failures=c.integrity_failures,
             )
+
+    async def attach(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AttachResponse:
+        async with self._rpc("Attach", context):
+            _parse(pb.AttachRequest, raw)
+            d = self.daemon
+            return pb.AttachResponse(
+                arena_id=d.arena_id, socket_path=self.local_socket_path or "",
+                arena_bytes=d.tier.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
+            )
+
+    async def reserve(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
+        async with self._rpc("Reserve", context):
+            request = _parse(pb.ReserveRequest, raw)
+            lease, slots = self.daemon.reserve_lease(request.session, request.keys, request.sizes, time.monotonic())
+            return pb.ReserveResponse(
+                lease=lease.id,
+                states=[_slot_state(slot) for slot in slots],
+                offsets=[slot.record.extent.offset if slot.record else 0 for slot in slots],
+            )
+
+    async def commit(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        async with self._rpc("Commit", context):
+            request = _parse(pb.CommitRequest, raw)
+            stored, slots = self.daemon.commit_lease(request.session, request.lease, request.checksums, request.abort)
+            present = sum(slot.present for slot in slots)
+            dropped = sum(slot.record is None and not slot.present for slot in slots)
+            self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.record is not None)
+            return pb.PutResponse(stored=stored, present=present, dropped=dropped)
+
+    async def acquire(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
+        async with self._rpc("Acquire", context):
+            request = _parse(pb.AcquireRequest, raw)
+            lease = self.daemon.acquire_lease(request.session, request.keys, time.monotonic())
+            if lease is None:
+                return pb.AcquireResponse()
+            records = lease.records
+            self.daemon.counters.bytes_out += sum(r.size for r in records)
+            return pb.AcquireResponse(
+                lease=lease.id, count=len(records),
+                offsets=[r.extent.offset for r in records], sizes=[r.size for r in records],
+                tiers=[r.tier for r in records],
+            )
+
+    async def release(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        async with self._rpc("Release", context):
+            request = _parse(pb.ReleaseRequest, raw)
+            return pb.ReleaseResponse(released=self.daemon.release_leases(request.session, request.leases))
+
+
+def _slot_state(slot) -> int:
+    if slot.record is not None:
+        return pb.SLOT_RESERVED
+    return pb.SLOT_PRESENT if slot.present else pb.SLOT_DROPPED

@@ -39,7 +39,16 @@ async def server():
         yield srv
 
 
+@pytest.fixture(params=["local", "remote"])
+async def kv(server, request):
+    """A client on each data path: same-host shared memory, and gRPC streams."""
+    mode = "require" if request.param == "local" else "off"
+    async with KVClient(f"127.0.0.1:{server.port}", local=mode) as client:
+        assert client.path == request.param
+        yield client
+
+
 @pytest.fixture
-async def kv(server):
-    async with KVClient(f"127.0.0.1:{server.port}") as client:
+async def remote_kv(server):
+    async with KVClient(f"127.0.0.1:{server.port}", local="off") as client:
         yield client

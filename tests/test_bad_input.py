@@ -178,13 +178,13 @@ async def test_a_block_that_fails_its_checksum_is_not_stored(channel, kv, stored
     assert await kv.delete([keys[0], keys[2]]) == 2
 
 
-async def test_client_maps_data_loss_to_integrity_error(channel, kv, monkeypatch):
+async def test_client_maps_data_loss_to_integrity_error(remote_kv, monkeypatch):
     # A client whose checksum disagrees with its bytes (a corrupted buffer in flight).
-    import kvstore.client.client as client_module
+    import kvstore.client.remote as remote_module
 
-    monkeypatch.setattr(client_module, "checksum", lambda view: 12345)
+    monkeypatch.setattr(remote_module, "checksum", lambda view: 12345)
     with pytest.raises(IntegrityError, match="did not match"):
-        await kv.put(chain(1, seed=46), [b"payload"])
+        await remote_kv.put(chain(1, seed=46), [b"payload"])
 
 
 async def test_no_daemon_is_a_clear_unavailable_error():

@@ -53,7 +53,7 @@ def test_metrics_endpoint_reports_usage_and_rpc_latency(daemon):
     assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in daemon.log()
 
     async def traffic():
-        async with KVClient(daemon.target) as kv:
+        async with KVClient(daemon.target, local="require") as kv:
             keys = chain(3, seed=50)
             await kv.put(keys, random_blocks(3, 8192))
             await kv.get(keys)
@@ -65,7 +65,8 @@ def test_metrics_endpoint_reports_usage_and_rpc_latency(daemon):
     assert 'kvstore_tier_used_bytes{tier="dram"} 24576.0' in text
     assert 'kvstore_blocks_total{op="get",result="hit"} 3.0' in text
     assert 'kvstore_tier_hits_total{tier="dram"} 3.0' in text
-    assert re.search(r'kvstore_rpc_duration_seconds_count\{method="Put"\} 1\.0', text)
+    for method in ("Attach", "Reserve", "Commit", "Acquire", "Lookup"):
+        assert re.search(rf'kvstore_rpc_duration_seconds_count\{{method="{method}"\}} 1\.0', text), method
     assert 'kvstore_tier_evictions_total{tier="dram"} 0.0' in text
 
 

@@ -2,7 +2,8 @@
 
 The arena is a single shared mapping of a memfd (anonymous shared memory on systems without
 memfd), sized once at start-up. Blocks are extents inside it: no per-block Python objects hold
-data, and a block's bytes can be handed out as a zero-copy memoryview.
+data, and a block's bytes can be handed out as a zero-copy memoryview. ``fd`` is the memfd, which
+the daemon hands to same-host clients so they map the same pages.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from kvstore.tiers.base import MemoryTier
 log = logging.getLogger("kvstore.tiers.dram")
 
 
-def _map_arena(size: int, flags: int) -> mmap.mmap:
+def _map_arena(size: int, flags: int) -> tuple[mmap.mmap, int]:
+    """The arena mapping, and the memfd behind it (-1 where the system has no memfd)."""
     if not hasattr(os, "memfd_create"):
-        return mmap.mmap(-1, size, flags=flags)
+        return mmap.mmap(-1, size, flags=flags), -1
     fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        return mmap.mmap(fd, size, flags=flags)
-    finally:
+        return mmap.mmap(fd, size, flags=flags), fd
+    except BaseException:
         os.close(fd)
+        raise
 
 
 class DramTier(MemoryTier):
@@ -43,7 +46,7 @@ class DramTier(MemoryTier):
         if config.prefault and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE
         try:
-            self._mmap = _map_arena(size, flags)
+            self._mmap, self.fd = _map_arena(size, flags)
         except OSError as exc:
             raise ConfigError(
                 f"dram.capacity_bytes={size}: cannot map a host-memory arena that large ({exc.strerror})"
@@ -78,6 +81,9 @@ class DramTier(MemoryTier):
         return self._view[extent.offset : extent.offset + nbytes]
 
     async def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         self._view.release()
         try:
             self._mmap.close()

@@ -15,12 +15,21 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_NVME: _ClassVar[Tier]
     TIER_S3: _ClassVar[Tier]
     TIER_PEER: _ClassVar[Tier]
+
+class SlotState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLOT_RESERVED: _ClassVar[SlotState]
+    SLOT_PRESENT: _ClassVar[SlotState]
+    SLOT_DROPPED: _ClassVar[SlotState]
 TIER_UNSPECIFIED: Tier
 TIER_HBM: Tier
 TIER_DRAM: Tier
 TIER_NVME: Tier
 TIER_S3: Tier
 TIER_PEER: Tier
+SLOT_RESERVED: SlotState
+SLOT_PRESENT: SlotState
+SLOT_DROPPED: SlotState
 
 class LookupRequest(_message.Message):
     __slots__ = ("keys",)
@@ -157,3 +166,87 @@ class StatsResponse(_message.Message):
     bytes_out: int
     integrity_failures: int
     def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s")
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    arena_id: str
+    socket_path: str
+    arena_bytes: int
+    lease_ttl_s: float
+    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("session", "keys", "sizes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("lease", "states", "offsets")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    lease: int
+    states: _containers.RepeatedScalarFieldContainer[SlotState]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lease: _Optional[int] = ..., states: _Optional[_Iterable[_Union[SlotState, str]]] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("session", "lease", "abort", "checksums")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    lease: int
+    abort: bool
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[str] = ..., lease: _Optional[int] = ..., abort: _Optional[bool] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AcquireRequest(_message.Message):
+    __slots__ = ("session", "keys")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class AcquireResponse(_message.Message):
+    __slots__ = ("lease", "count", "offsets", "sizes", "tiers")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    lease: int
+    count: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    def __init__(self, lease: _Optional[int] = ..., count: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("session", "leases")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    leases: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[str] = ..., leases: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,31 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/kvstore.v1.KVStore/Attach',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AttachRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AttachResponse.FromString,
+                _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/kvstore.v1.KVStore/Reserve',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/kvstore.v1.KVStore/Commit',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.CommitRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.Acquire = channel.unary_unary(
+                '/kvstore.v1.KVStore/Acquire',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AcquireResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvstore.v1.KVStore/Release',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -103,6 +128,46 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """---- Same-host data path -------------------------------------------------------------------
+        A client on the daemon's host maps the DRAM arena and copies block bytes itself; these calls
+        only hand out and take back regions of the arena. Attach names the local socket where the
+        arena's file descriptor is handed out; connecting there opens a session, and every lease of
+        a session ends when its connection closes (the client exited or died).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reserve(self, request, context):
+        """Put, phase 1: reserve arena space for the absent keys (a write lease). Nothing is visible yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Put, phase 2: make the written blocks of a write lease visible, or abort them all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acquire(self, request, context):
+        """Get: lease the leading present blocks (they cannot be evicted or overwritten while leased)
+        and say where they are in the arena.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """End read leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +195,31 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AttachRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AttachResponse.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReserveRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.CommitRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
+            ),
+            'Acquire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acquire,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AcquireRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AcquireResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +357,141 @@ class KVStore:
             '/kvstore.v1.KVStore/Stats',
             kvstore_dot_proto_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvstore_dot_proto_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Attach',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AttachRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Reserve',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReserveRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Commit',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.CommitRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acquire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Acquire',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AcquireRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Release',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

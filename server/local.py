@@ -1,0 +1,113 @@
+"""The local socket: how same-host clients map the daemon's DRAM arena.
+
+A client connects to a Unix socket, receives a short JSON hello (arena id, session token, arena
+size) with the arena's memfd attached (SCM_RIGHTS), maps it, and keeps the connection open. The
+connection is the session: when it closes, because the client exited or died, the daemon ends
+every lease the session held. Bytes never cross this socket; control goes over gRPC.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+
+from kvstore.errors import ConfigError
+from kvstore.server.daemon import Daemon
+
+log = logging.getLogger("kvstore.local")
+
+HELLO_VERSION = 1
+
+
+class LocalSocket:
+    def __init__(self, daemon: Daemon, path: str) -> None:
+        self.daemon = daemon
+        self.path = path
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._sessions: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        if self.daemon.tier.fd < 0:
+            raise ConfigError("this system has no memfd: the same-host path needs Linux (set local_socket = \"off\")")
+        self._remove_stale_socket()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+        except OSError as exc:
+            listener.close()
+            raise ConfigError(f"cannot create the local socket {self.path}: {exc.strerror}") from None
+        os.chmod(self.path, 0o660)
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.create_task(self._accept_loop(), name="kvstore-local-accept")
+
+    async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _remove_stale_socket(self) -> None:
+        """Remove a socket file left by a daemon that died; refuse to steal a live one."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"local_socket {self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)  # nobody listens: stale
+            return
+        finally:
+            probe.close()
+        raise ConfigError(f"local_socket {self.path} is in use by another daemon")
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            task = asyncio.create_task(self._serve(conn), name="kvstore-local-session")
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        daemon = self.daemon
+        token = daemon.leases.open_session()
+        try:
+            hello = json.dumps({
+                "version": HELLO_VERSION, "arena_id": daemon.arena_id, "session": token,
+                "arena_bytes": daemon.tier.capacity_bytes,
+            }).encode()
+            fds = array.array("i", [daemon.tier.fd])
+            conn.setblocking(True)
+            conn.sendmsg([len(hello).to_bytes(4, "little") + hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            conn.setblocking(False)
+            # Clients send nothing; the read returns only when the connection closes.
+            while await loop.sock_recv(conn, 64):
+                pass
+        except (OSError, ConnectionError) as exc:
+            log.debug("local session ended: %s", exc)
+        finally:
+            conn.close()
+            daemon.close_session(token)
