@@ -244,7 +244,7 @@ class Daemon:
         """Take back every lease past its TTL; returns how many."""
         expired = self.leases.expired(now)
         for lease in expired:
-            log.warning("lease %d of a same-host client expired after %.0fs", lease.id, self.leases.ttl_s)
+            log.warning("lease %d of a same-host client expired after %gs", lease.id, self.leases.ttl_s)
             self._end_lease(lease, session_alive=True)
         return len(expired)
 

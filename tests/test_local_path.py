@@ -1,0 +1,191 @@
+"""The same-host path: leases, sessions that die with their client, TTLs, and re-attaching."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kvstore import ConfigError, StaleSessionError, UnavailableError
+from kvstore.client import KVClient
+from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.server import KVStoreServer
+
+from conftest import chain, make_config, random_blocks
+
+MiB = 1 << 20
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from kvstore.client import KVClient
+    from kvstore.proto.v1 import kvstore_pb2 as pb
+
+    async def main(target, role, keys):
+        async with KVClient(target, local="require") as kv:
+            session = kv._local.arena.session
+            if role == "writer":
+                r = await kv.stub.Reserve(pb.ReserveRequest(session=session, keys=keys, sizes=[1 << 20] * len(keys)))
+                kv._local.arena.view[r.offsets[0] : r.offsets[0] + 4096] = b"x" * 4096  # half-written
+            else:
+                r = await kv.stub.Acquire(pb.AcquireRequest(session=session, keys=keys))
+            print("holding", flush=True)
+            time.sleep(120)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], [bytes.fromhex(k) for k in sys.argv[3:]]))
+    """
+)
+
+
+async def start_child(target: str, role: str, keys: list[bytes]) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, target, role, *(k.hex() for k in keys)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    line = await asyncio.to_thread(child.stdout.readline)
+    assert line.strip() == "holding", line + child.stdout.read()
+    return child
+
+
+async def test_a_client_killed_mid_put_leaves_nothing_readable_and_its_space_is_reclaimed():
+    async with KVStoreServer(make_config(dram_bytes=16 * MiB)) as srv:
+        daemon = srv.daemon
+        keys = chain(3, seed=70)
+        child = await start_child(f"127.0.0.1:{srv.port}", "writer", keys)
+        try:
+            assert daemon.tier.used_bytes == 3 * MiB  # reserved...
+            async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+                assert (await kv.lookup(keys)).count == 0  # ...but nothing visible
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                await wait_until(lambda: daemon.tier.used_bytes == 0)
+                assert len(daemon.index) == 0 and len(daemon.leases) == 0
+                blocks = random_blocks(3, MiB)
+                assert (await kv.put(keys, blocks)).stored == 3
+                assert [bytes(b) for b in await kv.get(keys)] == blocks
+        finally:
+            child.kill()
+
+
+async def test_a_reader_killed_while_holding_a_lease_does_not_pin_memory():
+    async with KVStoreServer(make_config(dram_bytes=8 * MiB)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            keys = chain(4, seed=71)
+            await kv.put(keys, random_blocks(4, MiB))
+            child = await start_child(f"127.0.0.1:{srv.port}", "reader", keys)
+            try:
+                assert all(r.pins == 1 for r in srv.daemon.index)
+                flood = chain(8, seed=72)
+                assert (await kv.put(flood, random_blocks(8, MiB))).dropped == 4  # the leased 4 MiB stay
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                await wait_until(lambda: len(srv.daemon.leases) == 0)
+                assert (await kv.put(chain(8, seed=73), random_blocks(8, MiB))).stored == 8
+                assert (await kv.lookup(keys)).count == 0  # unpinned, so evicted like any cold block
+            finally:
+                child.kill()
+
+
+async def test_a_leased_block_survives_eviction_pressure_and_reads_back_exact():
+    async with KVStoreServer(make_config(dram_bytes=8 * MiB)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as reader, KVClient(
+            f"127.0.0.1:{srv.port}", local="require"
+        ) as writer:
+            keys = chain(2, seed=74)
+            blocks = random_blocks(2, 2 * MiB)
+            await writer.put(keys, blocks)
+            session = reader._local.arena.session
+            lease = await reader.stub.Acquire(pb.AcquireRequest(session=session, keys=keys))
+            await writer.put(chain(6, seed=75), random_blocks(6, 2 * MiB))  # wants the whole arena
+            arena = reader._local.arena.view
+            got = [bytes(arena[o : o + n]) for o, n in zip(lease.offsets, lease.sizes)]
+            assert got == blocks
+            released = await reader.stub.Release(pb.ReleaseRequest(session=session, leases=[lease.lease]))
+            assert released.released == 1
+
+
+async def test_leases_expire_after_their_ttl():
+    async with KVStoreServer(make_config(dram_bytes=8 * MiB, lease_ttl_s=0.3)) as srv:
+        daemon = srv.daemon
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            keys = chain(2, seed=76)
+            await kv.put(keys, random_blocks(2, MiB))
+            session = kv._local.arena.session
+            await kv.stub.Acquire(pb.AcquireRequest(session=session, keys=keys))
+            pending = chain(1, seed=77)
+            r = await kv.stub.Reserve(pb.ReserveRequest(session=session, keys=pending, sizes=[MiB]))
+            assert all(rec.pins == 1 for rec in daemon.index if rec.key in keys)
+            await wait_until(lambda: len(daemon.leases) == 0)
+            assert all(rec.pins == 0 for rec in daemon.index)
+            # The expired write lease is gone from the index, but its bytes stay reserved while
+            # its session lives (the client might still be writing into them).
+            assert daemon.index.get(pending[0]) is None
+            assert daemon.tier.used_bytes == 3 * MiB
+            with pytest.raises(StaleSessionError, match="expired"):
+                await _commit(kv, session, r.lease)
+        await wait_until(lambda: daemon.tier.used_bytes == 2 * MiB)  # session closed: quarantine freed
+
+
+async def _commit(kv: KVClient, session: str, lease: int) -> None:
+    async with kv._errors():
+        await kv.stub.Commit(pb.CommitRequest(session=session, lease=lease))
+
+
+async def test_the_client_attaches_again_after_the_daemon_restarts():
+    first = KVStoreServer(make_config())
+    await first.__aenter__()
+    port = first.port
+    try:
+        async with KVClient(f"127.0.0.1:{port}", local="require") as kv:
+            old_session = kv._local.arena.session
+            await first.stop()
+            second = KVStoreServer(make_config(port=port))
+            async with second:
+                keys = chain(2, seed=78)
+                blocks = random_blocks(2, 100_000)
+                await asyncio.wait_for(kv.stub.Stats(pb.StatsRequest(), wait_for_ready=True), 10)
+                assert (await kv.put(keys, blocks)).stored == 2
+                assert kv.path == "local" and kv._local.arena.session != old_session
+                assert [bytes(b) for b in await kv.get(keys)] == blocks
+    finally:
+        await first.stop()
+
+
+async def test_local_modes_when_the_daemon_offers_no_socket():
+    async with KVStoreServer(make_config(local_socket="off")) as srv:
+        with pytest.raises(UnavailableError, match="same-host path required"):
+            async with KVClient(f"127.0.0.1:{srv.port}", local="require"):
+                pass
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert kv.path == "remote"
+            await kv.put(chain(1), [b"still works"])
+
+
+async def test_socket_paths_stale_and_in_use(tmp_path):
+    path = str(tmp_path / "kv.sock")
+    import socket as socket_module
+
+    stale = socket_module.socket(socket_module.AF_UNIX)
+    stale.bind(path)  # a socket file nobody listens on: what a crashed daemon leaves
+    stale.close()
+    async with KVStoreServer(make_config(local_socket=path)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            assert kv.path == "local"
+        with pytest.raises(ConfigError, match="in use by another daemon"):
+            async with KVStoreServer(make_config(local_socket=path)):
+                pass
+    assert not os.path.exists(path)  # removed on shutdown
