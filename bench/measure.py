@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -11,18 +12,21 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    name: str            # what was measured, e.g. "get remote"
+    name: str            # what was measured, e.g. "get local"
     block_bytes: int
     batch: int
     calls: int
     gbps: float          # payload GB/s (1e9 bytes/s); 0 where not meaningful
     p50_ms: float
     p99_ms: float
-    baseline: str = ""   # name of the row this one is compared with
-    ratio: float = 0.0   # gbps / baseline gbps (or baseline p50 / p50 for latency rows)
+    vs_memcpy: float | None = None   # gbps / memcpy gbps of the same bytes
+    vs_redis: float | None = None    # gbps / Redis gbps of the same operation and bytes
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def compared(self, **ratios: float | None) -> Result:
+        return dataclasses.replace(self, **ratios)
 
 
 def summarize(name: str, block_bytes: int, batch: int, seconds: list[float]) -> Result:
@@ -34,6 +38,10 @@ def summarize(name: str, block_bytes: int, batch: int, seconds: list[float]) -> 
         gbps=payload / total / 1e9 if block_bytes else 0.0,
         p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
     )
+
+
+def ratio(row: Result, baseline: Result | None) -> float | None:
+    return row.gbps / baseline.gbps if baseline is not None and baseline.gbps else None
 
 
 async def time_async(fn: Callable[[int], Awaitable[object]], calls: int, warmup: int = 2) -> list[float]:
@@ -57,12 +65,3 @@ def time_sync(fn: Callable[[int], object], calls: int, warmup: int = 2) -> list[
         fn(i)
         out.append(time.perf_counter() - start)
     return out
-
-
-def compare(row: Result, baseline: Result, *, latency: bool = False) -> Result:
-    """``row`` with its ratio against ``baseline`` filled in."""
-    if latency:
-        ratio = baseline.p50_ms / row.p50_ms if row.p50_ms else 0.0
-    else:
-        ratio = row.gbps / baseline.gbps if baseline.gbps else 0.0
-    return Result(**{**row.as_dict(), "baseline": baseline.name, "ratio": ratio})

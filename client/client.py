@@ -32,7 +32,7 @@ from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.tier_kind import TierKind
 from kvstore.client.buffers import byte_view, check_targets
-from kvstore.client.local import LocalArena, LocalPath
+from kvstore.client.local import LocalPath
 from kvstore.client.remote import RemotePath
 from kvstore.client.results import LookupResult, PutResult, Stats
 
@@ -128,10 +128,12 @@ class KVClient:
         reason = "the daemon offers no same-host socket"
         if info.socket_path:
             try:
-                arena = await asyncio.to_thread(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes)
-                self._local = LocalPath(self._stub, arena, ttl_s=info.lease_ttl_s, timeout_s=self.timeout_s)
+                self._local = await asyncio.wait_for(
+                    LocalPath.attach(info.socket_path, info.arena_id, info.arena_bytes, info.lease_ttl_s),
+                    self.connect_timeout_s,
+                )
                 return
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 reason = f"cannot map the daemon's arena through {info.socket_path}: {exc}"
         if self.local == "require":
             raise UnavailableError(f"same-host path required but unavailable: {reason}")
@@ -184,8 +186,7 @@ class KVClient:
         tiers: list[TierKind] = []
         for start in range(0, len(keys), self.max_keys_per_call):
             batch = keys[start : start + self.max_keys_per_call]
-            async with self._errors():
-                response = await self.stub.Lookup(pb.LookupRequest(keys=batch), timeout=self.timeout_s)
+            response = await self._data("lookup", batch)
             tiers += map(_TIERS.__getitem__, response.tiers)
             if response.count < len(batch):
                 break

@@ -1,10 +1,11 @@
 """The same-host data path: the client maps the daemon's DRAM arena and copies bytes itself.
 
 Attaching connects to the daemon's local socket, receives the arena's memfd and maps it; the
-open connection is the session. A put reserves space (``Reserve``), copies each block into its
-slot with one memcpy and commits (``Commit``): nothing is visible before the commit. A get leases
-the leading blocks (``Acquire``), copies them out with one memcpy each and releases the lease in
-the background. Only control messages go through gRPC.
+open connection is the session, and it carries the control calls (framed ``kvstore.v1``
+messages, :mod:`kvstore.proto.local`). A put reserves space (``Reserve``), copies each block into
+its slot with one memcpy and commits (``Commit``): nothing is visible before the commit. A get
+leases the leading blocks (``Acquire``), copies them out with one memcpy each and releases the
+lease in the background. Block bytes never go through a socket.
 
 Leases expire after the daemon's ``lease_ttl_s``. A read that took longer than that is not
 trusted (the bytes may have been reused) and counts as a miss.
@@ -13,29 +14,37 @@ trusted (the bytes may have been reused) and counts as a miss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import mmap
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from google.protobuf.message import Message
+
+from kvstore.errors import StaleSessionError
+from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, frame
+from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
-from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
 
 Targets = Callable[[Sequence[int]], list[memoryview]]
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 TRUSTED_FRACTION = 0.8
 """A lease is trusted for this fraction of its TTL, measured from before it was asked for."""
 
 
 class LocalArena:
-    """The daemon's arena mapped into this process, and the session that keeps it valid."""
+    """The daemon's arena mapped into this process, and the session connection that keeps it valid."""
 
     def __init__(self, conn: socket.socket, arena: mmap.mmap, session: str) -> None:
-        self._conn = conn
+        self.conn = conn
         self._mmap = arena
         self.view = memoryview(arena)
         self.session = session
@@ -53,11 +62,13 @@ class LocalArena:
                 hello = json.loads(data[4 : 4 + length])
                 if hello.get("arena_id") != arena_id or hello.get("arena_bytes") != arena_bytes or len(fds) != 1:
                     raise ValueError(f"{path} belongs to another daemon")
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map page tables once, now
-                arena = mmap.mmap(fds[0], arena_bytes, flags=flags)
+                if hello.get("version") != PROTOCOL_VERSION:
+                    raise ValueError(f"{path} speaks local protocol {hello.get('version')}, not {PROTOCOL_VERSION}")
+                arena = mmap.mmap(fds[0], arena_bytes, flags=mmap.MAP_SHARED)
             finally:
                 for fd in fds:
-                    socket.close(fd)
+                    os.close(fd)
+            _populate_for_writing(arena)
             conn.setblocking(False)
             return cls(conn, arena, hello["session"])
         except BaseException:
@@ -70,23 +81,74 @@ class LocalArena:
             self._mmap.close()
         except BufferError:
             log.debug("arena views still alive; unmapped when they go")
-        self._conn.close()
+
+
+def _populate_for_writing(arena: mmap.mmap) -> None:
+    """Fault the whole mapping in, writable, now: later copies then run at memcpy speed."""
+    try:
+        arena.madvise(MADV_POPULATE_WRITE)
+    except (OSError, ValueError, AttributeError):
+        pass  # older kernels: pages fault in on first touch instead
+
+
+class LocalChannel:
+    """Request/response over the session socket; one call at a time, in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, conn: socket.socket) -> LocalChannel:
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        return cls(reader, writer)
+
+    async def call(self, method: str, request: Message, response_cls: type[Message]) -> Any:
+        payload = frame(METHOD_IDS[method], request.SerializeToString())
+        async with self._lock:
+            try:
+                self._writer.write(payload)
+                length = int.from_bytes(await self._reader.readexactly(4), "little")
+                body = await self._reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                raise StaleSessionError(f"the daemon closed the same-host session ({exc})") from None
+        if body[0] != 0:
+            raise error_for(body[0], body[1:].decode(errors="replace"))
+        return response_cls.FromString(body[1:])
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
 
 
 class LocalPath:
     name = "local"
 
-    def __init__(self, stub: pb_grpc.KVStoreStub, arena: LocalArena, *, ttl_s: float, timeout_s: float) -> None:
-        self.stub = stub
+    def __init__(self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float) -> None:
         self.arena = arena
+        self.channel = channel
         self.ttl_s = ttl_s
-        self.timeout_s = timeout_s
         self._releases: set[asyncio.Task] = set()
 
+    @classmethod
+    async def attach(cls, path: str, arena_id: str, arena_bytes: int, ttl_s: float) -> LocalPath:
+        arena = await asyncio.to_thread(LocalArena.open, path, arena_id, arena_bytes)
+        try:
+            channel = await LocalChannel.open(arena.conn)
+        except BaseException:
+            arena.conn.close()
+            arena.close()
+            raise
+        return cls(arena, channel, ttl_s=ttl_s)
+
+    async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
+        return await self.channel.call("Lookup", pb.LookupRequest(keys=keys), pb.LookupResponse)
+
     async def put(self, keys: Sequence[bytes], views: Sequence[memoryview]) -> PutResult:
-        session = self.arena.session
-        reserved = await self.stub.Reserve(
-            pb.ReserveRequest(session=session, keys=keys, sizes=[v.nbytes for v in views]), timeout=self.timeout_s
+        reserved = await self.channel.call(
+            "Reserve", pb.ReserveRequest(keys=keys, sizes=[v.nbytes for v in views]), pb.ReserveResponse
         )
         abort = True
         try:
@@ -96,23 +158,21 @@ class LocalPath:
                     arena[offset : offset + view.nbytes] = view
             abort = False
         finally:
-            response = await self.stub.Commit(
-                pb.CommitRequest(session=session, lease=reserved.lease, abort=abort), timeout=self.timeout_s
+            response = await self.channel.call(
+                "Commit", pb.CommitRequest(lease=reserved.lease, abort=abort), pb.PutResponse
             )
         return PutResult(stored=response.stored, present=response.present, dropped=response.dropped)
 
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[pb.AcquireResponse, float]:
         started = time.monotonic()
-        response = await self.stub.Acquire(
-            pb.AcquireRequest(session=self.arena.session, keys=keys), timeout=self.timeout_s
-        )
+        response = await self.channel.call("Acquire", pb.AcquireRequest(keys=keys), pb.AcquireResponse)
         return response, started
 
     def _finish(self, response: pb.AcquireResponse, started: float) -> bool:
         """Release the lease in the background; False if the copy outlived the trusted window."""
         if response.count:
             task = asyncio.ensure_future(
-                self.stub.Release(pb.ReleaseRequest(session=self.arena.session, leases=[response.lease]), timeout=self.timeout_s)
+                self.channel.call("Release", pb.ReleaseRequest(leases=[response.lease]), pb.ReleaseResponse)
             )
             self._releases.add(task)
             task.add_done_callback(self._released)
@@ -151,4 +211,5 @@ class LocalPath:
     async def close(self) -> None:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
+        await self.channel.close()
         self.arena.close()

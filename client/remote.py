@@ -30,6 +30,9 @@ class RemotePath:
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
 
+    async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
+        return await self.stub.Lookup(pb.LookupRequest(keys=keys), timeout=self.timeout_s)
+
     async def put(self, keys: Sequence[bytes], views: Sequence[memoryview]) -> PutResult:
         header = pb.PutHeader(
             keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]

@@ -33,10 +33,20 @@ def code_for(exc: errors.KVStoreError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_for(code: grpc.StatusCode | int | None, detail: str) -> errors.KVStoreError:
+    """The kvstore error for a status code (a ``grpc.StatusCode`` or its number)."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code)
+    cls = _ERRORS.get(code, errors.InternalError)
+    name = code.name if code is not None else "UNKNOWN"
+    return cls(f"{detail} [{name}]")
+
+
 def error_from_rpc(exc: grpc.RpcError) -> errors.KVStoreError:
     """The kvstore error a client raises for a failed call."""
     code = exc.code() if hasattr(exc, "code") else None
-    cls = _ERRORS.get(code, errors.InternalError)
     detail = exc.details() if hasattr(exc, "details") else str(exc)
-    name = code.name if code is not None else "UNKNOWN"
-    return cls(f"{detail} [{name}]")
+    return error_for(code, detail)

@@ -69,7 +69,7 @@ class KVStoreServer:
                 raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
             path = config.local_socket_path(self.port)
             if path is not None:
-                self._local = LocalSocket(self.daemon, path)
+                self._local = LocalSocket(self.daemon, servicer, path)
                 await self._local.start()
                 servicer.local_socket_path = path
             self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstore-lease-sweeper")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 from contextlib import asynccontextmanager
 
 import grpc
@@ -65,26 +66,59 @@ class KVStoreServicer:
         self.daemon = daemon
         self.metrics = metrics
         self.local_socket_path = local_socket_path
+        self._methods = self.unary_methods()
 
     def handler(self) -> grpc.GenericRpcHandler:
         def out(cls: type[Message]) -> dict:
             return {"response_serializer": cls.SerializeToString}
 
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Lookup": grpc.unary_unary_rpc_method_handler(self.lookup, **out(pb.LookupResponse)),
-                "Put": grpc.stream_unary_rpc_method_handler(self.put, **out(pb.PutResponse)),
-                "Get": grpc.unary_stream_rpc_method_handler(self.get, **out(pb.GetResponse)),
-                "Delete": grpc.unary_unary_rpc_method_handler(self.delete, **out(pb.DeleteResponse)),
-                "Stats": grpc.unary_unary_rpc_method_handler(self.stats, **out(pb.StatsResponse)),
-                "Attach": grpc.unary_unary_rpc_method_handler(self.attach, **out(pb.AttachResponse)),
-                "Reserve": grpc.unary_unary_rpc_method_handler(self.reserve, **out(pb.ReserveResponse)),
-                "Commit": grpc.unary_unary_rpc_method_handler(self.commit, **out(pb.PutResponse)),
-                "Acquire": grpc.unary_unary_rpc_method_handler(self.acquire, **out(pb.AcquireResponse)),
-                "Release": grpc.unary_unary_rpc_method_handler(self.release, **out(pb.ReleaseResponse)),
-            },
-        )
+        methods = {
+            name: grpc.unary_unary_rpc_method_handler(self._unary(name, request_cls, fn), **out(response_cls))
+            for name, (request_cls, response_cls, fn) in self._methods.items()
+        }
+        methods["Put"] = grpc.stream_unary_rpc_method_handler(self.put, **out(pb.PutResponse))
+        methods["Get"] = grpc.unary_stream_rpc_method_handler(self.get, **out(pb.GetResponse))
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def unary_methods(self) -> dict[str, tuple[type[Message], type[Message], Callable[[Any], Message]]]:
+        """Every unary call: request type, response type, and the function answering it."""
+        return {
+            "Lookup": (pb.LookupRequest, pb.LookupResponse, self.lookup),
+            "Delete": (pb.DeleteRequest, pb.DeleteResponse, self.delete),
+            "Stats": (pb.StatsRequest, pb.StatsResponse, self.stats),
+            "Attach": (pb.AttachRequest, pb.AttachResponse, self.attach),
+            "Reserve": (pb.ReserveRequest, pb.ReserveResponse, self.reserve),
+            "Commit": (pb.CommitRequest, pb.PutResponse, self.commit),
+            "Acquire": (pb.AcquireRequest, pb.AcquireResponse, self.acquire),
+            "Release": (pb.ReleaseRequest, pb.ReleaseResponse, self.release),
+        }
+
+    def _unary(self, method: str, request_cls: type[Message], fn: Callable[[Any], Message]):
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+            async with self._rpc(method, context):
+                return fn(_parse(request_cls, raw))
+
+        return handle
+
+    def call_local(self, method: str, raw: bytes, session: str) -> tuple[int, bytes]:
+        """Answer one call from the local socket: (0, response) or (status code, error text)."""
+        request_cls, _, fn = self._methods[method]
+        start = time.perf_counter()
+        try:
+            request = _parse(request_cls, raw)
+            if "session" in request.DESCRIPTOR.fields_by_name:
+                request.session = session  # the socket is the session
+            return 0, fn(request).SerializeToString()
+        except KVStoreError as exc:
+            code = code_for(exc)
+            self.metrics.rpc_errors.labels(method, code.name).inc()
+            return code.value[0], str(exc).encode()
+        except Exception as exc:
+            log.exception("%s failed", method)
+            self.metrics.rpc_errors.labels(method, "INTERNAL").inc()
+            return grpc.StatusCode.INTERNAL.value[0], f"{method} failed inside the daemon ({type(exc).__name__})".encode()
+        finally:
+            self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
     @asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -106,11 +140,9 @@ class KVStoreServicer:
         finally:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
-    async def lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
-        async with self._rpc("Lookup", context):
-            request = _parse(pb.LookupRequest, raw)
-            tiers = self.daemon.lookup(request.keys)
-            return pb.LookupResponse(count=len(tiers), tiers=tiers)
+    def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        tiers = self.daemon.lookup(request.keys)
+        return pb.LookupResponse(count=len(tiers), tiers=tiers)
 
     async def put(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.PutResponse:
         async with self._rpc("Put", context):
@@ -166,79 +198,65 @@ class KVStoreServicer:
             finally:
                 self.daemon.release(records)
 
-    async def delete(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
-        async with self._rpc("Delete", context):
-            request = _parse(pb.DeleteRequest, raw)
-            return pb.DeleteResponse(deleted=self.daemon.delete(request.keys, request.if_checksums))
+    def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        return pb.DeleteResponse(deleted=self.daemon.delete(request.keys, request.if_checksums))
 
-    async def stats(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        async with self._rpc("Stats", context):
-            _parse(pb.StatsRequest, raw)
-            d = self.daemon
-            c = d.counters
-            tiers = [
-                pb.TierStats(
-                    tier=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes,
-                    blocks=u.blocks, hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
-                    evicted_bytes=c.tier(u.kind).evicted_bytes,
-                )
-                for u in d.usage()
-            ]
-            return pb.StatsResponse(
-                version=d.version, uptime_s=d.uptime_s, tiers=tiers,
-                lookup_hit_blocks=c.lookup_hit_blocks, lookup_miss_blocks=c.lookup_miss_blocks,
-                get_hit_blocks=c.get_hit_blocks, get_miss_blocks=c.get_miss_blocks,
-                put_stored_blocks=c.put_stored_blocks, put_present_blocks=c.put_present_blocks,
-                put_dropped_blocks=c.put_dropped_blocks, deleted_blocks=c.deleted_blocks,
-                bytes_in=c.bytes_in, bytes_out=c.bytes_out, integrity_failures=c.integrity_failures,
+    def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
+        d = self.daemon
+        c = d.counters
+        tiers = [
+            pb.TierStats(
+                tier=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes,
+                blocks=u.blocks, hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
+                evicted_bytes=c.tier(u.kind).evicted_bytes,
             )
+            for u in d.usage()
+        ]
+        return pb.StatsResponse(
+            version=d.version, uptime_s=d.uptime_s, tiers=tiers,
+            lookup_hit_blocks=c.lookup_hit_blocks, lookup_miss_blocks=c.lookup_miss_blocks,
+            get_hit_blocks=c.get_hit_blocks, get_miss_blocks=c.get_miss_blocks,
+            put_stored_blocks=c.put_stored_blocks, put_present_blocks=c.put_present_blocks,
+            put_dropped_blocks=c.put_dropped_blocks, deleted_blocks=c.deleted_blocks,
+            bytes_in=c.bytes_in, bytes_out=c.bytes_out, integrity_failures=c.integrity_failures,
+        )
 
-    async def attach(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AttachResponse:
-        async with self._rpc("Attach", context):
-            _parse(pb.AttachRequest, raw)
-            d = self.daemon
-            return pb.AttachResponse(
-                arena_id=d.arena_id, socket_path=self.local_socket_path or "",
-                arena_bytes=d.tier.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
-            )
+    def attach(self, request: pb.AttachRequest) -> pb.AttachResponse:
+        d = self.daemon
+        return pb.AttachResponse(
+            arena_id=d.arena_id, socket_path=self.local_socket_path or "",
+            arena_bytes=d.tier.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
+        )
 
-    async def reserve(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
-        async with self._rpc("Reserve", context):
-            request = _parse(pb.ReserveRequest, raw)
-            lease, slots = self.daemon.reserve_lease(request.session, request.keys, request.sizes, time.monotonic())
-            return pb.ReserveResponse(
-                lease=lease.id,
-                states=[_slot_state(slot) for slot in slots],
-                offsets=[slot.record.extent.offset if slot.record else 0 for slot in slots],
-            )
+    def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        lease, slots = self.daemon.reserve_lease(request.session, request.keys, request.sizes, time.monotonic())
+        return pb.ReserveResponse(
+            lease=lease.id,
+            states=[_slot_state(slot) for slot in slots],
+            offsets=[slot.record.extent.offset if slot.record else 0 for slot in slots],
+        )
 
-    async def commit(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
-        async with self._rpc("Commit", context):
-            request = _parse(pb.CommitRequest, raw)
-            stored, slots = self.daemon.commit_lease(request.session, request.lease, request.checksums, request.abort)
-            present = sum(slot.present for slot in slots)
-            dropped = sum(slot.record is None and not slot.present for slot in slots)
-            self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.record is not None)
-            return pb.PutResponse(stored=stored, present=present, dropped=dropped)
+    def commit(self, request: pb.CommitRequest) -> pb.PutResponse:
+        stored, slots = self.daemon.commit_lease(request.session, request.lease, request.checksums, request.abort)
+        present = sum(slot.present for slot in slots)
+        dropped = sum(slot.record is None and not slot.present for slot in slots)
+        self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.record is not None)
+        return pb.PutResponse(stored=stored, present=present, dropped=dropped)
 
-    async def acquire(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
-        async with self._rpc("Acquire", context):
-            request = _parse(pb.AcquireRequest, raw)
-            lease = self.daemon.acquire_lease(request.session, request.keys, time.monotonic())
-            if lease is None:
-                return pb.AcquireResponse()
-            records = lease.records
-            self.daemon.counters.bytes_out += sum(r.size for r in records)
-            return pb.AcquireResponse(
-                lease=lease.id, count=len(records),
-                offsets=[r.extent.offset for r in records], sizes=[r.size for r in records],
-                tiers=[r.tier for r in records],
-            )
+    def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
+        lease = self.daemon.acquire_lease(request.session, request.keys, time.monotonic())
+        if lease is None:
+            return pb.AcquireResponse()
+        records = lease.records
+        self.daemon.counters.bytes_out += sum(r.size for r in records)
+        return pb.AcquireResponse(
+            lease=lease.id, count=len(records),
+            offsets=[r.extent.offset for r in records], sizes=[r.size for r in records],
+            tiers=[r.tier for r in records],
+        )
 
-    async def release(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        async with self._rpc("Release", context):
-            request = _parse(pb.ReleaseRequest, raw)
-            return pb.ReleaseResponse(released=self.daemon.release_leases(request.session, request.leases))
+    def release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
+        return pb.ReleaseResponse(released=self.daemon.release_leases(request.session, request.leases))
 
 
 def _slot_state(slot) -> int:
