@@ -22,6 +22,8 @@ def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
     """
     try:
         view = memoryview(obj)
+    except ValueError as exc:  # a buffer of items with no byte format (numpy datetime64, ...)
+        raise InvalidArgumentError(f"block {index}: cannot view its items as bytes ({exc})") from None
     except TypeError:
         if not hasattr(obj, "__array__"):
             raise InvalidArgumentError(

@@ -32,6 +32,7 @@ from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.tier_kind import TierKind
 from kvstore.client.buffers import byte_view, check_targets
+from kvstore.client.gpu import device_buffer
 from kvstore.client.local import LocalPath
 from kvstore.client.remote import RemotePath
 from kvstore.client.results import LookupResult, PutResult, Stats
@@ -196,7 +197,7 @@ class KVClient:
         """Store ``blocks[i]`` under ``keys[i]``. Keys already present are left as they are."""
         if len(keys) != len(blocks):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
-        views = [byte_view(block, i) for i, block in enumerate(blocks)]
+        views = [device_buffer(block, i) or byte_view(block, i) for i, block in enumerate(blocks)]
         stored = present = dropped = 0
         for start, stop in self._put_batches(views):
             result = await self._data("put", keys[start:stop], views[start:stop])
@@ -205,7 +206,7 @@ class KVClient:
             dropped += result.dropped
         return PutResult(stored=stored, present=present, dropped=dropped)
 
-    def _put_batches(self, views: Sequence[memoryview]) -> list[tuple[int, int]]:
+    def _put_batches(self, views: Sequence[Any]) -> list[tuple[int, int]]:
         if not views:
             return []
         batches, start, total = [], 0, 0
@@ -241,7 +242,9 @@ class KVClient:
         if not keys:
             return 0
         self._check_get(keys)
-        views = [byte_view(buf, i, writable=True) for i, buf in enumerate(buffers)]
+        views = [
+            device_buffer(buf, i, writable=True) or byte_view(buf, i, writable=True) for i, buf in enumerate(buffers)
+        ]
         return await self._data("get_into", keys, check_targets(views))
 
     async def delete(self, keys: Sequence[bytes]) -> int:

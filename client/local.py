@@ -30,6 +30,7 @@ from kvstore.errors import StaleSessionError
 from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, frame
 from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.client.gpu import CudaCopier, DeviceBuffer
 from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
@@ -45,7 +46,7 @@ class LocalArena:
 
     def __init__(self, conn: socket.socket, arena: mmap.mmap, session: str) -> None:
         self.conn = conn
-        self._mmap = arena
+        self.mapping = arena
         self.view = memoryview(arena)
         self.session = session
 
@@ -78,7 +79,7 @@ class LocalArena:
     def close(self) -> None:
         self.view.release()
         try:
-            self._mmap.close()
+            self.mapping.close()
         except BufferError:
             log.debug("arena views still alive; unmapped when they go")
 
@@ -131,6 +132,7 @@ class LocalPath:
         self.channel = channel
         self.ttl_s = ttl_s
         self._releases: set[asyncio.Task] = set()
+        self._cuda: CudaCopier | None = None
 
     @classmethod
     async def attach(cls, path: str, arena_id: str, arena_bytes: int, ttl_s: float) -> LocalPath:
@@ -146,16 +148,29 @@ class LocalPath:
     async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
         return await self.channel.call("Lookup", pb.LookupRequest(keys=keys), pb.LookupResponse)
 
-    async def put(self, keys: Sequence[bytes], views: Sequence[memoryview]) -> PutResult:
+    def _cuda_copier(self) -> CudaCopier:
+        if self._cuda is None:
+            self._cuda = CudaCopier(self.arena.mapping)
+        return self._cuda
+
+    async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         reserved = await self.channel.call(
-            "Reserve", pb.ReserveRequest(keys=keys, sizes=[v.nbytes for v in views]), pb.ReserveResponse
+            "Reserve", pb.ReserveRequest(keys=keys, sizes=[s.nbytes for s in sources]), pb.ReserveResponse
         )
         abort = True
         try:
             arena = self.arena.view
-            for view, state, offset in zip(views, reserved.states, reserved.offsets):
-                if state == pb.SLOT_RESERVED:
-                    arena[offset : offset + view.nbytes] = view
+            on_gpu = False
+            for src, state, offset in zip(sources, reserved.states, reserved.offsets):
+                if state != pb.SLOT_RESERVED:
+                    continue
+                if isinstance(src, DeviceBuffer):
+                    self._cuda_copier().to_host(offset, src)
+                    on_gpu = True
+                else:
+                    arena[offset : offset + src.nbytes] = src
+            if on_gpu:
+                await self._cuda.synchronize()
             abort = False
         finally:
             response = await self.channel.call(
@@ -191,10 +206,17 @@ class LocalPath:
         if response.count == 0:
             return 0
         try:
-            views = targets(response.sizes)
+            dests = targets(response.sizes)
             arena = self.arena.view
-            for view, offset, size in zip(views, response.offsets, response.sizes):
-                view[:size] = arena[offset : offset + size]
+            on_gpu = False
+            for dest, offset, size in zip(dests, response.offsets, response.sizes):
+                if isinstance(dest, DeviceBuffer):
+                    self._cuda_copier().to_device(dest, offset, size)
+                    on_gpu = True
+                else:
+                    dest[:size] = arena[offset : offset + size]
+            if on_gpu:
+                await self._cuda.synchronize()  # before the lease ends
         finally:
             trusted = self._finish(response, started)
         return response.count if trusted else 0
@@ -212,4 +234,7 @@ class LocalPath:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self.channel.close()
+        if self._cuda is not None:
+            self._cuda.close()
+            self._cuda = None
         self.arena.close()

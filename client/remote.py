@@ -15,6 +15,7 @@ from kvstore.errors import InternalError
 from kvstore.framing import Unpacker, pack
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.client.gpu import DeviceBuffer, host_views, staged_targets
 from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
@@ -33,7 +34,8 @@ class RemotePath:
     async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
         return await self.stub.Lookup(pb.LookupRequest(keys=keys), timeout=self.timeout_s)
 
-    async def put(self, keys: Sequence[bytes], views: Sequence[memoryview]) -> PutResult:
+    async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
+        views = host_views(sources)
         header = pb.PutHeader(
             keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]
         )
@@ -48,6 +50,19 @@ class RemotePath:
 
     async def get_into(self, keys: Sequence[bytes], targets: Targets) -> int:
         """Stream the leading blocks into ``targets(sizes)``; returns how many verified."""
+        finish = None
+
+        def host_targets(sizes: Sequence[int]) -> list[memoryview]:
+            nonlocal finish
+            views, finish = staged_targets(targets(sizes))
+            return views
+
+        count = await self._receive(keys, host_targets)
+        if finish is not None:
+            finish(count)
+        return count
+
+    async def _receive(self, keys: Sequence[bytes], targets: Targets) -> int:
         call = self.stub.Get(pb.GetRequest(keys=keys), timeout=self.timeout_s)
         try:
             stream = aiter(call)
@@ -82,7 +97,7 @@ class RemotePath:
             out.extend(bytearray(size) for size in sizes)
             return [memoryview(b) for b in out]
 
-        count = await self.get_into(keys, targets)
+        count = await self._receive(keys, targets)
         del out[count:]
         return out
 

@@ -52,3 +52,25 @@ async def kv(server, request):
 async def remote_kv(server):
     async with KVClient(f"127.0.0.1:{server.port}", local="off") as client:
         yield client
+
+
+def _cuda_reason() -> str | None:
+    """Why GPU tests cannot run here, or None when they can."""
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed (pip install -e '.[gpu]')"
+    try:
+        if cupy.cuda.is_available():
+            return None
+    except Exception:
+        pass
+    return "no CUDA device or driver on this machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    reason = _cuda_reason() if gpu_items else None
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -189,3 +189,59 @@ async def test_socket_paths_stale_and_in_use(tmp_path):
             async with KVStoreServer(make_config(local_socket=path)):
                 pass
     assert not os.path.exists(path)  # removed on shutdown
+
+
+async def raw_session(path: str):
+    """A bare local-socket session: the hello (with its fd) read, then raw frames."""
+    import socket as socket_module
+
+    def hello() -> socket_module.socket:  # blocking: run off the loop the daemon serves on
+        conn = socket_module.socket(socket_module.AF_UNIX)
+        conn.connect(path)
+        _, fds, _, _ = socket_module.recv_fds(conn, 65536, 1)
+        for fd in fds:
+            os.close(fd)
+        conn.setblocking(False)
+        return conn
+
+    conn = await asyncio.to_thread(hello)
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
+    return reader, writer
+
+
+async def read_frame(reader) -> tuple[int, bytes]:
+    length = int.from_bytes(await reader.readexactly(4), "little")
+    body = await reader.readexactly(length)
+    return body[0], body[1:]
+
+
+async def test_bad_frames_on_the_local_socket_get_clear_errors_and_lose_nothing():
+    from kvstore.proto.local import METHOD_IDS, frame
+
+    async with KVStoreServer(make_config()) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            keys = chain(3, seed=80)
+            blocks = random_blocks(3, 10_000)
+            await kv.put(keys, blocks)
+            reader, writer = await raw_session(srv.config.local_socket_path(srv.port))
+            writer.write(frame(200, b""))  # no such method
+            status, text = await read_frame(reader)
+            assert status == 3 and b"unknown local method 200" in text  # INVALID_ARGUMENT
+            writer.write(frame(METHOD_IDS["Lookup"], b"\xff\xff\xff\xff\x0f"))
+            status, text = await read_frame(reader)
+            assert status == 3 and b"cannot decode" in text
+            writer.write(frame(METHOD_IDS["Reserve"], pb.ReserveRequest(keys=[b"k"], sizes=[0]).SerializeToString()))
+            status, text = await read_frame(reader)
+            assert status == 3 and b"block 0 is empty" in text
+            # Another session's lease cannot be released from here (the socket is the session).
+            lease = await kv.stub.Acquire(pb.AcquireRequest(session=kv._local.arena.session, keys=keys))
+            writer.write(frame(METHOD_IDS["Release"], pb.ReleaseRequest(
+                session=kv._local.arena.session, leases=[lease.lease]).SerializeToString()))
+            status, body = await read_frame(reader)
+            assert status == 0 and pb.ReleaseResponse.FromString(body).released == 0
+            assert all(r.pins == 1 for r in srv.daemon.index)
+            # A frame claiming more than the limit ends the session.
+            writer.write((1 << 31).to_bytes(4, "little"))
+            assert await reader.read() == b""
+            writer.close()
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
