@@ -127,7 +127,3 @@ class KVStoreServer:
         while True:
             await asyncio.sleep(period)
             self.daemon.expire_leases(time.monotonic())
-
-    async def wait_for_termination(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.wait_for_termination()

@@ -1,0 +1,31 @@
+"""`kvstore bench` runs end to end and reports every row (figures are not asserted: no timing in tests)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore.server.cli", "bench", "--quick", "--block-sizes", "64KiB",
+         "--batches", "1,4", "--dram-bytes", "256MiB", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    names = {(r["name"], r["batch"]) for r in rows}
+    expected = {"memcpy", "put local", "get local", "put remote", "get remote", "lookup", "block_keys (client)"}
+    if shutil.which("redis-server"):
+        expected |= {"put redis", "get redis"}
+    else:
+        assert "no Redis rows" in result.stdout
+    assert expected <= {name for name, _ in names}
+    assert {batch for name, batch in names if name == "get local"} == {1, 4}
+    for r in rows:
+        if r["name"].startswith(("put ", "get ")):
+            assert r["gbps"] > 0 and r["p50_ms"] > 0 and r["vs_memcpy"] > 0
+    assert "vs memcpy" in result.stdout and "get local" in result.stdout
