@@ -1,20 +1,24 @@
-"""Block records and their lifecycle.
+"""Block records, their copies in the tiers, and their lifecycle.
 
-A record is the daemon's whole knowledge of one stored block. Its state moves only forward::
+A :class:`BlockRecord` is the daemon's knowledge of one block: its key, size, checksum and state.
+Its bytes live in one or more :class:`Copy` objects, at most one per tier (a block promoted from
+NVMe to DRAM keeps its persisted NVMe copy, for instance). Reads use the fastest filled copy.
 
-    WRITING --commit--> READY --evict/delete--> GONE
-       \\-------------abort---------------------^
+A record's state moves only forward::
 
-Only READY blocks are visible to lookups and gets. A block leaves READY the moment it is evicted
-or deleted, but its bytes stay reserved while readers hold pins on it; the tier frees them when the
-last pin is released. The LRU links live on the record itself (an intrusive list), so moving a
-block to the hot end or unlinking it from the middle is O(1) with no allocation.
+    WRITING --commit--> READY --delete / last copy dropped--> GONE
+       \\-------------abort-------------------------------------^
+
+Only READY records with a filled copy are visible to lookups and gets. A copy being read is
+pinned; a pinned copy is never evicted or moved, and one dropped while pinned keeps its bytes
+until the last pin is released. Each copy carries the links of its tier's eviction policy (an
+intrusive list), so policy operations are O(1) and allocate nothing.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.tier_kind import TierKind
@@ -34,18 +38,35 @@ _ALLOWED = {
 
 
 @dataclass(slots=True, eq=False)
+class Copy:
+    """The bytes of one block in one tier."""
+
+    record: BlockRecord | None
+    tier: TierKind
+    extent: Any
+    filled: bool = False     # all bytes are in place (a copy being written or promoted is not)
+    pins: int = 0            # readers copying out of it right now
+    moving: bool = False     # being copied to another tier: not evictable meanwhile
+    dropped: bool = False    # left its tier; its extent is freed when the last pin goes
+    freq: int = 0            # access count, saturating (scan-resistant policies)
+    queue: int = 0           # which queue of the policy holds it (policy-defined)
+    prev: Copy | None = None
+    next: Copy | None = None
+
+    @property
+    def evictable(self) -> bool:
+        return self.pins == 0 and not self.moving and self.filled and self.record.state is BlockState.READY
+
+
+@dataclass(slots=True, eq=False)
 class BlockRecord:
-    """One block in one tier: where its bytes are, how to verify them, who is reading them."""
+    """One block: identity, integrity, state, and where its copies are."""
 
     key: bytes
     size: int = 0
     checksum: int | None = None   # computed when first needed for blocks put in place
-    tier: TierKind = TierKind.DRAM
-    extent: Any = None
     state: BlockState = BlockState.WRITING
-    pins: int = 0
-    prev: BlockRecord | None = None
-    next: BlockRecord | None = None
+    copies: dict[TierKind, Copy] = field(default_factory=dict)
 
     def advance(self, state: BlockState) -> None:
         """Move to ``state``; raises on a transition the lifecycle forbids."""
@@ -53,6 +74,10 @@ class BlockRecord:
             raise RuntimeError(f"block {self.key.hex()[:16]}: {self.state.name} -> {state.name}")
         self.state = state
 
-    @property
-    def evictable(self) -> bool:
-        return self.state is BlockState.READY and self.pins == 0
+    def primary(self) -> Copy | None:
+        """The fastest filled copy, or None."""
+        best = None
+        for tier, copy in self.copies.items():
+            if copy.filled and (best is None or tier < best.tier):
+                best = copy
+        return best

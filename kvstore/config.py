@@ -58,6 +58,13 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_watermarks(section: str, high: float, low: float) -> None:
+    _check(
+        0 < low < high <= 1,
+        f"{section}.low_watermark ({low}) and high_watermark ({high}) must satisfy 0 < low < high <= 1",
+    )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DramConfig:
     """The host-memory tier: one preallocated arena."""
@@ -65,8 +72,11 @@ class DramConfig:
     capacity_bytes: int = 4 * GiB
     alignment_bytes: int = 4 * KiB
     prefault: bool = False  # touch every page at start-up (slower start, no first-touch stalls)
+    high_watermark: float = 0.9   # above this fill, the coldest blocks are demoted...
+    low_watermark: float = 0.8    # ...until the fill is below this
 
     def __post_init__(self) -> None:
+        _check_watermarks("dram", self.high_watermark, self.low_watermark)
         _check(self.capacity_bytes > 0, f"dram.capacity_bytes must be > 0, got {self.capacity_bytes}")
         _check(
             self.alignment_bytes > 0 and self.alignment_bytes & (self.alignment_bytes - 1) == 0,
@@ -76,6 +86,47 @@ class DramConfig:
             self.capacity_bytes >= self.alignment_bytes,
             f"dram.capacity_bytes={self.capacity_bytes} is smaller than one aligned page",
         )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NvmeConfig:
+    """The NVMe tier: a preallocated data file and an LMDB index under ``dir``."""
+
+    dir: str = "auto"               # "auto": $XDG_CACHE_HOME/kvstore/<port>; "off": no NVMe tier
+    capacity_bytes: int = 8 * GiB
+    alignment_bytes: int = 4 * KiB
+    io_threads: int = 4
+    io_engine: str = "auto"         # "auto" (kvikio when a CUDA driver is present), "kvikio", "posix"
+    direct_io: bool = True          # O_DIRECT where the filesystem allows it
+    index_map_bytes: int = 1 * GiB  # LMDB map size (address space; grows on disk as needed)
+    high_watermark: float = 0.95    # above this fill the coldest blocks are dropped (or sent on)...
+    low_watermark: float = 0.9      # ...until the fill is below this
+    port: int = 0                   # filled in by the server for "auto"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), 'nvme.dir must be "auto", "off" or a directory')
+        _check(self.capacity_bytes > 0, f"nvme.capacity_bytes must be > 0, got {self.capacity_bytes}")
+        _check(
+            self.alignment_bytes >= 512 and self.alignment_bytes & (self.alignment_bytes - 1) == 0,
+            f"nvme.alignment_bytes must be a power of two >= 512, got {self.alignment_bytes}",
+        )
+        _check(1 <= self.io_threads <= 256, f"nvme.io_threads must be in [1, 256], got {self.io_threads}")
+        _check(
+            self.io_engine in ("auto", "kvikio", "posix"),
+            f'nvme.io_engine must be "auto", "kvikio" or "posix", got {self.io_engine!r}',
+        )
+        _check(self.index_map_bytes >= 1 * MiB, f"nvme.index_map_bytes must be >= 1MiB, got {self.index_map_bytes}")
+        _check_watermarks("nvme", self.high_watermark, self.low_watermark)
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir != "off"
+
+    def resolved_dir(self) -> str:
+        if self.dir != "auto":
+            return os.path.expanduser(self.dir)
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return os.path.join(cache, "kvstore", str(self.port))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,7 +145,11 @@ class ServerConfig:
     local_socket: str = "auto"
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
+    policy: str = "lru"           # eviction policy of every tier: "lru" or "s3fifo" (scan-resistant)
+    write_through: bool = False   # persist every put on NVMe before acknowledging it
+    demote_interval_s: float = 0.05
     dram: DramConfig = field(default_factory=DramConfig)
+    nvme: NvmeConfig = field(default_factory=NvmeConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must not be empty")
@@ -129,6 +184,12 @@ class ServerConfig:
             f"lease_ttl_s must be finite and > 0, got {self.lease_ttl_s}",
         )
         _check(bool(self.local_socket), 'local_socket must be "auto", "off" or a path')
+        _check(self.policy in ("lru", "s3fifo"), f'policy must be "lru" or "s3fifo", got {self.policy!r}')
+        _check(
+            0 < self.demote_interval_s < math.inf,
+            f"demote_interval_s must be finite and > 0, got {self.demote_interval_s}",
+        )
+        _check(not self.write_through or self.nvme.enabled, "write_through needs an NVMe tier (nvme.dir)")
         _check(
             self.max_keys_per_request * (self.max_key_bytes + 3) <= MAX_HEADER_BYTES,
             f"max_keys_per_request={self.max_keys_per_request} keys of up to {self.max_key_bytes} bytes "
@@ -153,10 +214,12 @@ class ServerConfig:
         return self.local_socket
 
     def replace(self, **changes: Any) -> ServerConfig:
-        """A copy with fields changed; ``dram_<field>=`` reaches into the ``dram`` table."""
-        dram = {name[5:]: changes.pop(name) for name in list(changes) if name.startswith("dram_")}
-        if dram:
-            changes["dram"] = dataclasses.replace(self.dram, **dram)
+        """A copy with fields changed; ``dram_<field>=`` and ``nvme_<field>=`` reach into those tables."""
+        for section in ("dram", "nvme"):
+            prefix = section + "_"
+            sub = {name[len(prefix):]: changes.pop(name) for name in list(changes) if name.startswith(prefix)}
+            if sub:
+                changes[section] = dataclasses.replace(changes.get(section, getattr(self, section)), **sub)
         return dataclasses.replace(self, **changes)
 
 
@@ -170,8 +233,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if f is None:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{prefix}{name}' (known: {known})")
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[name] = _build(f.default_factory, value, prefix=f"{prefix}{name}.")
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(section := type(f.default_factory())):
+            kwargs[name] = _build(section, value, prefix=f"{prefix}{name}.")
         elif name.endswith("_bytes"):
             kwargs[name] = parse_bytes(value, name=f"{prefix}{name}")
         else:

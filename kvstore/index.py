@@ -39,13 +39,14 @@ class BlockIndex:
             del self._records[record.key]
 
     def prefix(self, keys: Sequence[bytes]) -> list[BlockRecord]:
-        """Records of the leading READY keys; stops at the first key that is absent or not READY."""
+        """Records of the leading readable keys: stops at the first that is absent, not READY, or
+        has no filled copy."""
         found: list[BlockRecord] = []
         records = self._records
         ready = BlockState.READY
         for key in keys:
             record = records.get(key)
-            if record is None or record.state is not ready:
+            if record is None or record.state is not ready or not record.copies:
                 break
             found.append(record)
         return found

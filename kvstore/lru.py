@@ -1,79 +1,87 @@
 """Least-recently-used eviction over an intrusive doubly linked list.
 
-Sentinel head and tail records make every link operation branch-free; the links live on the
-:class:`BlockRecord` itself, so insert, touch and remove are O(1) and allocate nothing. The head
-side is the coldest block.
+Sentinel head and tail copies make every link operation branch-free; the links live on the
+:class:`Copy` itself, so insert, touch and remove are O(1) and allocate nothing. The head side is
+the coldest copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvstore.block import BlockRecord
+from kvstore.block import Copy
 from kvstore.policy import EvictionPolicy
+from kvstore.tier_kind import TierKind
+
+
+class CopyList:
+    """An intrusive doubly linked list of copies with sentinels; head is the oldest end."""
+
+    def __init__(self) -> None:
+        self.head = Copy(record=None, tier=TierKind.DRAM, extent=None)
+        self.tail = Copy(record=None, tier=TierKind.DRAM, extent=None)
+        self.head.next = self.tail
+        self.tail.prev = self.head
+        self.count = 0
+        self.nbytes = 0
+
+    def push(self, copy: Copy) -> None:
+        """Append at the newest end."""
+        last = self.tail.prev
+        copy.prev, copy.next = last, self.tail
+        last.next = copy
+        self.tail.prev = copy
+        self.count += 1
+        self.nbytes += copy.extent.length
+
+    def unlink(self, copy: Copy) -> None:
+        copy.prev.next = copy.next
+        copy.next.prev = copy.prev
+        copy.prev = copy.next = None
+        self.count -= 1
+        self.nbytes -= copy.extent.length
+
+    def oldest_first(self):
+        node = self.head.next
+        while node is not self.tail:
+            nxt = node.next  # the caller may move ``node``
+            yield node
+            node = nxt
 
 
 class LRUPolicy(EvictionPolicy):
     def __init__(self) -> None:
-        self._head = BlockRecord(key=b"<head>")
-        self._tail = BlockRecord(key=b"<tail>")
-        self._head.next = self._tail
-        self._tail.prev = self._head
-        self._len = 0
+        self._list = CopyList()
 
     def __len__(self) -> int:
-        return self._len
+        return self._list.count
 
-    def insert(self, record: BlockRecord) -> None:
-        if record.prev is not None:
-            raise RuntimeError(f"block {record.key.hex()[:16]} is already in the LRU list")
-        self._link_before_tail(record)
-        self._len += 1
+    def insert(self, copy: Copy) -> None:
+        if copy.prev is not None:
+            raise RuntimeError("the copy is already in a policy list")
+        self._list.push(copy)
 
-    def touch(self, record: BlockRecord) -> None:
-        if record.prev is None:
+    def touch(self, copy: Copy) -> None:
+        if copy.prev is None:
             return
-        self._unlink(record)
-        self._link_before_tail(record)
+        self._list.unlink(copy)
+        self._list.push(copy)
 
-    def remove(self, record: BlockRecord) -> None:
-        if record.prev is None:
-            return
-        self._unlink(record)
-        self._len -= 1
+    def remove(self, copy: Copy, *, evicted: bool = False) -> None:
+        if copy.prev is not None:
+            self._list.unlink(copy)
 
-    def victims(
-        self, nbytes: int, fits: Callable[[list[BlockRecord]], bool] | None = None
-    ) -> list[BlockRecord]:
-        chosen: list[BlockRecord] = []
+    def victims(self, nbytes: int, fits: Callable[[list[Copy]], bool] | None = None) -> list[Copy]:
+        chosen: list[Copy] = []
         total = 0
-        node = self._head.next
-        while node is not self._tail:
-            if node.evictable:
-                chosen.append(node)
-                total += node.extent.length
+        for copy in self._list.oldest_first():
+            if copy.evictable:
+                chosen.append(copy)
+                total += copy.extent.length
                 if total >= nbytes and (fits is None or fits(chosen)):
                     return chosen
-            node = node.next
         return []
 
-    def coldest_first(self) -> list[BlockRecord]:
-        """Every block, coldest first (for stats and tests; O(n))."""
-        out = []
-        node = self._head.next
-        while node is not self._tail:
-            out.append(node)
-            node = node.next
-        return out
-
-    def _link_before_tail(self, record: BlockRecord) -> None:
-        last = self._tail.prev
-        record.prev = last
-        record.next = self._tail
-        last.next = record
-        self._tail.prev = record
-
-    def _unlink(self, record: BlockRecord) -> None:
-        record.prev.next = record.next
-        record.next.prev = record.prev
-        record.prev = record.next = None
+    def coldest_first(self) -> list[Copy]:
+        """Every copy, coldest first (for stats and tests; O(n))."""
+        return list(self._list.oldest_first())

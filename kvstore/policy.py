@@ -1,41 +1,56 @@
-"""The eviction policy contract.
+"""The eviction policy contract, and the policies by name.
 
-A policy orders the READY blocks of one tier by how much they are worth keeping. It decides and
-never acts: :meth:`EvictionPolicy.victims` returns exactly the blocks to remove, or nothing, and
-changes no state; the caller then moves bytes and reports back through :meth:`remove`.
+A policy orders the copies held by one tier by how much they are worth keeping. It decides and
+does not act: :meth:`EvictionPolicy.victims` returns exactly the copies to remove, or nothing,
+and the caller then moves bytes and reports back through :meth:`remove`. (A policy may reorder
+its own queues while choosing, as S3-FIFO does; it never removes anything itself.)
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from kvstore.block import BlockRecord
+from kvstore.block import Copy
+
+
+class PolicyKind(enum.Enum):
+    LRU = "lru"
+    S3FIFO = "s3fifo"
 
 
 class EvictionPolicy(ABC):
     @abstractmethod
-    def insert(self, record: BlockRecord) -> None:
-        """A block became READY in this tier."""
+    def insert(self, copy: Copy) -> None:
+        """A copy became readable in this tier."""
 
     @abstractmethod
-    def touch(self, record: BlockRecord) -> None:
-        """A block was read."""
+    def touch(self, copy: Copy) -> None:
+        """A copy was read."""
 
     @abstractmethod
-    def remove(self, record: BlockRecord) -> None:
-        """A block left this tier (evicted, deleted, moved)."""
+    def remove(self, copy: Copy, *, evicted: bool = False) -> None:
+        """A copy left this tier (``evicted``: chosen by :meth:`victims`, not deleted)."""
 
     @abstractmethod
-    def victims(
-        self, nbytes: int, fits: Callable[[list[BlockRecord]], bool] | None = None
-    ) -> list[BlockRecord]:
-        """The coldest unpinned blocks whose bytes add up to at least ``nbytes``.
+    def victims(self, nbytes: int, fits: Callable[[list[Copy]], bool] | None = None) -> list[Copy]:
+        """The copies to evict so that at least ``nbytes`` are freed.
 
-        With ``fits``, keeps adding blocks until ``fits(chosen)`` is also true (for example:
+        With ``fits``, keeps adding copies until ``fits(chosen)`` is also true (for example:
         freeing them leaves one contiguous hole large enough). Returns ``[]`` when no such set
-        exists, so a caller never evicts for a reservation that would still fail.
+        exists, so a caller never evicts for a reservation that would still fail. Copies that are
+        pinned or moving are never chosen.
         """
 
     @abstractmethod
     def __len__(self) -> int: ...
+
+
+def make_policy(kind: PolicyKind, capacity_bytes: int) -> EvictionPolicy:
+    from kvstore.lru import LRUPolicy
+    from kvstore.s3fifo import S3FIFOPolicy
+
+    if kind is PolicyKind.S3FIFO:
+        return S3FIFOPolicy(capacity_bytes)
+    return LRUPolicy()

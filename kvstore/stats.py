@@ -12,9 +12,12 @@ from kvstore.tier_kind import TierKind
 
 @dataclass(slots=True)
 class TierCounters:
-    hits: int = 0
-    evictions: int = 0
+    hits: int = 0                 # blocks served from this tier (their fastest copy was here)
+    evictions: int = 0            # blocks whose last copy was dropped from this tier
     evicted_bytes: int = 0
+    promotions: int = 0           # blocks copied up from this tier into a faster one
+    demotions: int = 0            # blocks moved down out of this tier
+    integrity_failures: int = 0   # copies in this tier that failed verification
 
 
 @dataclass(slots=True)

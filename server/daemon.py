@@ -1,14 +1,17 @@
-"""The daemon: owns the block index, the eviction policy and the tiers, and applies policy.
+"""The daemon: owns the block index, the tiers and their eviction policies, and applies policy.
 
 Every method runs on the event-loop thread, which is the only thread that touches the index, so
-nothing here takes a lock. The servicer converts protobuf to the plain arguments these methods
-take; the transfer classes move bytes through the reservations and pins handed out here.
+nothing here takes a lock; methods that wait for a disk are coroutines and re-check what they hold
+after each ``await``. The servicer converts protobuf to the plain arguments these methods take.
 
-A put is two-phase: :meth:`Daemon.reserve` validates the whole batch and reserves space (records
-in WRITING state, invisible to readers), the bytes are written, then :meth:`Daemon.commit` or
-:meth:`Daemon.abort` finishes each block. A get pins the leading READY blocks with
-:meth:`Daemon.acquire` so eviction cannot reuse their bytes mid-read, and :meth:`Daemon.release`
-unpins them.
+Tiers, fastest first: DRAM (where puts land and readers copy from) and, when configured, NVMe
+(persistent). Moving blocks between them is :class:`~kvstore.server.movement.Mover`'s job.
+
+A put is two-phase: :meth:`Daemon.reserve` validates the whole batch and reserves DRAM space
+(records in WRITING state, invisible to readers), the bytes are written, then
+:meth:`Daemon.commit` or :meth:`Daemon.abort` finishes each block. A get pins the leading blocks'
+DRAM copies with :meth:`Daemon.acquire` (bringing NVMe-only blocks up first) so eviction cannot
+reuse their bytes mid-read, and :meth:`Daemon.release` unpins them.
 """
 
 from __future__ import annotations
@@ -21,87 +24,142 @@ from dataclasses import dataclass
 
 from kvstore import __version__
 from kvstore.allocator import Extent
-from kvstore.block import BlockRecord, BlockState
+from kvstore.block import BlockRecord, BlockState, Copy
+from kvstore.checksum import checksum
 from kvstore.config import ServerConfig, format_bytes
-from kvstore.errors import BlockTooLargeError, IntegrityError, InvalidArgumentError, StaleSessionError
+from kvstore.errors import BlockTooLargeError, InvalidArgumentError
 from kvstore.index import BlockIndex
 from kvstore.keys import check_keys
-from kvstore.lease import Lease, LeaseTable
-from kvstore.checksum import checksum
-from kvstore.lru import LRUPolicy
+from kvstore.lease import LeaseTable
+from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
-from kvstore.tiers import MemoryTier, create_tier
+from kvstore.tiers import MemoryTier, PersistentTier, Tier, create_tier
 
 log = logging.getLogger("kvstore.daemon")
 
 
 @dataclass(slots=True)
 class PutSlot:
-    """One block of a put batch: where its bytes go, or None when they are to be skipped."""
+    """One block of a put batch: its DRAM copy being written, or None when its bytes are skipped."""
 
     size: int
     checksum: int | None
-    record: BlockRecord | None
+    copy: Copy | None
     present: bool = False
+    persisted: bool = False
+
+    @property
+    def record(self) -> BlockRecord | None:
+        return self.copy.record if self.copy is not None else None
 
 
 class Daemon:
     def __init__(self, config: ServerConfig) -> None:
+        from kvstore.server.leasing import Leasing
+        from kvstore.server.movement import Mover
+
         self.config = config
-        self.tier: MemoryTier = create_tier(TierKind.DRAM, config.dram)
+        self.dram: MemoryTier = create_tier(TierKind.DRAM, config.dram)
+        self.tiers: dict[TierKind, Tier] = {TierKind.DRAM: self.dram}
+        try:
+            if config.nvme.enabled:
+                self.tiers[TierKind.NVME] = create_tier(TierKind.NVME, config.nvme)
+        except BaseException:
+            self.dram.unmap()
+            raise
+        kind = PolicyKind(config.policy)
+        self.policies: dict[TierKind, EvictionPolicy] = {
+            k: make_policy(kind, tier.capacity_bytes) for k, tier in self.tiers.items()
+        }
         self.index = BlockIndex()
-        self.policy = LRUPolicy()
         self.counters = Counters()
         self.leases = LeaseTable(config.lease_ttl_s)
         self.arena_id = secrets.token_hex(8)
-        # Extents of expired write leases whose session is still alive: the client may still be
-        # copying into them, so they are reused only once that session ends.
-        self._quarantine: dict[str, list[Extent]] = {}
+        self.mover = Mover(self)
+        self.leasing = Leasing(self)
         self.started_at = time.monotonic()
         self.version = __version__
+        self._recover()
+
+    @property
+    def tier(self) -> MemoryTier:
+        """The DRAM tier (clients read from and write into it)."""
+        return self.dram
+
+    @property
+    def nvme(self) -> PersistentTier | None:
+        return self.tiers.get(TierKind.NVME)
+
+    def _recover(self) -> None:
+        """Index every block a persistent tier kept from an earlier run (no data is read)."""
+        for kind, tier in self.tiers.items():
+            if not isinstance(tier, PersistentTier):
+                continue
+            for entry in sorted(tier.recovered, key=lambda e: e.last_use):
+                record = BlockRecord(key=entry.key, size=entry.size, checksum=entry.checksum, state=BlockState.READY)
+                copy = Copy(record=record, tier=kind, extent=Extent(entry.offset, entry.length), filled=True)
+                record.copies[kind] = copy
+                self.index.add(record)
+                self.policies[kind].insert(copy)
+            if tier.recovered:
+                log.info("recovered %d blocks from %s", len(tier.recovered), kind.label)
+            tier.recovered = []
 
     async def close(self) -> None:
-        await self.tier.close()
+        for tier in self.tiers.values():
+            await tier.close()
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
         check_keys(keys, max_keys=self.config.max_keys_per_request, max_key_bytes=self.config.max_key_bytes)
 
-
     def lookup(self, keys: Sequence[bytes]) -> list[TierKind]:
-        """Tier of each leading present key; stops at the first miss."""
+        """Tier of each leading present key (its fastest copy); stops at the first miss."""
         self._check_keys(keys)
         found = self.index.prefix(keys)
         self.counters.lookup_hit_blocks += len(found)
         self.counters.lookup_miss_blocks += len(keys) - len(found)
-        return [record.tier for record in found]
+        return [record.primary().tier for record in found]
 
-    def acquire(self, keys: Sequence[bytes]) -> list[BlockRecord]:
-        """Pin and touch the leading present blocks; the caller must :meth:`release` them."""
+    async def acquire(self, keys: Sequence[bytes]) -> list[Copy]:
+        """Pin the DRAM copies of the leading present blocks, bringing NVMe-only ones up first.
+
+        Stops at the first block that is absent, or that cannot be brought into DRAM (no room, or
+        it failed verification). The caller must :meth:`release` what it got.
+        """
         self._check_keys(keys)
         found = self.index.prefix(keys)
-        for record in found:
-            record.pins += 1
-            self.policy.touch(record)
-            self.counters.tier(record.tier).hits += 1
-        self.counters.get_hit_blocks += len(found)
-        self.counters.get_miss_blocks += len(keys) - len(found)
-        return found
+        pinned: list[Copy] = []
+        try:
+            for record in found:
+                copy = record.copies.get(TierKind.DRAM)
+                source = record.primary()
+                if copy is None or not copy.filled:
+                    copy = await self.mover.promote(record)
+                    if copy is None:
+                        break
+                copy.pins += 1
+                pinned.append(copy)
+                self.policies[TierKind.DRAM].touch(copy)
+                self.counters.tier(source.tier if source else TierKind.DRAM).hits += 1
+        except BaseException:
+            self.release(pinned)
+            raise
+        self.counters.get_hit_blocks += len(pinned)
+        self.counters.get_miss_blocks += len(keys) - len(pinned)
+        return pinned
 
-    def release(self, records: Sequence[BlockRecord]) -> None:
-        for record in records:
-            record.pins -= 1
-            if record.pins == 0 and record.state is BlockState.GONE:
-                self.tier.release(record.extent)
+    def release(self, copies: Sequence[Copy]) -> None:
+        for copy in copies:
+            copy.pins -= 1
+            if copy.pins == 0 and copy.dropped and not copy.moving:
+                self.tiers[copy.tier].release(copy.extent)
 
-
-    def reserve(
-        self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]
-    ) -> list[PutSlot]:
-        """Validate a put batch as a whole, then reserve space for each absent key.
+    async def reserve(self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> list[PutSlot]:
+        """Validate a put batch as a whole, then reserve DRAM space for each absent key.
 
         Nothing is reserved when any part of the batch is invalid. A key already present (or
-        being written by another put) gets a slot with no record: its bytes are skipped. A block
+        being written by another put) gets a slot with no copy: its bytes are skipped. A block
         for which no space can be freed is dropped the same way and counted.
         """
         self._check_keys(keys)
@@ -109,7 +167,7 @@ class Daemon:
             raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} block sizes")
         if checksums and len(checksums) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(checksums)} checksums")
-        limit = min(self.config.max_block_bytes, self.tier.capacity_bytes)
+        limit = min(self.config.max_block_bytes, self.dram.capacity_bytes)
         for i, size in enumerate(sizes):
             if size <= 0:
                 raise InvalidArgumentError(f"block {i} is empty")
@@ -118,39 +176,58 @@ class Daemon:
                     f"block {i} is {format_bytes(size)} ({size} bytes); the largest block this "
                     f"daemon stores is {format_bytes(limit)} ({limit} bytes: "
                     f"max_block_bytes={self.config.max_block_bytes}, "
-                    f"dram capacity={self.tier.capacity_bytes})"
+                    f"dram capacity={self.dram.capacity_bytes})"
                 )
 
         slots: list[PutSlot] = []
         for i, (key, size) in enumerate(zip(keys, sizes)):
-            checksum = checksums[i] if checksums else None
-            existing = self.index.get(key)
-            if existing is not None:
-                if existing.state is BlockState.READY:
-                    self.policy.touch(existing)
-                self.counters.put_present_blocks += 1
-                slots.append(PutSlot(size, checksum, None, present=True))
+            checksum_ = checksums[i] if checksums else None
+            if self._present(key):
+                slots.append(PutSlot(size, checksum_, None, present=True))
                 continue
-            extent = self._make_room(size)
+            extent = await self.mover.make_room(TierKind.DRAM, size)
+            if extent is not None and self._present(key):  # stored by someone else meanwhile
+                self.dram.release(extent)
+                extent = None
+                slots.append(PutSlot(size, checksum_, None, present=True))
+                continue
             if extent is None:
                 self.counters.put_dropped_blocks += 1
-                slots.append(PutSlot(size, checksum, None))
+                slots.append(PutSlot(size, checksum_, None))
                 continue
-            record = BlockRecord(key=key, size=size, tier=self.tier.kind, extent=extent)
+            record = BlockRecord(key=key, size=size)
+            copy = Copy(record=record, tier=TierKind.DRAM, extent=extent)
+            record.copies[TierKind.DRAM] = copy
             self.index.add(record)
-            slots.append(PutSlot(size, checksum, record))
+            slots.append(PutSlot(size, checksum_, copy))
         return slots
 
-    def commit(self, slot: PutSlot, checksum: int | None) -> bool:
-        """Make a fully written block visible; False if it was deleted while being written."""
-        record = slot.record
-        if record.state is BlockState.GONE:
-            self.tier.release(record.extent)
+    def _present(self, key: bytes) -> bool:
+        existing = self.index.get(key)
+        if existing is None:
             return False
-        record.checksum = checksum
+        copy = existing.copies.get(TierKind.DRAM)
+        if existing.state is BlockState.READY and copy is not None and copy.filled:
+            self.policies[TierKind.DRAM].touch(copy)
+        self.counters.put_present_blocks += 1
+        return True
+
+    async def commit(self, slot: PutSlot, checksum_: int | None) -> bool:
+        """Make a fully written block visible (and persist it first under write-through).
+
+        False if it was deleted while being written.
+        """
+        copy, record = slot.copy, slot.record
+        if record.state is BlockState.GONE:
+            self.dram.release(copy.extent)
+            return False
+        record.checksum = checksum_
+        copy.filled = True
         record.advance(BlockState.READY)
-        self.policy.insert(record)
+        self.policies[TierKind.DRAM].insert(copy)
         self.counters.put_stored_blocks += 1
+        if self.config.write_through:
+            slot.persisted = await self.mover.persist(record)
         return True
 
     def abort(self, slot: PutSlot) -> None:
@@ -159,162 +236,48 @@ class Daemon:
         if record.state is BlockState.WRITING:
             record.advance(BlockState.GONE)
             self.index.discard(record)
-        self.tier.release(record.extent)
+            record.copies.clear()
+        self.dram.release(slot.copy.extent)
 
-    def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = ()) -> int:
+    async def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = ()) -> int:
         """Remove ``keys``; with ``if_checksums``, only blocks whose checksum is the one given."""
         self._check_keys(keys)
         if if_checksums and len(if_checksums) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(if_checksums)} checksums")
+        doomed: list[Copy] = []
         deleted = 0
         for i, key in enumerate(keys):
             record = self.index.get(key)
             if record is None:
                 continue
-            if if_checksums and (
-                record.state is not BlockState.READY or self.checksum_of(record) != if_checksums[i]
-            ):
+            if if_checksums and (record.state is not BlockState.READY or self.checksum_of(record) != if_checksums[i]):
                 continue
-            self._drop(record)
+            if record.state is BlockState.WRITING:
+                # Its put still owns the DRAM reservation; commit sees GONE and frees it.
+                record.advance(BlockState.GONE)
+                self.index.discard(record)
+            else:
+                doomed += record.copies.values()
             deleted += 1
+        await self.mover.drop(doomed)
         self.counters.deleted_blocks += deleted
         return deleted
 
-
     def checksum_of(self, record: BlockRecord) -> int:
-        """The block's checksum, computed from its bytes on first need (same-host puts skip it)."""
+        """The block's checksum, computed from its DRAM bytes on first need (same-host puts skip
+        it; every persisted copy has it)."""
         if record.checksum is None:
-            record.checksum = checksum(self.tier.view(record.extent, record.size))
+            copy = record.copies[TierKind.DRAM]
+            record.checksum = checksum(self.dram.view(copy.extent, record.size))
         return record.checksum
-
-    def acquire_lease(self, session: str, keys: Sequence[bytes], now: float) -> Lease | None:
-        """Pin the leading present blocks for a same-host reader; None when there are none."""
-        self.leases.check(session)
-        records = self.acquire(keys)
-        return self.leases.grant(session, now, records=records) if records else None
-
-    def release_leases(self, session: str, lease_ids: Sequence[int]) -> int:
-        """End read leases; returns how many were still held."""
-        released = 0
-        for lease_id in lease_ids:
-            lease = self.leases.take(session, lease_id)
-            if lease is not None and not lease.writing:
-                self.release(lease.records)
-                released += 1
-        return released
-
-    def reserve_lease(self, session: str, keys: Sequence[bytes], sizes: Sequence[int], now: float) -> tuple[Lease, list[PutSlot]]:
-        """Put phase 1 for a same-host writer: reserve, and hold the reservations under a lease."""
-        self.leases.check(session)
-        slots = self.reserve(keys, sizes, ())
-        return self.leases.grant(session, now, slots=slots), slots
-
-    def commit_lease(self, session: str, lease_id: int, checksums: Sequence[int], abort: bool) -> tuple[int, list[PutSlot]]:
-        """Put phase 2: commit (or abort) every reservation of a write lease; returns blocks stored."""
-        lease = self.leases.take(session, lease_id)
-        if lease is None or not lease.writing:
-            raise StaleSessionError(f"write lease {lease_id} expired or is unknown; nothing of it was stored")
-        slots = lease.slots
-        if checksums and len(checksums) != len(slots):
-            for slot in slots:
-                if slot.record is not None:
-                    self.abort(slot)
-            raise InvalidArgumentError(f"{len(slots)} reserved keys but {len(checksums)} checksums")
-        stored, corrupt = 0, []
-        for i, slot in enumerate(slots):
-            if slot.record is None:
-                continue
-            if abort:
-                self.abort(slot)
-                continue
-            actual = None
-            if checksums:
-                actual = checksum(self.tier.view(slot.record.extent, slot.size))
-                if actual != checksums[i]:
-                    corrupt.append(i)
-                    self.abort(slot)
-                    continue
-            stored += self.commit(slot, actual)
-        if corrupt:
-            self.counters.integrity_failures += len(corrupt)
-            raise IntegrityError(f"blocks {corrupt} did not match their checksums and were not stored")
-        return stored, list(slots)
-
-    def expire_leases(self, now: float) -> int:
-        """Take back every lease past its TTL; returns how many."""
-        expired = self.leases.expired(now)
-        for lease in expired:
-            log.warning("lease %d of a same-host client expired after %gs", lease.id, self.leases.ttl_s)
-            self._end_lease(lease, session_alive=True)
-        return len(expired)
-
-    def close_session(self, session: str) -> None:
-        """A same-host client went away: end all of its leases and free what it held."""
-        for lease in self.leases.close_session(session):
-            self._end_lease(lease, session_alive=False)
-        for extent in self._quarantine.pop(session, ()):
-            self.tier.release(extent)
-
-    def _end_lease(self, lease: Lease, *, session_alive: bool) -> None:
-        if not lease.writing:
-            self.release(lease.records)
-            return
-        for slot in lease.slots:
-            record = slot.record
-            if record is None:
-                continue
-            if not session_alive:
-                self.abort(slot)
-                continue
-            # The writer may still be copying: hide the block now, reuse its bytes later.
-            if record.state is BlockState.WRITING:
-                record.advance(BlockState.GONE)
-                self.index.discard(record)
-            self._quarantine.setdefault(lease.session, []).append(record.extent)
-
-    def _make_room(self, size: int) -> Extent | None:
-        """Reserve ``size`` bytes, evicting the coldest unpinned blocks as needed."""
-        extent = self.tier.reserve(size)
-        if extent is not None:
-            return extent
-        length = self.tier.footprint(size)
-        victims = self.policy.victims(
-            max(length - self.tier.free_bytes, 1),
-            fits=lambda chosen: self.tier.largest_free_after([r.extent for r in chosen]) >= length,
-        )
-        if not victims:
-            return None
-        for victim in victims:
-            counters = self.counters.tier(victim.tier)
-            counters.evictions += 1
-            counters.evicted_bytes += victim.size
-            self._drop(victim)
-        return self.tier.reserve(size)
-
-    def _drop(self, record: BlockRecord) -> None:
-        """Remove a block from the index and the policy; free its bytes once nobody reads them.
-
-        A block still being written keeps its extent until its put finishes (commit sees GONE and
-        the put's abort path frees it).
-        """
-        was_writing = record.state is BlockState.WRITING
-        self.index.discard(record)
-        self.policy.remove(record)
-        record.advance(BlockState.GONE)
-        if not was_writing and record.pins == 0:
-            self.tier.release(record.extent)
-
 
     def usage(self) -> list[TierUsage]:
         return [
-            TierUsage(
-                kind=self.tier.kind,
-                capacity_bytes=self.tier.capacity_bytes,
-                used_bytes=self.tier.used_bytes,
-                blocks=len(self.policy),
-            )
+            TierUsage(kind=k, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, blocks=len(self.policies[k]))
+            for k, t in self.tiers.items()
         ]
 
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
+

@@ -117,7 +117,7 @@ class LocalSocket:
                     log.warning("closing a local session that sent a %d-byte frame", length)
                     return
                 body = await reader.readexactly(length)
-                writer.write(self._answer(body[0], body[1:], token))
+                writer.write(await self._answer(body[0], body[1:], token))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             log.debug("local session ended: %s", exc)
@@ -126,11 +126,11 @@ class LocalSocket:
                 writer.close()
             else:
                 conn.close()
-            daemon.close_session(token)
+            daemon.leasing.close_session(token)
 
-    def _answer(self, method_id: int, payload: bytes, token: str) -> bytes:
+    async def _answer(self, method_id: int, payload: bytes, token: str) -> bytes:
         if method_id >= len(METHODS):
             code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
             return frame(code, f"unknown local method {method_id}".encode())
-        status, data = self.servicer.call_local(METHODS[method_id][0], payload, token)
+        status, data = await self.servicer.call_local(METHODS[method_id][0], payload, token)
         return frame(status, data)

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from kvstore.config import ServerConfig
+from kvstore.config import ServerConfig, format_bytes
 from kvstore.errors import ConfigError
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.server.daemon import Daemon
@@ -52,6 +52,8 @@ class KVStoreServer:
 
     async def start(self) -> None:
         config = self.config
+        if config.nvme.enabled and config.nvme.dir == "auto":
+            config = config.replace(nvme_port=config.port)  # $XDG_CACHE_HOME/kvstore/<port>
         self.daemon = Daemon(config)
         try:
             self.metrics = Metrics(self.daemon)
@@ -72,7 +74,7 @@ class KVStoreServer:
                 self._local = LocalSocket(self.daemon, servicer, path)
                 await self._local.start()
                 servicer.local_socket_path = path
-            self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstore-lease-sweeper")
+            self._sweeper = asyncio.create_task(self._background(), name="kvstore-background")
             await self._grpc.start()
             if config.metrics_port:
                 try:
@@ -86,12 +88,17 @@ class KVStoreServer:
         except BaseException:
             await self.stop()
             raise
-        tier = self.daemon.tier
+        daemon = self.daemon
+        nvme = daemon.nvme
         log.info(
-            "kvstore %s listening on %s (metrics %s; same-host socket %s); dram tier %d bytes",
-            self.daemon.version, self.address,
+            "kvstore %s listening on %s (metrics %s; same-host socket %s); policy %s; dram %s%s",
+            daemon.version, self.address,
             f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
-            self._local.path if self._local else "off", tier.capacity_bytes,
+            self._local.path if self._local else "off", config.policy,
+            format_bytes(daemon.dram.capacity_bytes),
+            f"; nvme {format_bytes(nvme.capacity_bytes)} at {nvme.directory} via {nvme.io_description}"
+            + (", write-through" if config.write_through else "")
+            if nvme is not None else "; nvme off",
         )
 
     async def stop(self) -> None:
@@ -121,9 +128,17 @@ class KVStoreServer:
                     await daemon.close()
                     log.info("kvstore stopped")
 
-    async def _sweep_leases(self) -> None:
-        """Take back leases that outlived their TTL (a client that hangs without exiting)."""
-        period = min(1.0, self.config.lease_ttl_s / 4)
+    async def _background(self) -> None:
+        """Demote from over-full tiers, and take back leases that outlived their TTL."""
+        config, daemon = self.config, self.daemon
+        lease_period = min(1.0, config.lease_ttl_s / 4)
+        next_sweep = time.monotonic() + lease_period
         while True:
-            await asyncio.sleep(period)
-            self.daemon.expire_leases(time.monotonic())
+            await asyncio.sleep(config.demote_interval_s)
+            try:
+                await daemon.mover.rebalance()
+            except Exception:
+                log.exception("background demotion failed; retrying")
+            if time.monotonic() >= next_sweep:
+                daemon.leasing.expire(time.monotonic())
+                next_sweep = time.monotonic() + lease_period

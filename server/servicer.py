@@ -9,6 +9,7 @@ answered with INTERNAL. No policy lives here.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,11 @@ from kvstore.server.transfer import PutReceiver, block_views
 log = logging.getLogger("kvstore.servicer")
 
 SERVICE = "kvstore.v1.KVStore"
+
+
+async def _result(value: Any) -> Any:
+    """Unary handlers are plain functions, or coroutines where they wait for a disk."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def _parse(cls: type[Message], raw: bytes) -> Message:
@@ -93,14 +99,14 @@ class KVStoreServicer:
             "Release": (pb.ReleaseRequest, pb.ReleaseResponse, self.release),
         }
 
-    def _unary(self, method: str, request_cls: type[Message], fn: Callable[[Any], Message]):
+    def _unary(self, method: str, request_cls: type[Message], fn: Callable[[Any], Any]):
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
             async with self._rpc(method, context):
-                return fn(_parse(request_cls, raw))
+                return await _result(fn(_parse(request_cls, raw)))
 
         return handle
 
-    def call_local(self, method: str, raw: bytes, session: str) -> tuple[int, bytes]:
+    async def call_local(self, method: str, raw: bytes, session: str) -> tuple[int, bytes]:
         """Answer one call from the local socket: (0, response) or (status code, error text)."""
         request_cls, _, fn = self._methods[method]
         start = time.perf_counter()
@@ -108,7 +114,7 @@ class KVStoreServicer:
             request = _parse(request_cls, raw)
             if "session" in request.DESCRIPTOR.fields_by_name:
                 request.session = session  # the socket is the session
-            return 0, fn(request).SerializeToString()
+            return 0, (await _result(fn(request))).SerializeToString()
         except KVStoreError as exc:
             code = code_for(exc)
             self.metrics.rpc_errors.labels(method, code.name).inc()
@@ -162,7 +168,7 @@ class KVStoreServicer:
         if header is None or header.WhichOneof("part") != "header":
             raise InvalidArgumentError("a put stream must start with a header message")
         h = header.header
-        slots = self.daemon.reserve(h.keys, h.sizes, h.checksums)
+        slots = await self.daemon.reserve(h.keys, h.sizes, h.checksums)
         receiver = PutReceiver(self.daemon, slots)
         try:
             # Space is reserved now; a stream that stalls must not hold it for ever.
@@ -174,41 +180,40 @@ class KVStoreServicer:
             receiver.close()
         finally:
             receiver.abort()
-        present = sum(slot.present for slot in slots)
-        dropped = sum(slot.record is None and not slot.present for slot in slots)
-        return pb.PutResponse(stored=receiver.stored, present=present, dropped=dropped)
+        return _put_response(receiver.stored, slots)
 
     async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
         async with self._rpc("Get", context):
             request = _parse(pb.GetRequest, raw)
-            records = self.daemon.acquire(request.keys)
+            copies = await self.daemon.acquire(request.keys)
             try:
+                records = [c.record for c in copies]
                 yield pb.GetResponse(
                     header=pb.GetHeader(
                         count=len(records),
                         sizes=[r.size for r in records],
                         checksums=[self.daemon.checksum_of(r) for r in records],
-                        tiers=[r.tier for r in records],
+                        tiers=[c.tier for c in copies],
                     )
                 )
-                views = await block_views(self.daemon, records)
-                for chunk in pack(views, self.daemon.config.stream_chunk_bytes):
+                for chunk in pack(block_views(self.daemon, copies), self.daemon.config.stream_chunk_bytes):
                     yield pb.GetResponse(data=chunk)
                 self.daemon.counters.bytes_out += sum(r.size for r in records)
             finally:
-                self.daemon.release(records)
+                self.daemon.release(copies)
 
-    def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
-        return pb.DeleteResponse(deleted=self.daemon.delete(request.keys, request.if_checksums))
+    async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        return pb.DeleteResponse(deleted=await self.daemon.delete(request.keys, request.if_checksums))
 
     def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         d = self.daemon
         c = d.counters
         tiers = [
             pb.TierStats(
-                tier=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes,
-                blocks=u.blocks, hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
-                evicted_bytes=c.tier(u.kind).evicted_bytes,
+                tier=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes, blocks=u.blocks,
+                hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
+                evicted_bytes=c.tier(u.kind).evicted_bytes, promotions=c.tier(u.kind).promotions,
+                demotions=c.tier(u.kind).demotions, integrity_failures=c.tier(u.kind).integrity_failures,
             )
             for u in d.usage()
         ]
@@ -228,38 +233,43 @@ class KVStoreServicer:
             arena_bytes=d.tier.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
         )
 
-    def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
-        lease, slots = self.daemon.reserve_lease(request.session, request.keys, request.sizes, time.monotonic())
+    async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        lease, slots = await self.daemon.leasing.reserve(request.session, request.keys, request.sizes, time.monotonic())
         return pb.ReserveResponse(
             lease=lease.id,
             states=[_slot_state(slot) for slot in slots],
-            offsets=[slot.record.extent.offset if slot.record else 0 for slot in slots],
+            offsets=[slot.copy.extent.offset if slot.copy else 0 for slot in slots],
         )
 
-    def commit(self, request: pb.CommitRequest) -> pb.PutResponse:
-        stored, slots = self.daemon.commit_lease(request.session, request.lease, request.checksums, request.abort)
-        present = sum(slot.present for slot in slots)
-        dropped = sum(slot.record is None and not slot.present for slot in slots)
-        self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.record is not None)
-        return pb.PutResponse(stored=stored, present=present, dropped=dropped)
+    async def commit(self, request: pb.CommitRequest) -> pb.PutResponse:
+        stored, slots = await self.daemon.leasing.commit(request.session, request.lease, request.checksums, request.abort)
+        self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.copy is not None)
+        return _put_response(stored, slots)
 
-    def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
-        lease = self.daemon.acquire_lease(request.session, request.keys, time.monotonic())
+    async def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
+        lease = await self.daemon.leasing.acquire(request.session, request.keys, time.monotonic())
         if lease is None:
             return pb.AcquireResponse()
-        records = lease.records
-        self.daemon.counters.bytes_out += sum(r.size for r in records)
+        copies = lease.records
+        self.daemon.counters.bytes_out += sum(c.record.size for c in copies)
         return pb.AcquireResponse(
-            lease=lease.id, count=len(records),
-            offsets=[r.extent.offset for r in records], sizes=[r.size for r in records],
-            tiers=[r.tier for r in records],
+            lease=lease.id, count=len(copies),
+            offsets=[c.extent.offset for c in copies], sizes=[c.record.size for c in copies],
+            tiers=[c.tier for c in copies],
         )
 
     def release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
-        return pb.ReleaseResponse(released=self.daemon.release_leases(request.session, request.leases))
+        return pb.ReleaseResponse(released=self.daemon.leasing.release(request.session, request.leases))
+
+
+def _put_response(stored: int, slots) -> pb.PutResponse:
+    present = sum(slot.present for slot in slots)
+    dropped = sum(slot.copy is None and not slot.present for slot in slots)
+    persisted = sum(slot.persisted for slot in slots)
+    return pb.PutResponse(stored=stored, present=present, dropped=dropped, persisted=persisted)
 
 
 def _slot_state(slot) -> int:
-    if slot.record is not None:
+    if slot.copy is not None:
         return pb.SLOT_RESERVED
     return pb.SLOT_PRESENT if slot.present else pb.SLOT_DROPPED

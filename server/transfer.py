@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvstore.block import BlockRecord
+from kvstore.block import Copy
 from kvstore.checksum import hasher
 from kvstore.errors import IntegrityError
 from kvstore.framing import Unpacker
@@ -33,11 +33,11 @@ class PutReceiver:
         tier = self._daemon.tier
         for i, offset, piece in self._unpacker.feed(data):
             slot = self._slots[i]
-            if slot.record is not None:
-                await tier.write(slot.record.extent, offset, piece)
+            if slot.copy is not None:
+                await tier.write(slot.copy.extent, offset, piece)
                 self._hasher.update(piece)
             if offset + piece.nbytes == slot.size:
-                self._finish(i, slot)
+                await self._finish(i, slot)
 
     def close(self) -> None:
         """End of stream: every byte must have arrived and every checksum matched."""
@@ -52,24 +52,23 @@ class PutReceiver:
     def abort(self) -> None:
         """Throw away every reservation not yet committed (stream broken or rejected)."""
         for slot in self._slots[self._finished :]:
-            if slot.record is not None:
+            if slot.copy is not None:
                 self._daemon.abort(slot)
         self._finished = len(self._slots)
 
-    def _finish(self, i: int, slot: PutSlot) -> None:
-        if slot.record is not None:
+    async def _finish(self, i: int, slot: PutSlot) -> None:
+        self._finished = i + 1  # from here on this slot is the commit's business, not abort's
+        if slot.copy is not None:
             actual = self._hasher.intdigest()
             self._hasher.reset()
             if slot.checksum is None or slot.checksum == actual:
-                self.stored += self._daemon.commit(slot, actual)
+                self.stored += await self._daemon.commit(slot, actual)
             else:
                 self.corrupt.append(i)
                 self._daemon.abort(slot)
-        self._finished = i + 1
         self._daemon.counters.bytes_in += slot.size
 
 
-async def block_views(daemon: Daemon, records: Sequence[BlockRecord]) -> list[memoryview]:
-    """The bytes of pinned blocks, in order (zero-copy views for memory tiers)."""
-    tier = daemon.tier
-    return [await tier.read(record.extent, 0, record.size) for record in records]
+def block_views(daemon: Daemon, copies: Sequence[Copy]) -> list[memoryview]:
+    """The bytes of pinned DRAM copies, in order (zero-copy views)."""
+    return [daemon.dram.view(copy.extent, copy.record.size) for copy in copies]

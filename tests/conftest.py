@@ -9,17 +9,19 @@ import pytest
 
 from kvstore import Namespace, ServerConfig, block_keys
 from kvstore.client import KVClient
-from kvstore.config import DramConfig
+from kvstore.config import DramConfig, NvmeConfig
 from kvstore.server import KVStoreServer
 
 NS = Namespace(model_id="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
 
 
-def make_config(dram_bytes: int = 64 << 20, **overrides) -> ServerConfig:
-    """A daemon on a free loopback port with metrics off and a small DRAM tier."""
+def make_config(dram_bytes: int = 64 << 20, *, nvme: NvmeConfig | None = None, dram: dict | None = None, **overrides) -> ServerConfig:
+    """A daemon on a free loopback port with metrics off, a small DRAM tier and (unless given) no NVMe."""
     base = dict(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_s=1.0)
     base.update(overrides)
-    return ServerConfig(dram=DramConfig(capacity_bytes=dram_bytes), **base)
+    return ServerConfig(
+        dram=DramConfig(capacity_bytes=dram_bytes, **(dram or {})), nvme=nvme or NvmeConfig(dir="off"), **base
+    )
 
 
 def chain(n_blocks: int, *, seed: int = 0, block_size: int = 16) -> list[bytes]:
@@ -27,6 +29,11 @@ def chain(n_blocks: int, *, seed: int = 0, block_size: int = 16) -> list[bytes]:
     rng = random.Random(seed)
     tokens = [rng.randrange(50_000) for _ in range(n_blocks * block_size)]
     return block_keys(tokens, block_size=block_size, namespace=NS)
+
+
+def pins(record) -> int:
+    """Readers holding any copy of a block."""
+    return sum(copy.pins for copy in record.copies.values())
 
 
 def random_blocks(n: int, size: int) -> list[bytes]:

@@ -24,24 +24,24 @@ async def daemon():
     await d.close()
 
 
-def put_now(d: Daemon, key: bytes, size: int = PAGE) -> bool:
+async def put_now(d: Daemon, key: bytes, size: int = PAGE) -> bool:
     """Reserve and commit one block without bytes (the bytes are not what these tests check)."""
-    (slot,) = d.reserve([key], [size], [])
-    return slot.record is not None and d.commit(slot, 0)
+    (slot,) = await d.reserve([key], [size], [])
+    return slot.copy is not None and await d.commit(slot, 0)
 
 
 async def test_eviction_under_fragmentation_evicts_nothing_when_it_cannot_help(daemon):
     for k in (b"k0", b"k1", b"k2", b"k3"):
-        assert put_now(daemon, k)
-    pinned = daemon.acquire([b"k1"]) + daemon.acquire([b"k3"])
+        assert await put_now(daemon, k)
+    pinned = await daemon.acquire([b"k1"]) + await daemon.acquire([b"k3"])
     # Pages 1 and 3 are pinned: no two adjacent pages can be freed for a 2-page block.
-    (slot,) = daemon.reserve([b"big"], [2 * PAGE], [])
-    assert slot.record is None and not slot.present
+    (slot,) = await daemon.reserve([b"big"], [2 * PAGE], [])
+    assert slot.copy is None and not slot.present
     assert daemon.lookup([b"k0"]) and daemon.lookup([b"k2"])  # nothing was evicted for nothing
     assert daemon.counters.put_dropped_blocks == 1
     daemon.release(pinned)
     # Unpinned: coldest first, k0, k2, then k1 (which joins them into three free pages).
-    assert put_now(daemon, b"big", 2 * PAGE)
+    assert await put_now(daemon, b"big", 2 * PAGE)
     assert [bool(daemon.lookup([k])) for k in (b"k0", b"k1", b"k2", b"k3", b"big")] == [False, False, False, True, True]
     assert daemon.tier.used_bytes == 3 * PAGE
 
@@ -63,16 +63,16 @@ async def test_a_put_that_goes_quiet_times_out_and_gives_its_space_back():
 
 
 async def test_conditional_delete_keeps_a_block_whose_checksum_differs(daemon):
-    (slot,) = daemon.reserve([b"k"], [PAGE], [])
-    daemon.commit(slot, checksum(b"good"))
-    assert daemon.delete([b"k"], [checksum(b"bad")]) == 0
+    (slot,) = await daemon.reserve([b"k"], [PAGE], [])
+    await daemon.commit(slot, checksum(b"good"))
+    assert await daemon.delete([b"k"], [checksum(b"bad")]) == 0
     assert daemon.lookup([b"k"])
-    assert daemon.delete([b"k"], [checksum(b"good")]) == 1
+    assert await daemon.delete([b"k"], [checksum(b"good")]) == 1
     assert not daemon.lookup([b"k"])
 
 
 async def test_a_block_deleted_while_being_written_is_not_stored(daemon):
-    (slot,) = daemon.reserve([b"k"], [PAGE], [])
-    assert daemon.delete([b"k"]) == 1
-    assert daemon.commit(slot, 0) is False
+    (slot,) = await daemon.reserve([b"k"], [PAGE], [])
+    assert await daemon.delete([b"k"]) == 1
+    assert await daemon.commit(slot, 0) is False
     assert not daemon.lookup([b"k"]) and daemon.tier.used_bytes == 0

@@ -13,7 +13,7 @@ from kvstore.client import KVClient
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server import KVStoreServer
 
-from conftest import chain, make_config, random_blocks
+from conftest import chain, pins, make_config, random_blocks
 
 MiB = 1 << 20
 
@@ -116,7 +116,7 @@ async def test_a_cancelled_reader_releases_its_pins():
                 assert (await anext(aiter(call))).header.count == 3
                 call.cancel()
             for _ in range(50):  # the daemon notices the cancellation asynchronously
-                if all(not r.pins for r in srv.daemon.index):
+                if all(not pins(r) for r in srv.daemon.index):
                     break
                 await asyncio.sleep(0.02)
             result = await kv.put(chain(4, seed=31), random_blocks(4, 4 * MiB))
@@ -132,7 +132,7 @@ async def test_bytes_corrupted_in_the_arena_are_a_miss_never_wrong_data(server, 
     blocks = random_blocks(4, 64 * 1024)
     await kv.put(keys, blocks)
     record = server.daemon.index.get(keys[2])
-    view = server.daemon.tier.view(record.extent, record.size)
+    view = server.daemon.tier.view(record.primary().extent, record.size)
     view[100] ^= 0xFF  # a bit flip in block 2, behind the daemon's back
 
     out = [bytearray(64 * 1024) for _ in keys]

@@ -16,7 +16,7 @@ from kvstore.client import KVClient
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server import KVStoreServer
 
-from conftest import chain, make_config, random_blocks
+from conftest import chain, pins, make_config, random_blocks
 
 MiB = 1 << 20
 
@@ -88,7 +88,7 @@ async def test_a_reader_killed_while_holding_a_lease_does_not_pin_memory():
             await kv.put(keys, random_blocks(4, MiB))
             child = await start_child(f"127.0.0.1:{srv.port}", "reader", keys)
             try:
-                assert all(r.pins == 1 for r in srv.daemon.index)
+                assert all(pins(r) == 1 for r in srv.daemon.index)
                 flood = chain(8, seed=72)
                 assert (await kv.put(flood, random_blocks(8, MiB))).dropped == 4  # the leased 4 MiB stay
                 child.send_signal(signal.SIGKILL)
@@ -128,9 +128,9 @@ async def test_leases_expire_after_their_ttl():
             await kv.stub.Acquire(pb.AcquireRequest(session=session, keys=keys))
             pending = chain(1, seed=77)
             r = await kv.stub.Reserve(pb.ReserveRequest(session=session, keys=pending, sizes=[MiB]))
-            assert all(rec.pins == 1 for rec in daemon.index if rec.key in keys)
+            assert all(pins(rec) == 1 for rec in daemon.index if rec.key in keys)
             await wait_until(lambda: len(daemon.leases) == 0)
-            assert all(rec.pins == 0 for rec in daemon.index)
+            assert all(pins(rec) == 0 for rec in daemon.index)
             # The expired write lease is gone from the index, but its bytes stay reserved while
             # its session lives (the client might still be writing into them).
             assert daemon.index.get(pending[0]) is None
@@ -239,7 +239,7 @@ async def test_bad_frames_on_the_local_socket_get_clear_errors_and_lose_nothing(
                 session=kv._local.arena.session, leases=[lease.lease]).SerializeToString()))
             status, body = await read_frame(reader)
             assert status == 0 and pb.ReleaseResponse.FromString(body).released == 0
-            assert all(r.pins == 1 for r in srv.daemon.index)
+            assert all(pins(r) == 1 for r in srv.daemon.index)
             # A frame claiming more than the limit ends the session.
             writer.write((1 << 31).to_bytes(4, "little"))
             assert await reader.read() == b""

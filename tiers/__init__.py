@@ -10,10 +10,11 @@ import importlib
 from typing import Any
 
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import MemoryTier, Tier
+from kvstore.tiers.base import MemoryTier, PersistentTier, Tier
 
 _REGISTRY: dict[TierKind, str] = {
     TierKind.DRAM: "kvstore.tiers.dram:DramTier",
+    TierKind.NVME: "kvstore.tiers.nvme:NvmeTier",
 }
 
 
@@ -27,4 +28,4 @@ def create_tier(kind: TierKind, config: Any) -> Tier:
     return tier_class(kind).from_config(config)
 
 
-__all__ = ["MemoryTier", "Tier", "create_tier", "tier_class"]
+__all__ = ["MemoryTier", "PersistentTier", "Tier", "create_tier", "tier_class"]

@@ -9,6 +9,7 @@ carried out by the daemon. Every tier is built with ``Tier.from_config(config)``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from kvstore.allocator import Extent
@@ -69,6 +70,26 @@ class Tier(ABC):
     async def close(self) -> None:
         """Release the medium. The tier is unusable afterwards."""
 
+    @staticmethod
+    def _check_range(extent: Extent, offset: int, nbytes: int) -> None:
+        if offset < 0 or offset + nbytes > extent.length:
+            raise ValueError(f"[{offset}, {offset + nbytes}) is outside an extent of {extent.length} bytes")
+
+
+class PersistentTier(Tier):
+    """A tier whose blocks survive a restart: it keeps an index of what it holds."""
+
+    recovered: list
+    """Index entries found at start-up (``key``, ``offset``, ``length``, ``size``, ``checksum``)."""
+
+    @abstractmethod
+    async def persist(self, entries: Sequence[Any]) -> None:
+        """Make written blocks durable and indexed; done when this returns."""
+
+    @abstractmethod
+    async def forget(self, keys: Sequence[bytes]) -> None:
+        """Durably drop blocks from the index, before their extents are reused."""
+
 
 class MemoryTier(Tier):
     """A tier whose bytes are addressable memory: reads and writes are slices of one view."""
@@ -88,8 +109,3 @@ class MemoryTier(Tier):
     async def read(self, extent: Extent, offset: int, nbytes: int) -> memoryview:
         self._check_range(extent, offset, nbytes)
         return self.view(extent, extent.length)[offset : offset + nbytes]
-
-    @staticmethod
-    def _check_range(extent: Extent, offset: int, nbytes: int) -> None:
-        if offset < 0 or offset + nbytes > extent.length:
-            raise ValueError(f"[{offset}, {offset + nbytes}) is outside an extent of {extent.length} bytes")

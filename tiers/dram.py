@@ -81,6 +81,9 @@ class DramTier(MemoryTier):
         return self._view[extent.offset : extent.offset + nbytes]
 
     async def close(self) -> None:
+        self.unmap()
+
+    def unmap(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -1,0 +1,123 @@
+"""Leases of same-host clients: the daemon side of the shared-memory data path.
+
+A read lease pins the DRAM copies a client is copying out of; a write lease holds the DRAM
+reservations of a put the client is copying into. Leases belong to the client's session (its
+local-socket connection) and end when it closes or when they outlive ``lease_ttl_s``
+(:mod:`kvstore.lease` keeps the books).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from kvstore.allocator import Extent
+from kvstore.block import BlockState
+from kvstore.checksum import checksum
+from kvstore.errors import IntegrityError, InvalidArgumentError, StaleSessionError
+from kvstore.lease import Lease
+from kvstore.server.daemon import Daemon, PutSlot
+
+log = logging.getLogger("kvstore.daemon")
+
+
+class Leasing:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.table = daemon.leases
+        # DRAM extents of expired write leases whose session is still alive: the client may still
+        # be copying into them, so they are reused only once that session ends.
+        self._quarantine: dict[str, list[Extent]] = {}
+
+    async def acquire(self, session: str, keys: Sequence[bytes], now: float) -> Lease | None:
+        """Pin the leading present blocks for a same-host reader; None when there are none."""
+        self.table.check(session)
+        copies = await self.daemon.acquire(keys)
+        if not copies:
+            return None
+        try:
+            return self.table.grant(session, now, records=copies)
+        except BaseException:
+            self.daemon.release(copies)
+            raise
+
+    def release(self, session: str, lease_ids: Sequence[int]) -> int:
+        """End read leases; returns how many were still held."""
+        released = 0
+        for lease_id in lease_ids:
+            lease = self.table.take(session, lease_id)
+            if lease is not None and not lease.writing:
+                self.daemon.release(lease.records)
+                released += 1
+        return released
+
+    async def reserve(self, session: str, keys: Sequence[bytes], sizes: Sequence[int], now: float) -> tuple[Lease, list[PutSlot]]:
+        """Put phase 1 for a same-host writer: reserve, and hold the reservations under a lease."""
+        self.table.check(session)
+        slots = await self.daemon.reserve(keys, sizes, ())
+        return self.table.grant(session, now, slots=slots), slots
+
+    async def commit(self, session: str, lease_id: int, checksums: Sequence[int], abort: bool) -> tuple[int, list[PutSlot]]:
+        """Put phase 2: commit (or abort) every reservation of a write lease; returns blocks stored."""
+        daemon = self.daemon
+        lease = self.table.take(session, lease_id)
+        if lease is None or not lease.writing:
+            raise StaleSessionError(f"write lease {lease_id} expired or is unknown; nothing of it was stored")
+        slots = lease.slots
+        if checksums and len(checksums) != len(slots):
+            for slot in slots:
+                if slot.copy is not None:
+                    daemon.abort(slot)
+            raise InvalidArgumentError(f"{len(slots)} reserved keys but {len(checksums)} checksums")
+        stored, corrupt = 0, []
+        for i, slot in enumerate(slots):
+            if slot.copy is None:
+                continue
+            if abort:
+                daemon.abort(slot)
+                continue
+            actual = None
+            if checksums:
+                actual = checksum(daemon.dram.view(slot.copy.extent, slot.size))
+                if actual != checksums[i]:
+                    corrupt.append(i)
+                    daemon.abort(slot)
+                    continue
+            stored += await daemon.commit(slot, actual)
+        if corrupt:
+            daemon.counters.integrity_failures += len(corrupt)
+            raise IntegrityError(f"blocks {corrupt} did not match their checksums and were not stored")
+        return stored, list(slots)
+
+    def expire(self, now: float) -> int:
+        """Take back every lease past its TTL; returns how many."""
+        expired = self.table.expired(now)
+        for lease in expired:
+            log.warning("lease %d of a same-host client expired after %gs", lease.id, self.table.ttl_s)
+            self._end(lease, session_alive=True)
+        return len(expired)
+
+    def close_session(self, session: str) -> None:
+        """A same-host client went away: end all of its leases and free what it held."""
+        for lease in self.table.close_session(session):
+            self._end(lease, session_alive=False)
+        for extent in self._quarantine.pop(session, ()):
+            self.daemon.dram.release(extent)
+
+    def _end(self, lease: Lease, *, session_alive: bool) -> None:
+        if not lease.writing:
+            self.daemon.release(lease.records)
+            return
+        for slot in lease.slots:
+            record = slot.record
+            if record is None:
+                continue
+            if not session_alive:
+                self.daemon.abort(slot)
+                continue
+            # The writer may still be copying: hide the block now, reuse its bytes later.
+            if record.state is BlockState.WRITING:
+                record.advance(BlockState.GONE)
+                self.daemon.index.discard(record)
+                record.copies.clear()
+            self._quarantine.setdefault(lease.session, []).append(slot.copy.extent)

@@ -1,0 +1,201 @@
+"""Positional file I/O for the NVMe tier: kvikio when a CUDA driver is present, POSIX otherwise.
+
+Both engines read and write whole extents at explicit offsets of one large file and run the
+blocking calls in a bounded pool of threads of their own, so the event loop never waits on a disk.
+
+- :class:`PosixFileIO`: ``os.pwritev`` / ``os.preadv`` on a file opened with ``O_DIRECT`` when the
+  filesystem allows it (page cache bypassed; buffers and offsets 4 KiB aligned, with an aligned
+  bounce buffer for the rare unaligned caller), buffered otherwise. Large transfers are split
+  across the threads.
+- :class:`KvikioFileIO`: ``kvikio.CuFile`` (GPUDirect Storage where the system has it, kvikio's
+  POSIX compatibility mode otherwise). kvikio needs a CUDA driver even for host buffers, so it is
+  chosen only when one answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+DIRECT_ALIGN = 4096
+SPLIT_BYTES = 4 << 20
+
+
+def _aligned(view: memoryview, offset: int) -> bool:
+    """O_DIRECT wants the file offset, the length and the memory address all 4 KiB aligned."""
+    if offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN:
+        return False
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0
+
+
+class PosixFileIO:
+    name = "posix"
+
+    def __init__(self, path: str, *, threads: int, direct: bool) -> None:
+        flags = os.O_RDWR | os.O_CREAT
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o600)
+                self.direct = True
+            except OSError:
+                self._fd = os.open(path, flags, 0o600)  # tmpfs and friends refuse O_DIRECT
+        else:
+            self._fd = os.open(path, flags, 0o600)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvstore-nvme")
+        self.threads = threads
+
+    @property
+    def description(self) -> str:
+        mode = "O_DIRECT" if self.direct else "buffered"
+        return f"POSIX pread/pwrite ({mode}, {self.threads} threads)"
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def preallocate(self, nbytes: int) -> None:
+        if self.size() >= nbytes:
+            return
+        try:
+            os.posix_fallocate(self._fd, 0, nbytes)
+        except OSError:
+            os.ftruncate(self._fd, nbytes)  # filesystems without fallocate: sparse
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        await self._run(os.pwritev, offset, data)
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        await self._run(os.preadv, offset, out)
+
+    async def _run(self, op, offset: int, view: memoryview) -> None:
+        if not self.direct or _aligned(view, offset):
+            await self._run_parts(op, offset, view)
+            return
+        bounce = _Bounce(view, offset)
+        if op is os.pwritev:
+            if bounce.needs_edges:  # keep the bytes around the caller's range
+                await self._run_parts(os.preadv, bounce.offset, bounce.view)
+            bounce.fill()
+            await self._run_parts(os.pwritev, bounce.offset, bounce.view)
+        else:
+            await self._run_parts(os.preadv, bounce.offset, bounce.view)
+            bounce.drain()
+
+    async def _run_parts(self, op, offset: int, view: memoryview) -> None:
+        loop = asyncio.get_running_loop()
+        parts = [(offset + start, view[start : start + SPLIT_BYTES]) for start in range(0, view.nbytes, SPLIT_BYTES)]
+        await asyncio.gather(*(loop.run_in_executor(self._pool, _all, op, self._fd, part, at) for at, part in parts))
+
+    async def sync(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, os.fdatasync, self._fd)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        os.close(self._fd)
+
+
+def _all(op, fd: int, view: memoryview, offset: int) -> None:
+    """Repeat a positional read or write until every byte is done (they may return short)."""
+    done = 0
+    while done < view.nbytes:
+        n = op(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"{op.__name__} moved no bytes at offset {offset + done} (end of file?)")
+        done += n
+
+
+class _Bounce:
+    """An aligned buffer standing in for an unaligned caller buffer under O_DIRECT."""
+
+    def __init__(self, target: memoryview, offset: int) -> None:
+        self.target = target
+        self.offset = offset - offset % DIRECT_ALIGN
+        self.lead = offset - self.offset
+        end = offset + target.nbytes
+        length = -(-(end - self.offset) // DIRECT_ALIGN) * DIRECT_ALIGN
+        self.needs_edges = self.lead != 0 or length != self.lead + target.nbytes
+        self._map = mmap.mmap(-1, length)
+        self.view = memoryview(self._map)
+
+    def fill(self) -> None:
+        self.view[self.lead : self.lead + self.target.nbytes] = self.target
+
+    def drain(self) -> None:
+        self.target[:] = self.view[self.lead : self.lead + self.target.nbytes]
+
+
+class KvikioFileIO:
+    name = "kvikio"
+
+    def __init__(self, path: str, *, threads: int) -> None:
+        import kvikio
+        import kvikio.defaults
+
+        kvikio.defaults.set({"num_threads": threads})
+        if not os.path.exists(path):
+            open(path, "wb").close()
+        self._file = kvikio.CuFile(path, "r+")
+        self._path = path
+        self._compat = kvikio.defaults.get("compat_mode")
+        self.threads = threads
+
+    @property
+    def description(self) -> str:
+        return f"kvikio CuFile (compat mode {self._compat}, {self.threads} threads)"
+
+    def size(self) -> int:
+        return os.path.getsize(self._path)
+
+    def preallocate(self, nbytes: int) -> None:
+        if self.size() < nbytes:
+            with open(self._path, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                except OSError:
+                    f.truncate(nbytes)
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        future = self._file.pwrite(data, data.nbytes, offset)
+        await asyncio.to_thread(future.get)
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        future = self._file.pread(out, out.nbytes, offset)
+        await asyncio.to_thread(future.get)
+
+    async def sync(self) -> None:
+        def fsync() -> None:
+            fd = os.open(self._path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(fsync)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def cuda_driver_present() -> bool:
+    """True when a CUDA driver answers (kvikio cannot do host I/O without one)."""
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+def open_file_io(path: str, *, threads: int, direct: bool, engine: str = "auto") -> PosixFileIO | KvikioFileIO:
+    """kvikio when asked for, or on ``auto`` when it is installed and a CUDA driver is present."""
+    if engine == "kvikio" or (engine == "auto" and cuda_driver_present()):
+        try:
+            return KvikioFileIO(path, threads=threads)
+        except ImportError:
+            if engine == "kvikio":
+                raise
+    return PosixFileIO(path, threads=threads, direct=direct)
