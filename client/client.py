@@ -198,13 +198,12 @@ class KVClient:
         if len(keys) != len(blocks):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
         views = [device_buffer(block, i) or byte_view(block, i) for i, block in enumerate(blocks)]
-        stored = present = dropped = 0
+        total = [0, 0, 0, 0]
         for start, stop in self._put_batches(views):
             result = await self._data("put", keys[start:stop], views[start:stop])
-            stored += result.stored
-            present += result.present
-            dropped += result.dropped
-        return PutResult(stored=stored, present=present, dropped=dropped)
+            for i, n in enumerate((result.stored, result.present, result.dropped, result.persisted)):
+                total[i] += n
+        return PutResult(*total)
 
     def _put_batches(self, views: Sequence[Any]) -> list[tuple[int, int]]:
         if not views:

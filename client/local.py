@@ -176,7 +176,9 @@ class LocalPath:
             response = await self.channel.call(
                 "Commit", pb.CommitRequest(lease=reserved.lease, abort=abort), pb.PutResponse
             )
-        return PutResult(stored=response.stored, present=response.present, dropped=response.dropped)
+        return PutResult(
+            stored=response.stored, present=response.present, dropped=response.dropped, persisted=response.persisted
+        )
 
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[pb.AcquireResponse, float]:
         started = time.monotonic()

@@ -46,7 +46,9 @@ class RemotePath:
                 yield pb.PutRequest(data=chunk)
 
         response = await self.stub.Put(messages(), timeout=self.timeout_s)
-        return PutResult(stored=response.stored, present=response.present, dropped=response.dropped)
+        return PutResult(
+            stored=response.stored, present=response.present, dropped=response.dropped, persisted=response.persisted
+        )
 
     async def get_into(self, keys: Sequence[bytes], targets: Targets) -> int:
         """Stream the leading blocks into ``targets(sizes)``; returns how many verified."""

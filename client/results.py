@@ -21,6 +21,7 @@ class PutResult:
     stored: int    # newly stored
     present: int   # were already there (no-op)
     dropped: int   # not stored: the daemon could not free room (everything evictable in use)
+    persisted: int = 0  # stored and durable on NVMe before the answer (write-through)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,9 @@ class TierStats:
     hits: int
     evictions: int
     evicted_bytes: int
+    promotions: int
+    demotions: int
+    integrity_failures: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +68,7 @@ class Stats:
     def from_proto(cls, msg) -> Stats:
         names = [f.name for f in dataclasses.fields(cls) if f.name != "tiers"]
         tiers = [
-            TierStats(
-                tier=TierKind(t.tier), capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
-                blocks=t.blocks, hits=t.hits, evictions=t.evictions, evicted_bytes=t.evicted_bytes,
-            )
+            TierStats(tier=TierKind(t.tier), **{f.name: getattr(t, f.name) for f in dataclasses.fields(TierStats)[1:]})
             for t in msg.tiers
         ]
         return cls(tiers=tiers, **{name: getattr(msg, name) for name in names})

@@ -9,13 +9,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_bytes, parse_bytes
-from kvstore.errors import KVStoreError
+from kvstore.errors import ConfigError, KVStoreError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,8 +28,47 @@ else:  # pragma: no cover
 DEFAULTS = ServerConfig()
 
 
-def load_config(args: argparse.Namespace) -> ServerConfig:
-    """Defaults, then the TOML file, then flags."""
+def _size(text: str) -> int:
+    return parse_bytes(text, name="size")
+
+
+# flag, ServerConfig.replace() name, parse, help. Every flag can also come from the environment
+# as KVSTORE_<FLAG> (--nvme-dir: KVSTORE_NVME_DIR).
+SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--host", "host", str, f"address to listen on (default {DEFAULTS.host})"),
+    ("--port", "port", int, f"gRPC port, 0 picks a free one (default {DEFAULTS.port})"),
+    ("--metrics-port", "metrics_port", int,
+     f"Prometheus metrics HTTP port, 0 turns metrics off (default {DEFAULTS.metrics_port})"),
+    ("--dram-bytes", "dram_capacity_bytes", _size,
+     f"DRAM tier capacity, e.g. 8GiB (default {format_bytes(DEFAULTS.dram.capacity_bytes)})"),
+    ("--dram-high-watermark", "dram_high_watermark", float,
+     f"DRAM fill that starts demotion to NVMe (default {DEFAULTS.dram.high_watermark})"),
+    ("--dram-low-watermark", "dram_low_watermark", float,
+     f"DRAM fill that demotion brings it down to (default {DEFAULTS.dram.low_watermark})"),
+    ("--nvme-dir", "nvme_dir", str,
+     'NVMe tier directory; "auto" = $XDG_CACHE_HOME/kvstore/<port>, "off" = no NVMe tier (default auto)'),
+    ("--nvme-bytes", "nvme_capacity_bytes", _size,
+     f"NVMe tier capacity (default {format_bytes(DEFAULTS.nvme.capacity_bytes)})"),
+    ("--nvme-high-watermark", "nvme_high_watermark", float, f"(default {DEFAULTS.nvme.high_watermark})"),
+    ("--nvme-low-watermark", "nvme_low_watermark", float, f"(default {DEFAULTS.nvme.low_watermark})"),
+    ("--nvme-io", "nvme_io_engine", str, "auto (kvikio when a CUDA driver is present), kvikio or posix"),
+    ("--policy", "policy", str, "eviction policy: lru or s3fifo (scan-resistant) (default lru)"),
+    ("--local-socket", "local_socket", str, 'same-host socket path, "auto" or "off" (default auto)'),
+    ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
+]
+SWITCHES: list[tuple[str, str, str]] = [
+    ("--dram-prefault", "dram_prefault",
+     "touch the whole DRAM arena at start-up (commits the memory; no first-touch stalls later)"),
+    ("--write-through", "write_through", "persist every put on NVMe before acknowledging it"),
+]
+
+
+def _env_name(flag: str) -> str:
+    return "KVSTORE_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
+    """Defaults, then the TOML file, then KVSTORE_* environment variables, then flags."""
     config = DEFAULTS
     if args.config is not None:
         try:
@@ -36,18 +78,21 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         except tomllib.TOMLDecodeError as exc:
             raise KVStoreError(f"config file {args.config} is not valid TOML: {exc}") from None
         config = ServerConfig.from_mapping(data)
-    overrides = {
-        name: value
-        for name, value in (
-            ("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port),
-            ("log_level", args.log_level),
-        )
-        if value is not None
-    }
-    if args.dram_bytes is not None:
-        overrides["dram_capacity_bytes"] = parse_bytes(args.dram_bytes, name="--dram-bytes")
-    if args.dram_prefault:
-        overrides["dram_prefault"] = True
+    overrides: dict[str, Any] = {}
+    for flag, name, parse, _ in SETTINGS:
+        raw = getattr(args, name)
+        source = flag
+        if raw is None and _env_name(flag) in environ:
+            raw, source = environ[_env_name(flag)], _env_name(flag)
+        if raw is not None:
+            try:
+                overrides[name] = parse(raw)
+            except (ValueError, KVStoreError):
+                raise ConfigError(f"{source}: cannot read {raw!r}") from None
+    for flag, name, _ in SWITCHES:
+        value = environ.get(_env_name(flag), "").lower() in ("1", "true", "yes", "on") or getattr(args, name)
+        if value:
+            overrides[name] = True
     return config.replace(**overrides)
 
 
@@ -79,14 +124,18 @@ def _print_stats(target: str, as_json: bool, timeout_s: float) -> None:
         return
     print(f"kvstore {stats.version} at {target}, up {stats.uptime_s:.0f}s")
     print()
-    header = f"{'tier':<6} {'used':>12} {'capacity':>12} {'use%':>6} {'blocks':>9} {'hits':>10} {'evictions':>10}"
+    header = (
+        f"{'tier':<6} {'used':>12} {'capacity':>12} {'use%':>6} {'blocks':>9} {'hits':>10}"
+        f" {'promoted':>9} {'demoted':>9} {'evicted':>9} {'corrupt':>8}"
+    )
     print(header)
     print("-" * len(header))
     for t in stats.tiers:
         pct = 100.0 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0.0
         print(
             f"{t.tier.label:<6} {format_bytes(t.used_bytes):>12} {format_bytes(t.capacity_bytes):>12} "
-            f"{pct:>5.1f}% {t.blocks:>9} {t.hits:>10} {t.evictions:>10}"
+            f"{pct:>5.1f}% {t.blocks:>9} {t.hits:>10} {t.promotions:>9} {t.demotions:>9} {t.evictions:>9}"
+            f" {t.integrity_failures:>8}"
         )
     print()
     looked = stats.lookup_hit_blocks + stats.lookup_miss_blocks
@@ -116,21 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the cache daemon (no config file needed)")
     s.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
-    s.add_argument("--host", help=f"address to listen on (default {DEFAULTS.host})")
-    s.add_argument("--port", type=int, help=f"gRPC port, 0 picks a free one (default {DEFAULTS.port})")
-    s.add_argument(
-        "--metrics-port", type=int,
-        help=f"Prometheus metrics HTTP port, 0 turns metrics off (default {DEFAULTS.metrics_port})",
-    )
-    s.add_argument(
-        "--dram-bytes", metavar="SIZE",
-        help=f"DRAM tier capacity, e.g. 8GiB (default {format_bytes(DEFAULTS.dram.capacity_bytes)})",
-    )
-    s.add_argument(
-        "--dram-prefault", action="store_true",
-        help="touch the whole DRAM arena at start-up (commits the memory; no first-touch stalls later)",
-    )
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for flag, name, _, help_text in SETTINGS:
+        s.add_argument(flag, dest=name, metavar=name.rsplit("_", 1)[-1].upper(), help=help_text)
+    for flag, name, help_text in SWITCHES:
+        s.add_argument(flag, dest=name, action="store_true", help=help_text)
     s.add_argument(
         "--ready-file", metavar="PATH",
         help='once serving, write {"port": ..., "metrics_port": ...} as JSON to PATH (for supervisors)',

@@ -48,7 +48,8 @@ class DaemonProcess:
         ready = Path(self._dir.name) / "ready.json"
         cmd = [
             sys.executable, "-m", "kvstore.server.cli", "serve",
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args,
+            # No NVMe tier and no metrics unless asked for: a child daemon leaves nothing behind.
+            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--nvme-dir", "off", *self.args,
             "--ready-file", str(ready),
         ]
         with open(self.log_path, "wb") as log:

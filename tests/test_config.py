@@ -47,8 +47,23 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     path = tmp_path / "kvstore.toml"
     path.write_text('port = 9001\nmetrics_port = 9002\n[dram]\ncapacity_bytes = "256MiB"\n')
     args = build_parser().parse_args(["serve", "--config", str(path), "--port", "9100"])
-    cfg = load_config(args)
+    cfg = load_config(args, environ={})
     assert (cfg.port, cfg.metrics_port, cfg.dram.capacity_bytes) == (9100, 9002, 256 * MiB)
     args = build_parser().parse_args(["serve", "--dram-bytes", "2GiB"])
-    cfg = load_config(args)
+    cfg = load_config(args, environ={})
     assert cfg.dram.capacity_bytes == 2 * GiB and cfg.port == ServerConfig().port
+
+
+def test_environment_sits_between_the_file_and_the_flags(tmp_path):
+    env = {"KVSTORE_NVME_DIR": str(tmp_path), "KVSTORE_NVME_BYTES": "1GiB", "KVSTORE_PORT": "9300",
+           "KVSTORE_POLICY": "s3fifo", "KVSTORE_WRITE_THROUGH": "1"}
+    cfg = load_config(build_parser().parse_args(["serve", "--port", "9400"]), environ=env)
+    assert (cfg.port, cfg.nvme.dir, cfg.nvme.capacity_bytes, cfg.policy, cfg.write_through) == (
+        9400, str(tmp_path), GiB, "s3fifo", True
+    )
+    with pytest.raises(ConfigError, match="KVSTORE_PORT: cannot read 'many'"):
+        load_config(build_parser().parse_args(["serve"]), environ={"KVSTORE_PORT": "many"})
+    with pytest.raises(ConfigError, match="policy must be"):
+        load_config(build_parser().parse_args(["serve", "--policy", "mru"]), environ={})
+    with pytest.raises(ConfigError, match="write_through needs an NVMe tier"):
+        load_config(build_parser().parse_args(["serve", "--nvme-dir", "off", "--write-through"]), environ={})
