@@ -45,13 +45,14 @@ def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
     return view
 
 
-def check_targets(views: Sequence[memoryview]) -> Callable[[Sequence[int]], list[memoryview]]:
-    """A ``targets`` callback that checks caller buffers against the announced block sizes."""
+def check_targets(views: Sequence[Any]) -> Callable[[int, Sequence[int]], list]:
+    """A ``targets(start, sizes)`` callback that hands out caller buffers checked against the
+    announced block sizes."""
 
-    def targets(sizes: Sequence[int]) -> list[memoryview]:
-        for i, size in enumerate(sizes):
+    def targets(start: int, sizes: Sequence[int]) -> list:
+        for i, size in enumerate(sizes, start):
             if views[i].nbytes < size:
                 raise InvalidArgumentError(f"buffer {i} holds {views[i].nbytes} bytes but block {i} is {size} bytes")
-        return list(views)
+        return list(views[start : start + len(sizes)])
 
     return targets

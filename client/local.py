@@ -35,7 +35,7 @@ from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
 
-Targets = Callable[[Sequence[int]], list[memoryview]]
+Targets = Callable[[int, Sequence[int]], list]  # (index of the first block, sizes) -> buffers
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 TRUSTED_FRACTION = 0.8
 """A lease is trusted for this fraction of its TTL, measured from before it was asked for."""
@@ -154,6 +154,23 @@ class LocalPath:
         return self._cuda
 
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
+        """Put in rounds of at most a quarter of the arena, so that one round's reservations never
+        crowd out each other (earlier rounds are committed, so they can be demoted to make room)."""
+        total = [0, 0, 0, 0]
+        limit = max(self.arena.view.nbytes // 4, 1)
+        start = 0
+        while start < len(sources):
+            stop, size = start, 0
+            while stop < len(sources) and (stop == start or size + sources[stop].nbytes <= limit):
+                size += sources[stop].nbytes
+                stop += 1
+            result = await self._put_round(keys[start:stop], sources[start:stop])
+            for i, n in enumerate((result.stored, result.present, result.dropped, result.persisted)):
+                total[i] += n
+            start = stop
+        return PutResult(*total)
+
+    async def _put_round(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         reserved = await self.channel.call(
             "Reserve", pb.ReserveRequest(keys=keys, sizes=[s.nbytes for s in sources]), pb.ReserveResponse
         )
@@ -185,14 +202,20 @@ class LocalPath:
         response = await self.channel.call("Acquire", pb.AcquireRequest(keys=keys), pb.AcquireResponse)
         return response, started
 
-    def _finish(self, response: pb.AcquireResponse, started: float) -> bool:
-        """Release the lease in the background; False if the copy outlived the trusted window."""
+    async def _finish(self, response: pb.AcquireResponse, started: float) -> bool:
+        """End the lease; False if the copy outlived the trusted window (then it is not used).
+
+        The release goes in the background unless the read was partial: then the next round
+        needs the room it frees.
+        """
         if response.count:
-            task = asyncio.ensure_future(
-                self.channel.call("Release", pb.ReleaseRequest(leases=[response.lease]), pb.ReleaseResponse)
-            )
-            self._releases.add(task)
-            task.add_done_callback(self._released)
+            release = self.channel.call("Release", pb.ReleaseRequest(leases=[response.lease]), pb.ReleaseResponse)
+            if response.partial:
+                await release
+            else:
+                task = asyncio.ensure_future(release)
+                self._releases.add(task)
+                task.add_done_callback(self._released)
         if time.monotonic() - started > TRUSTED_FRACTION * self.ttl_s:
             log.warning("a same-host read outlived its lease; treating it as a miss")
             return False
@@ -203,13 +226,29 @@ class LocalPath:
         if not task.cancelled() and task.exception() is not None:
             log.debug("lease release failed (it expires on its own): %s", task.exception())
 
+    async def _rounds(self, keys: Sequence[bytes], copy_out) -> int:
+        """Acquire, copy out with ``copy_out(start, response)``, release; again while partial."""
+        done = 0
+        while done < len(keys):
+            response, started = await self._acquire(keys[done:])
+            if response.count == 0:
+                break
+            try:
+                await copy_out(done, response)
+            finally:
+                trusted = await self._finish(response, started)
+            if not trusted:
+                break
+            done += response.count
+            if not response.partial:
+                break
+        return done
+
     async def get_into(self, keys: Sequence[bytes], targets: Targets) -> int:
-        response, started = await self._acquire(keys)
-        if response.count == 0:
-            return 0
-        try:
-            dests = targets(response.sizes)
-            arena = self.arena.view
+        arena = self.arena.view
+
+        async def copy_out(start: int, response: pb.AcquireResponse) -> None:
+            dests = targets(start, response.sizes)
             on_gpu = False
             for dest, offset, size in zip(dests, response.offsets, response.sizes):
                 if isinstance(dest, DeviceBuffer):
@@ -219,18 +258,20 @@ class LocalPath:
                     dest[:size] = arena[offset : offset + size]
             if on_gpu:
                 await self._cuda.synchronize()  # before the lease ends
-        finally:
-            trusted = self._finish(response, started)
-        return response.count if trusted else 0
+
+        return await self._rounds(keys, copy_out)
 
     async def get(self, keys: Sequence[bytes]) -> list[bytearray]:
-        response, started = await self._acquire(keys)
         arena = self.arena.view
-        try:
-            out = [bytearray(arena[o : o + n]) for o, n in zip(response.offsets, response.sizes)]
-        finally:
-            trusted = self._finish(response, started)
-        return out if trusted else []
+        out: list[bytearray] = []
+
+        async def copy_out(start: int, response: pb.AcquireResponse) -> None:
+            del out[start:]
+            out.extend(bytearray(arena[o : o + n]) for o, n in zip(response.offsets, response.sizes))
+
+        count = await self._rounds(keys, copy_out)
+        del out[count:]
+        return out
 
     async def close(self) -> None:
         if self._releases:

@@ -20,7 +20,7 @@ from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
 
-Targets = Callable[[Sequence[int]], list[memoryview]]
+Targets = Callable[[int, Sequence[int]], list]  # (index of the first block, sizes) -> buffers
 
 
 class RemotePath:
@@ -51,20 +51,26 @@ class RemotePath:
         )
 
     async def get_into(self, keys: Sequence[bytes], targets: Targets) -> int:
-        """Stream the leading blocks into ``targets(sizes)``; returns how many verified."""
-        finish = None
+        """Stream the leading blocks into ``targets(start, sizes)``; returns how many verified."""
+        done = 0
+        while done < len(keys):
+            finish = None
 
-        def host_targets(sizes: Sequence[int]) -> list[memoryview]:
-            nonlocal finish
-            views, finish = staged_targets(targets(sizes))
-            return views
+            def host_targets(sizes: Sequence[int], start: int = done) -> list[memoryview]:
+                nonlocal finish
+                views, finish = staged_targets(targets(start, sizes))
+                return views
 
-        count = await self._receive(keys, host_targets)
-        if finish is not None:
-            finish(count)
-        return count
+            count, partial = await self._receive(keys[done:], host_targets)
+            if finish is not None:
+                finish(count)
+            done += count
+            if not partial or count == 0:
+                break
+        return done
 
-    async def _receive(self, keys: Sequence[bytes], targets: Targets) -> int:
+    async def _receive(self, keys: Sequence[bytes], targets: Callable[[Sequence[int]], list[memoryview]]) -> tuple[int, bool]:
+        """One Get call: (blocks that verified, whether the daemon stopped for lack of room)."""
         call = self.stub.Get(pb.GetRequest(keys=keys), timeout=self.timeout_s)
         try:
             stream = aiter(call)
@@ -73,7 +79,7 @@ class RemotePath:
             if header is None or not header.count == len(header.sizes) == len(header.checksums) <= len(keys):
                 raise InternalError("the daemon answered a get with a malformed header")
             if header.count == 0:
-                return 0
+                return 0, False
             views = targets(header.sizes)
             unpacker = Unpacker(header.sizes)
             async for message in stream:
@@ -89,17 +95,18 @@ class RemotePath:
                 await self.stub.Delete(
                     pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]]), timeout=self.timeout_s
                 )
-                return i
-        return header.count
+                return i, False
+        return header.count, header.partial
 
     async def get(self, keys: Sequence[bytes]) -> list[bytearray]:
         out: list[bytearray] = []
 
-        def targets(sizes: Sequence[int]) -> list[memoryview]:
+        def targets(start: int, sizes: Sequence[int]) -> list[memoryview]:
+            del out[start:]
             out.extend(bytearray(size) for size in sizes)
-            return [memoryview(b) for b in out]
+            return [memoryview(b) for b in out[start:]]
 
-        count = await self._receive(keys, targets)
+        count = await self.get_into(keys, targets)
         del out[count:]
         return out
 

@@ -34,6 +34,7 @@ from kvstore.lease import LeaseTable
 from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
+from kvstore.server.movement import NO_ROOM, Mover
 from kvstore.tiers import MemoryTier, PersistentTier, Tier, create_tier
 
 log = logging.getLogger("kvstore.daemon")
@@ -56,8 +57,7 @@ class PutSlot:
 
 class Daemon:
     def __init__(self, config: ServerConfig) -> None:
-        from kvstore.server.leasing import Leasing
-        from kvstore.server.movement import Mover
+        from kvstore.server.leasing import Leasing  # it builds on this module
 
         self.config = config
         self.dram: MemoryTier = create_tier(TierKind.DRAM, config.dram)
@@ -121,21 +121,26 @@ class Daemon:
         self.counters.lookup_miss_blocks += len(keys) - len(found)
         return [record.primary().tier for record in found]
 
-    async def acquire(self, keys: Sequence[bytes]) -> list[Copy]:
+    async def acquire(self, keys: Sequence[bytes]) -> tuple[list[Copy], bool]:
         """Pin the DRAM copies of the leading present blocks, bringing NVMe-only ones up first.
 
-        Stops at the first block that is absent, or that cannot be brought into DRAM (no room, or
-        it failed verification). The caller must :meth:`release` what it got.
+        Stops at the first block that is absent or failed verification, or that DRAM has no room
+        for while the earlier ones are pinned: then ``partial`` is True and the caller should
+        release these and ask again for the rest. The caller must :meth:`release` what it got.
         """
         self._check_keys(keys)
         found = self.index.prefix(keys)
         pinned: list[Copy] = []
+        partial = False
         try:
             for record in found:
                 copy = record.copies.get(TierKind.DRAM)
                 source = record.primary()
                 if copy is None or not copy.filled:
                     copy = await self.mover.promote(record)
+                    if copy is NO_ROOM:
+                        partial = bool(pinned)
+                        break
                     if copy is None:
                         break
                 copy.pins += 1
@@ -146,8 +151,9 @@ class Daemon:
             self.release(pinned)
             raise
         self.counters.get_hit_blocks += len(pinned)
-        self.counters.get_miss_blocks += len(keys) - len(pinned)
-        return pinned
+        if not partial:
+            self.counters.get_miss_blocks += len(keys) - len(pinned)
+        return pinned, partial
 
     def release(self, copies: Sequence[Copy]) -> None:
         for copy in copies:
@@ -162,6 +168,14 @@ class Daemon:
         being written by another put) gets a slot with no copy: its bytes are skipped. A block
         for which no space can be freed is dropped the same way and counted.
         """
+        self.check_put(keys, sizes, checksums)
+        return [
+            await self.reserve_one(key, size, checksums[i] if checksums else None)
+            for i, (key, size) in enumerate(zip(keys, sizes))
+        ]
+
+    def check_put(self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> None:
+        """Raise InvalidArgumentError naming the first thing wrong with a put batch."""
         self._check_keys(keys)
         if len(sizes) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} block sizes")
@@ -179,28 +193,22 @@ class Daemon:
                     f"dram capacity={self.dram.capacity_bytes})"
                 )
 
-        slots: list[PutSlot] = []
-        for i, (key, size) in enumerate(zip(keys, sizes)):
-            checksum_ = checksums[i] if checksums else None
-            if self._present(key):
-                slots.append(PutSlot(size, checksum_, None, present=True))
-                continue
-            extent = await self.mover.make_room(TierKind.DRAM, size)
-            if extent is not None and self._present(key):  # stored by someone else meanwhile
-                self.dram.release(extent)
-                extent = None
-                slots.append(PutSlot(size, checksum_, None, present=True))
-                continue
-            if extent is None:
-                self.counters.put_dropped_blocks += 1
-                slots.append(PutSlot(size, checksum_, None))
-                continue
-            record = BlockRecord(key=key, size=size)
-            copy = Copy(record=record, tier=TierKind.DRAM, extent=extent)
-            record.copies[TierKind.DRAM] = copy
-            self.index.add(record)
-            slots.append(PutSlot(size, checksum_, copy))
-        return slots
+    async def reserve_one(self, key: bytes, size: int, checksum_: int | None) -> PutSlot:
+        """Reserve DRAM space for one block of a checked batch (see :meth:`reserve`)."""
+        if self._present(key):
+            return PutSlot(size, checksum_, None, present=True)
+        extent = await self.mover.make_room(TierKind.DRAM, size)
+        if extent is not None and self._present(key):  # stored by someone else meanwhile
+            self.dram.release(extent)
+            return PutSlot(size, checksum_, None, present=True)
+        if extent is None:
+            self.counters.put_dropped_blocks += 1
+            return PutSlot(size, checksum_, None)
+        record = BlockRecord(key=key, size=size)
+        copy = Copy(record=record, tier=TierKind.DRAM, extent=extent)
+        record.copies[TierKind.DRAM] = copy
+        self.index.add(record)
+        return PutSlot(size, checksum_, copy)
 
     def _present(self, key: bytes) -> bool:
         existing = self.index.get(key)
@@ -280,4 +288,3 @@ class Daemon:
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
-

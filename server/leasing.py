@@ -29,14 +29,14 @@ class Leasing:
         # be copying into them, so they are reused only once that session ends.
         self._quarantine: dict[str, list[Extent]] = {}
 
-    async def acquire(self, session: str, keys: Sequence[bytes], now: float) -> Lease | None:
-        """Pin the leading present blocks for a same-host reader; None when there are none."""
+    async def acquire(self, session: str, keys: Sequence[bytes], now: float) -> tuple[Lease | None, bool]:
+        """Pin the leading present blocks for a same-host reader: (lease or None, partial)."""
         self.table.check(session)
-        copies = await self.daemon.acquire(keys)
+        copies, partial = await self.daemon.acquire(keys)
         if not copies:
-            return None
+            return None, False
         try:
-            return self.table.grant(session, now, records=copies)
+            return self.table.grant(session, now, records=copies), partial
         except BaseException:
             self.daemon.release(copies)
             raise

@@ -34,6 +34,8 @@ from kvstore.tiers.nvme_index import IndexEntry
 log = logging.getLogger("kvstore.movement")
 
 REBALANCE_BATCH_BYTES = 256 << 20
+NO_ROOM = object()
+"""What :meth:`Mover.promote` returns when DRAM has no room (everything in it is in use)."""
 
 
 class Mover:
@@ -98,8 +100,9 @@ class Mover:
             for copy in copies:
                 self._unmark(copy)
 
-    async def promote(self, record: BlockRecord) -> Copy | None:
-        """A filled DRAM copy of ``record`` read up from its fastest copy; None if that fails."""
+    async def promote(self, record: BlockRecord) -> Copy | object | None:
+        """A filled DRAM copy of ``record`` read up from its fastest copy; None if the block is gone
+        or failed verification, :data:`NO_ROOM` if DRAM has no room for it now."""
         waiting = self._promoting.get(record.key)
         if waiting is not None:
             return await asyncio.shield(waiting)
@@ -122,7 +125,7 @@ class Mover:
         try:
             extent = await self.make_room(TierKind.DRAM, record.size)
             if extent is None:
-                return None
+                return NO_ROOM
             copy = Copy(record=record, tier=TierKind.DRAM, extent=extent, moving=True)
             if record.state is not BlockState.READY:
                 d.dram.release(extent)

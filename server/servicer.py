@@ -168,10 +168,10 @@ class KVStoreServicer:
         if header is None or header.WhichOneof("part") != "header":
             raise InvalidArgumentError("a put stream must start with a header message")
         h = header.header
-        slots = await self.daemon.reserve(h.keys, h.sizes, h.checksums)
-        receiver = PutReceiver(self.daemon, slots)
+        self.daemon.check_put(h.keys, h.sizes, h.checksums)
+        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums)
         try:
-            # Space is reserved now; a stream that stalls must not hold it for ever.
+            # A stream that stalls must not hold its reservation for ever.
             while (raw := await _next_within(stream, idle_s)) is not None:
                 message = _parse(pb.PutRequest, raw)
                 if message.WhichOneof("part") != "data":
@@ -180,12 +180,12 @@ class KVStoreServicer:
             receiver.close()
         finally:
             receiver.abort()
-        return _put_response(receiver.stored, slots)
+        return _put_response(receiver.stored, receiver.slots)
 
     async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
         async with self._rpc("Get", context):
             request = _parse(pb.GetRequest, raw)
-            copies = await self.daemon.acquire(request.keys)
+            copies, partial = await self.daemon.acquire(request.keys)
             try:
                 records = [c.record for c in copies]
                 yield pb.GetResponse(
@@ -194,6 +194,7 @@ class KVStoreServicer:
                         sizes=[r.size for r in records],
                         checksums=[self.daemon.checksum_of(r) for r in records],
                         tiers=[c.tier for c in copies],
+                        partial=partial,
                     )
                 )
                 for chunk in pack(block_views(self.daemon, copies), self.daemon.config.stream_chunk_bytes):
@@ -247,7 +248,7 @@ class KVStoreServicer:
         return _put_response(stored, slots)
 
     async def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
-        lease = await self.daemon.leasing.acquire(request.session, request.keys, time.monotonic())
+        lease, partial = await self.daemon.leasing.acquire(request.session, request.keys, time.monotonic())
         if lease is None:
             return pb.AcquireResponse()
         copies = lease.records
@@ -255,7 +256,7 @@ class KVStoreServicer:
         return pb.AcquireResponse(
             lease=lease.id, count=len(copies),
             offsets=[c.extent.offset for c in copies], sizes=[c.record.size for c in copies],
-            tiers=[c.tier for c in copies],
+            tiers=[c.tier for c in copies], partial=partial,
         )
 
     def release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:

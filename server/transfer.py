@@ -19,24 +19,38 @@ from kvstore.server.daemon import Daemon, PutSlot
 
 
 class PutReceiver:
-    def __init__(self, daemon: Daemon, slots: Sequence[PutSlot]) -> None:
+    """Receives the data of one put stream whose header was checked with :meth:`Daemon.check_put`.
+
+    Space for a block is reserved when its first byte arrives, not when the header does: blocks
+    earlier in the stream are committed by then and can be demoted or evicted to make room, so a
+    batch larger than DRAM still goes through, and a stalled stream holds at most one block.
+    """
+
+    def __init__(self, daemon: Daemon, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> None:
         self._daemon = daemon
-        self._slots = slots
-        self._unpacker = Unpacker([slot.size for slot in slots])
-        self._finished = 0
+        self._keys = keys
+        self._checksums = checksums
+        self._unpacker = Unpacker(sizes)
+        self.slots: list[PutSlot] = []
+        self._open: PutSlot | None = None   # the block being received, reserved but not finished
         self._hasher = hasher()
         self.stored = 0
         self.corrupt: list[int] = []
 
     async def feed(self, data: bytes) -> None:
         """Consume one data message."""
-        tier = self._daemon.tier
+        tier = self._daemon.dram
         for i, offset, piece in self._unpacker.feed(data):
-            slot = self._slots[i]
+            if offset == 0:
+                checksum_ = self._checksums[i] if self._checksums else None
+                self._open = await self._daemon.reserve_one(self._keys[i], self._unpacker.sizes[i], checksum_)
+                self.slots.append(self._open)
+            slot = self._open
             if slot.copy is not None:
                 await tier.write(slot.copy.extent, offset, piece)
                 self._hasher.update(piece)
             if offset + piece.nbytes == slot.size:
+                self._open = None
                 await self._finish(i, slot)
 
     def close(self) -> None:
@@ -50,14 +64,12 @@ class PutReceiver:
             )
 
     def abort(self) -> None:
-        """Throw away every reservation not yet committed (stream broken or rejected)."""
-        for slot in self._slots[self._finished :]:
-            if slot.copy is not None:
-                self._daemon.abort(slot)
-        self._finished = len(self._slots)
+        """Throw away the block being received, if any (stream broken or rejected)."""
+        slot, self._open = self._open, None
+        if slot is not None and slot.copy is not None:
+            self._daemon.abort(slot)
 
     async def _finish(self, i: int, slot: PutSlot) -> None:
-        self._finished = i + 1  # from here on this slot is the commit's business, not abort's
         if slot.copy is not None:
             actual = self._hasher.intdigest()
             self._hasher.reset()

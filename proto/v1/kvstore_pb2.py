@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvstore/proto/v1/kvstore.proto\x12\nkvstore.v1\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"@\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\";\n\tPutHeader\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\"M\n\nPutRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"R\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\r\x12\x11\n\tpersisted\x18\x04 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"]\n\tGetHeader\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\x12\x1f\n\x05tiers\x18\x04 \x03(\x0e\x32\x10.kvstore.v1.Tier\"N\n\x0bGetResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.GetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x14\n\x0cif_checksums\x18\x02 \x03(\x06\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xe2\x01\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x15\n\revicted_bytes\x18\x07 \x01(\x04\x12\x12\n\npromotions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x1a\n\x12integrity_failures\x18\n \x01(\x04\"\xec\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x19\n\x11lookup_hit_blocks\x18\x04 \x01(\x04\x12\x1a\n\x12lookup_miss_blocks\x18\x05 \x01(\x04\x12\x16\n\x0eget_hit_blocks\x18\x06 \x01(\x04\x12\x17\n\x0fget_miss_blocks\x18\x07 \x01(\x04\x12\x19\n\x11put_stored_blocks\x18\x08 \x01(\x04\x12\x1a\n\x12put_present_blocks\x18\t \x01(\x04\x12\x1a\n\x12put_dropped_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64\x65leted_blocks\x18\x0b \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x04\x12\x11\n\tbytes_out\x18\r \x01(\x04\x12\x1a\n\x12integrity_failures\x18\x0e \x01(\x04\"\x0f\n\rAttachRequest\"a\n\x0e\x41ttachResponse\x12\x10\n\x08\x61rena_id\x18\x01 \x01(\t\x12\x13\n\x0bsocket_path\x18\x02 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x03 \x01(\x04\x12\x13\n\x0blease_ttl_s\x18\x04 \x01(\x01\">\n\x0eReserveRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\"X\n\x0fReserveResponse\x12\r\n\x05lease\x18\x01 \x01(\x04\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.kvstore.v1.SlotState\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\"Q\n\rCommitRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\x12\x11\n\tchecksums\x18\x04 \x03(\x06\"/\n\x0e\x41\x63quireRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"p\n\x0f\x41\x63quireResponse\x12\r\n\x05lease\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12\x1f\n\x05tiers\x18\x05 \x03(\x0e\x32\x10.kvstore.v1.Tier\"1\n\x0eReleaseRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06leases\x18\x02 \x03(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r*d\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x12\x0b\n\x07TIER_S3\x10\x04\x12\r\n\tTIER_PEER\x10\x05*B\n\tSlotState\x12\x11\n\rSLOT_RESERVED\x10\x00\x12\x10\n\x0cSLOT_PRESENT\x10\x01\x12\x10\n\x0cSLOT_DROPPED\x10\x02\x32\x88\x05\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12?\n\x06\x41ttach\x12\x19.kvstore.v1.AttachRequest\x1a\x1a.kvstore.v1.AttachResponse\x12\x42\n\x07Reserve\x12\x1a.kvstore.v1.ReserveRequest\x1a\x1b.kvstore.v1.ReserveResponse\x12<\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x17.kvstore.v1.PutResponse\x12\x42\n\x07\x41\x63quire\x12\x1a.kvstore.v1.AcquireRequest\x1a\x1b.kvstore.v1.AcquireResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvstore/proto/v1/kvstore.proto\x12\nkvstore.v1\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"@\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\";\n\tPutHeader\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\"M\n\nPutRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"R\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\r\x12\x11\n\tpersisted\x18\x04 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"n\n\tGetHeader\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05sizes\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x06\x12\x1f\n\x05tiers\x18\x04 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\x0f\n\x07partial\x18\x05 \x01(\x08\"N\n\x0bGetResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.GetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x14\n\x0cif_checksums\x18\x02 \x03(\x06\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xe2\x01\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x15\n\revicted_bytes\x18\x07 \x01(\x04\x12\x12\n\npromotions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x1a\n\x12integrity_failures\x18\n \x01(\x04\"\xec\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x19\n\x11lookup_hit_blocks\x18\x04 \x01(\x04\x12\x1a\n\x12lookup_miss_blocks\x18\x05 \x01(\x04\x12\x16\n\x0eget_hit_blocks\x18\x06 \x01(\x04\x12\x17\n\x0fget_miss_blocks\x18\x07 \x01(\x04\x12\x19\n\x11put_stored_blocks\x18\x08 \x01(\x04\x12\x1a\n\x12put_present_blocks\x18\t \x01(\x04\x12\x1a\n\x12put_dropped_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64\x65leted_blocks\x18\x0b \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x04\x12\x11\n\tbytes_out\x18\r \x01(\x04\x12\x1a\n\x12integrity_failures\x18\x0e \x01(\x04\"\x0f\n\rAttachRequest\"a\n\x0e\x41ttachResponse\x12\x10\n\x08\x61rena_id\x18\x01 \x01(\t\x12\x13\n\x0bsocket_path\x18\x02 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x03 \x01(\x04\x12\x13\n\x0blease_ttl_s\x18\x04 \x01(\x01\">\n\x0eReserveRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\"X\n\x0fReserveResponse\x12\r\n\x05lease\x18\x01 \x01(\x04\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.kvstore.v1.SlotState\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\"Q\n\rCommitRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\x12\x11\n\tchecksums\x18\x04 \x03(\x06\"/\n\x0e\x41\x63quireRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"\x81\x01\n\x0f\x41\x63quireResponse\x12\r\n\x05lease\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12\x1f\n\x05tiers\x18\x05 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\x0f\n\x07partial\x18\x06 \x01(\x08\"1\n\x0eReleaseRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06leases\x18\x02 \x03(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r*d\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x12\x0b\n\x07TIER_S3\x10\x04\x12\r\n\tTIER_PEER\x10\x05*B\n\tSlotState\x12\x11\n\rSLOT_RESERVED\x10\x00\x12\x10\n\x0cSLOT_PRESENT\x10\x01\x12\x10\n\x0cSLOT_DROPPED\x10\x02\x32\x88\x05\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12?\n\x06\x41ttach\x12\x19.kvstore.v1.AttachRequest\x1a\x1a.kvstore.v1.AttachResponse\x12\x42\n\x07Reserve\x12\x1a.kvstore.v1.ReserveRequest\x1a\x1b.kvstore.v1.ReserveResponse\x12<\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x17.kvstore.v1.PutResponse\x12\x42\n\x07\x41\x63quire\x12\x1a.kvstore.v1.AcquireRequest\x1a\x1b.kvstore.v1.AcquireResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.proto.v1.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1874
-  _globals['_TIER']._serialized_end=1974
-  _globals['_SLOTSTATE']._serialized_start=1976
-  _globals['_SLOTSTATE']._serialized_end=2042
+  _globals['_TIER']._serialized_start=1909
+  _globals['_TIER']._serialized_end=2009
+  _globals['_SLOTSTATE']._serialized_start=2011
+  _globals['_SLOTSTATE']._serialized_end=2077
   _globals['_LOOKUPREQUEST']._serialized_start=46
   _globals['_LOOKUPREQUEST']._serialized_end=75
   _globals['_LOOKUPRESPONSE']._serialized_start=77
@@ -48,37 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREQUEST']._serialized_start=367
   _globals['_GETREQUEST']._serialized_end=393
   _globals['_GETHEADER']._serialized_start=395
-  _globals['_GETHEADER']._serialized_end=488
-  _globals['_GETRESPONSE']._serialized_start=490
-  _globals['_GETRESPONSE']._serialized_end=568
-  _globals['_DELETEREQUEST']._serialized_start=570
-  _globals['_DELETEREQUEST']._serialized_end=621
-  _globals['_DELETERESPONSE']._serialized_start=623
-  _globals['_DELETERESPONSE']._serialized_end=656
-  _globals['_STATSREQUEST']._serialized_start=658
-  _globals['_STATSREQUEST']._serialized_end=672
-  _globals['_TIERSTATS']._serialized_start=675
-  _globals['_TIERSTATS']._serialized_end=901
-  _globals['_STATSRESPONSE']._serialized_start=904
-  _globals['_STATSRESPONSE']._serialized_end=1268
-  _globals['_ATTACHREQUEST']._serialized_start=1270
-  _globals['_ATTACHREQUEST']._serialized_end=1285
-  _globals['_ATTACHRESPONSE']._serialized_start=1287
-  _globals['_ATTACHRESPONSE']._serialized_end=1384
-  _globals['_RESERVEREQUEST']._serialized_start=1386
-  _globals['_RESERVEREQUEST']._serialized_end=1448
-  _globals['_RESERVERESPONSE']._serialized_start=1450
-  _globals['_RESERVERESPONSE']._serialized_end=1538
-  _globals['_COMMITREQUEST']._serialized_start=1540
-  _globals['_COMMITREQUEST']._serialized_end=1621
-  _globals['_ACQUIREREQUEST']._serialized_start=1623
-  _globals['_ACQUIREREQUEST']._serialized_end=1670
-  _globals['_ACQUIRERESPONSE']._serialized_start=1672
-  _globals['_ACQUIRERESPONSE']._serialized_end=1784
-  _globals['_RELEASEREQUEST']._serialized_start=1786
-  _globals['_RELEASEREQUEST']._serialized_end=1835
-  _globals['_RELEASERESPONSE']._serialized_start=1837
-  _globals['_RELEASERESPONSE']._serialized_end=1872
-  _globals['_KVSTORE']._serialized_start=2045
-  _globals['_KVSTORE']._serialized_end=2693
+  _globals['_GETHEADER']._serialized_end=505
+  _globals['_GETRESPONSE']._serialized_start=507
+  _globals['_GETRESPONSE']._serialized_end=585
+  _globals['_DELETEREQUEST']._serialized_start=587
+  _globals['_DELETEREQUEST']._serialized_end=638
+  _globals['_DELETERESPONSE']._serialized_start=640
+  _globals['_DELETERESPONSE']._serialized_end=673
+  _globals['_STATSREQUEST']._serialized_start=675
+  _globals['_STATSREQUEST']._serialized_end=689
+  _globals['_TIERSTATS']._serialized_start=692
+  _globals['_TIERSTATS']._serialized_end=918
+  _globals['_STATSRESPONSE']._serialized_start=921
+  _globals['_STATSRESPONSE']._serialized_end=1285
+  _globals['_ATTACHREQUEST']._serialized_start=1287
+  _globals['_ATTACHREQUEST']._serialized_end=1302
+  _globals['_ATTACHRESPONSE']._serialized_start=1304
+  _globals['_ATTACHRESPONSE']._serialized_end=1401
+  _globals['_RESERVEREQUEST']._serialized_start=1403
+  _globals['_RESERVEREQUEST']._serialized_end=1465
+  _globals['_RESERVERESPONSE']._serialized_start=1467
+  _globals['_RESERVERESPONSE']._serialized_end=1555
+  _globals['_COMMITREQUEST']._serialized_start=1557
+  _globals['_COMMITREQUEST']._serialized_end=1638
+  _globals['_ACQUIREREQUEST']._serialized_start=1640
+  _globals['_ACQUIREREQUEST']._serialized_end=1687
+  _globals['_ACQUIRERESPONSE']._serialized_start=1690
+  _globals['_ACQUIRERESPONSE']._serialized_end=1819
+  _globals['_RELEASEREQUEST']._serialized_start=1821
+  _globals['_RELEASEREQUEST']._serialized_end=1870
+  _globals['_RELEASERESPONSE']._serialized_start=1872
+  _globals['_RELEASERESPONSE']._serialized_end=1907
+  _globals['_KVSTORE']._serialized_start=2080
+  _globals['_KVSTORE']._serialized_end=2728
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,141 @@
+"""The tier hierarchy end to end: DRAM over NVMe, demotion and promotion, crashes, bit rot, scans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from kvstore import TierKind
+from kvstore.client import KVClient
+from kvstore.config import NvmeConfig
+from kvstore.server import KVStoreServer
+from kvstore.server.process import DaemonProcess
+from kvstore.tiers.nvme import DATA_FILE, INDEX_DIR
+from kvstore.tiers.nvme_index import NvmeIndex
+
+from conftest import chain, make_config, random_blocks
+
+MiB = 1 << 20
+
+
+def tiered(tmp_path, dram_mib: int = 8, nvme_mib: int = 64, **overrides):
+    return make_config(
+        dram_bytes=dram_mib * MiB, nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=nvme_mib * MiB),
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("path", ["require", "off"])
+async def test_several_times_dram_round_trips_the_early_blocks_from_nvme(tmp_path, path):
+    async with KVStoreServer(tiered(tmp_path)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local=path) as kv:
+            keys = chain(40, seed=100)          # 40 MiB through an 8 MiB DRAM tier
+            blocks = random_blocks(40, MiB)
+            for i in range(0, 40, 4):
+                assert (await kv.put(keys[i : i + 4], blocks[i : i + 4])).stored == 4
+            hit = await kv.lookup(keys)
+            assert hit.count == 40
+            assert hit.tiers[0] is TierKind.NVME and hit.tiers[-1] is TierKind.DRAM
+            for key, block in zip(keys, blocks):
+                got = await kv.get([key])
+                assert len(got) == 1 and bytes(got[0]) == block
+            stats = await kv.stats()
+            dram, nvme = stats.tier(TierKind.DRAM), stats.tier(TierKind.NVME)
+            assert dram.demotions >= 32 and nvme.promotions >= 32 and dram.used_bytes <= dram.capacity_bytes
+            assert nvme.blocks >= 32 and stats.integrity_failures == 0
+
+
+async def test_a_restarted_daemon_serves_what_it_persisted_without_reading_it(tmp_path):
+    keys, blocks = chain(12, seed=101), random_blocks(12, MiB)
+    async with KVStoreServer(tiered(tmp_path, write_through=True)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert (await kv.put(keys, blocks)).persisted == 12
+    async with KVStoreServer(tiered(tmp_path)) as srv:
+        assert srv.daemon.tiers[TierKind.NVME].used_bytes == 12 * MiB
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            hit = await kv.lookup(keys)
+            assert hit.count == 12 and set(hit.tiers) == {TierKind.NVME}
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+
+async def test_flipped_bytes_on_disk_are_misses_never_wrong_data(tmp_path):
+    keys, blocks = chain(6, seed=102), random_blocks(6, 256 * 1024)
+    async with KVStoreServer(tiered(tmp_path, write_through=True)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            await kv.put(keys, blocks)
+    index = NvmeIndex(str(tmp_path / "nvme" / INDEX_DIR), 1 << 20)
+    offsets = {e.key: e.offset for e in index.entries()}
+    index.close()
+    with open(tmp_path / "nvme" / DATA_FILE, "r+b") as f:
+        for victim in (keys[1], keys[4]):
+            f.seek(offsets[victim] + 1000)
+            byte = f.read(1)
+            f.seek(offsets[victim] + 1000)
+            f.write(bytes([byte[0] ^ 0x01]))
+    async with KVStoreServer(tiered(tmp_path)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert [bytes(b) for b in await kv.get(keys)] == blocks[:1]  # block 1 is a miss
+            for i, (key, block) in enumerate(zip(keys, blocks)):
+                got = await kv.get([key])
+                assert got == [] if i in (1, 4) else [bytes(g) for g in got] == [block]
+            stats = await kv.stats()
+            assert stats.integrity_failures == 2 and stats.tier(TierKind.NVME).integrity_failures == 2
+            assert (await kv.lookup(keys[1:2])).count == 0  # dropped, so a put can repair it
+            assert (await kv.put(keys[1:2], blocks[1:2])).stored == 1
+
+
+@pytest.mark.parametrize("policy", ["s3fifo", "lru"])
+async def test_a_scan_bigger_than_dram_leaves_the_hot_prefix_in_dram_only_under_s3fifo(tmp_path, policy):
+    async with KVStoreServer(tiered(tmp_path, dram_mib=16, nvme_mib=128, policy=policy)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            hot, hot_blocks = chain(4, seed=103), random_blocks(4, MiB)
+            await kv.put(hot, hot_blocks)
+            for _ in range(3):
+                assert len(await kv.get(hot)) == 4    # a shared system prompt, read by every request
+            for i in range(12):                        # then one-off documents: 48 MiB, 3x DRAM
+                await kv.put(chain(4, seed=1000 + i), random_blocks(4, MiB))
+            await asyncio.sleep(0.3)                   # let background demotion settle
+            tiers = (await kv.lookup(hot)).tiers
+            if policy == "s3fifo":
+                assert tiers == [TierKind.DRAM] * 4
+            else:
+                assert TierKind.DRAM not in tiers      # LRU pushed the hot prefix down to NVMe
+            assert [bytes(b) for b in await kv.get(hot)] == hot_blocks
+
+
+async def test_kill_9_mid_stream_loses_nothing_acknowledged_as_persisted(tmp_path):
+    nvme_dir = str(tmp_path / "nvme")
+    args = ["--dram-bytes", "16MiB", "--nvme-dir", nvme_dir, "--nvme-bytes", "256MiB", "--write-through"]
+    acked: dict[bytes, bytes] = {}
+    sent: dict[bytes, bytes] = {}
+    daemon = DaemonProcess(args)
+    daemon.start()
+    try:
+        async with KVClient(daemon.target, timeout_s=5) as kv:
+            killer = asyncio.get_running_loop().call_later(1.5, daemon.proc.send_signal, signal.SIGKILL)
+            try:
+                for i in range(10_000):
+                    keys, blocks = chain(2, seed=5000 + i), random_blocks(2, 256 * 1024)
+                    sent.update(zip(keys, blocks))
+                    result = await kv.put(keys, blocks)
+                    if result.persisted == 2:
+                        acked.update(zip(keys, blocks))
+            except Exception:
+                pass  # the daemon died under us: that is the point
+            finally:
+                killer.cancel()
+    finally:
+        daemon.stop()
+    assert len(acked) >= 10, "the daemon died before anything was acknowledged; slow machine?"
+
+    with DaemonProcess(args) as again:
+        async with KVClient(again.target) as kv:
+            for key, block in acked.items():
+                got = await kv.get([key])
+                assert [bytes(g) for g in got] == [block]
+            for key, block in sent.items():  # nothing, acknowledged or not, comes back wrong
+                got = await kv.get([key])
+                assert got == [] or bytes(got[0]) == block
