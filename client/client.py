@@ -130,7 +130,7 @@ class KVClient:
         if info.socket_path:
             try:
                 self._local = await asyncio.wait_for(
-                    LocalPath.attach(info.socket_path, info.arena_id, info.arena_bytes, info.lease_ttl_s),
+                    LocalPath.attach(info),
                     self.connect_timeout_s,
                 )
                 return

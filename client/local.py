@@ -26,6 +26,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from kvstore.block import check_sizes
 from kvstore.errors import StaleSessionError
 from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, frame
 from kvstore.proto.status import error_for
@@ -127,23 +128,24 @@ class LocalChannel:
 class LocalPath:
     name = "local"
 
-    def __init__(self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float) -> None:
+    def __init__(self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float, block_limit: tuple[int, str]) -> None:
         self.arena = arena
         self.channel = channel
         self.ttl_s = ttl_s
+        self.block_limit = block_limit
         self._releases: set[asyncio.Task] = set()
         self._cuda: CudaCopier | None = None
 
     @classmethod
-    async def attach(cls, path: str, arena_id: str, arena_bytes: int, ttl_s: float) -> LocalPath:
-        arena = await asyncio.to_thread(LocalArena.open, path, arena_id, arena_bytes)
+    async def attach(cls, info: pb.AttachResponse) -> LocalPath:
+        arena = await asyncio.to_thread(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes)
         try:
             channel = await LocalChannel.open(arena.conn)
         except BaseException:
             arena.conn.close()
             arena.close()
             raise
-        return cls(arena, channel, ttl_s=ttl_s)
+        return cls(arena, channel, ttl_s=info.lease_ttl_s, block_limit=(info.max_block_bytes, info.max_block_reason))
 
     async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
         return await self.channel.call("Lookup", pb.LookupRequest(keys=keys), pb.LookupResponse)
@@ -156,6 +158,7 @@ class LocalPath:
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         """Put in rounds of at most a quarter of the arena, so that one round's reservations never
         crowd out each other (earlier rounds are committed, so they can be demoted to make room)."""
+        check_sizes([s.nbytes for s in sources], *self.block_limit)  # the whole batch, before any round
         total = [0, 0, 0, 0]
         limit = max(self.arena.view.nbytes // 4, 1)
         start = 0

@@ -18,9 +18,11 @@ intrusive list), so policy operations are O(1) and allocate nothing.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.errors import BlockTooLargeError, InvalidArgumentError
 from kvstore.tier_kind import TierKind
 
 
@@ -81,3 +83,14 @@ class BlockRecord:
             if copy.filled and (best is None or tier < best.tier):
                 best = copy
         return best
+
+
+def check_sizes(sizes: Sequence[int], limit: int, why: str) -> None:
+    """Raise naming the first block that is empty or larger than ``limit`` (``why`` says whose)."""
+    for i, size in enumerate(sizes):
+        if size <= 0:
+            raise InvalidArgumentError(f"block {i} is empty")
+        if size > limit:
+            raise BlockTooLargeError(
+                f"block {i} is {size} bytes; the largest block this daemon stores is {limit} bytes ({why})"
+            )

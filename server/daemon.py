@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 from kvstore import __version__
 from kvstore.allocator import Extent
-from kvstore.block import BlockRecord, BlockState, Copy
+from kvstore.block import BlockRecord, BlockState, Copy, check_sizes
 from kvstore.checksum import checksum
-from kvstore.config import ServerConfig, format_bytes
-from kvstore.errors import BlockTooLargeError, InvalidArgumentError
+from kvstore.config import ServerConfig
+from kvstore.errors import InvalidArgumentError
 from kvstore.index import BlockIndex
 from kvstore.keys import check_keys
 from kvstore.lease import LeaseTable
@@ -181,17 +181,12 @@ class Daemon:
             raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} block sizes")
         if checksums and len(checksums) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(checksums)} checksums")
+        check_sizes(sizes, *self.block_limit())
+
+    def block_limit(self) -> tuple[int, str]:
+        """The largest block accepted, and why it is that."""
         limit = min(self.config.max_block_bytes, self.dram.capacity_bytes)
-        for i, size in enumerate(sizes):
-            if size <= 0:
-                raise InvalidArgumentError(f"block {i} is empty")
-            if size > limit:
-                raise BlockTooLargeError(
-                    f"block {i} is {format_bytes(size)} ({size} bytes); the largest block this "
-                    f"daemon stores is {format_bytes(limit)} ({limit} bytes: "
-                    f"max_block_bytes={self.config.max_block_bytes}, "
-                    f"dram capacity={self.dram.capacity_bytes})"
-                )
+        return limit, f"max_block_bytes={self.config.max_block_bytes}, dram capacity={self.dram.capacity_bytes}"
 
     async def reserve_one(self, key: bytes, size: int, checksum_: int | None) -> PutSlot:
         """Reserve DRAM space for one block of a checked batch (see :meth:`reserve`)."""

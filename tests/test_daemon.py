@@ -33,7 +33,7 @@ async def put_now(d: Daemon, key: bytes, size: int = PAGE) -> bool:
 async def test_eviction_under_fragmentation_evicts_nothing_when_it_cannot_help(daemon):
     for k in (b"k0", b"k1", b"k2", b"k3"):
         assert await put_now(daemon, k)
-    pinned = await daemon.acquire([b"k1"]) + await daemon.acquire([b"k3"])
+    pinned = (await daemon.acquire([b"k1"]))[0] + (await daemon.acquire([b"k3"]))[0]
     # Pages 1 and 3 are pinned: no two adjacent pages can be freed for a 2-page block.
     (slot,) = await daemon.reserve([b"big"], [2 * PAGE], [])
     assert slot.copy is None and not slot.present

@@ -182,16 +182,20 @@ class AttachRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s")
+    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s", "max_block_bytes", "max_block_reason")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_REASON_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     socket_path: str
     arena_bytes: int
     lease_ttl_s: float
-    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+    max_block_bytes: int
+    max_block_reason: str
+    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ..., max_block_bytes: _Optional[int] = ..., max_block_reason: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("session", "keys", "sizes")
