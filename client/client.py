@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,6 +43,7 @@ log = logging.getLogger("kvstore.client")
 MiB = 1 << 20
 MAX_CHUNK_BYTES = 16 * MiB
 LOCAL_MODES = ("auto", "off", "require")
+REATTACH_INTERVAL_S = 5.0
 _TIERS = {kind.value: kind for kind in TierKind}
 
 
@@ -89,6 +91,7 @@ class KVClient:
         self._stub: pb_grpc.KVStoreStub | None = None
         self._remote: RemotePath | None = None
         self._local: LocalPath | None = None
+        self._next_attach = 0.0
 
     async def __aenter__(self) -> KVClient:
         await self.connect()
@@ -124,15 +127,16 @@ class KVClient:
         if self._local is not None:
             await self._local.close()
             self._local = None
-        async with self._errors():
+        try:
             info = await self._stub.Attach(pb.AttachRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise error_from_rpc(exc) from None
+            info = pb.AttachResponse()  # a daemon without the same-host path
         reason = "the daemon offers no same-host socket"
         if info.socket_path:
             try:
-                self._local = await asyncio.wait_for(
-                    LocalPath.attach(info),
-                    self.connect_timeout_s,
-                )
+                self._local = await asyncio.wait_for(LocalPath.attach(info, self.timeout_s), self.connect_timeout_s)
                 return
             except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 reason = f"cannot map the daemon's arena through {info.socket_path}: {exc}"
@@ -171,6 +175,14 @@ class KVClient:
         """Run ``op`` on the data path in use; re-attach once if the daemon restarted."""
         if self._stub is None:
             raise UnavailableError("the client is not connected (use `async with KVClient(...)`)")
+        if self._local is None and self.local != "off" and time.monotonic() >= self._next_attach:
+            # The same-host path was lost (a restart, a failed attach): try again, now and then.
+            self._next_attach = time.monotonic() + REATTACH_INTERVAL_S
+            try:
+                await self._attach()
+            except KVStoreError:
+                if self.local == "require":
+                    raise
         for attempt in (1, 2):
             path = self._local or self._remote
             try:
@@ -180,7 +192,7 @@ class KVClient:
                 if path is not self._local or attempt == 2:
                     raise
                 log.info("same-host session ended (daemon restarted?); attaching again")
-                await self._attach()
+                await self._attach()  # raises in "require" mode if the same-host path is gone
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading ``keys`` are cached, and which tier holds each of them."""

@@ -23,6 +23,7 @@ from kvstore.errors import InvalidArgumentError
 
 _DL_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _H2D, _D2H = 1, 2   # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+_HOST_REGISTER_PORTABLE = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,12 @@ def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 
 
 class CudaCopier:
-    """DMA copies between a page-locked host region and GPU buffers, on one stream."""
+    """DMA copies between a page-locked host region and GPU buffers, on one stream.
+
+    Ordering: before copying *from* GPU buffers the device is synchronized, so kernels that
+    produced the KV (on any stream) have finished; copies *into* GPU buffers are complete, for
+    every stream, when :meth:`synchronize` returns.
+    """
 
     def __init__(self, host: Any) -> None:
         import cupy
@@ -78,8 +84,13 @@ class CudaCopier:
         array = np.frombuffer(host, dtype=np.uint8)
         self.host_ptr, self.host_bytes = array.ctypes.data, array.nbytes
         del array
-        cupy.cuda.runtime.hostRegister(self.host_ptr, self.host_bytes, 0)
+        # Portable: the pinning holds for every device and context of this process.
+        cupy.cuda.runtime.hostRegister(self.host_ptr, self.host_bytes, _HOST_REGISTER_PORTABLE)
         self._stream = cupy.cuda.Stream(non_blocking=True)
+
+    async def wait_for_producers(self) -> None:
+        """Let every kernel queued on the device finish (it may be writing the blocks to copy)."""
+        await asyncio.to_thread(self._cupy.cuda.runtime.deviceSynchronize)
 
     def to_host(self, offset: int, src: DeviceBuffer) -> None:
         self._copy(self.host_ptr + offset, src.ptr, src.nbytes, _D2H)
@@ -94,6 +105,10 @@ class CudaCopier:
     async def synchronize(self) -> None:
         """Wait for every queued copy (off the event loop)."""
         await asyncio.to_thread(self._stream.synchronize)
+
+    def synchronize_now(self) -> None:
+        """Wait for every queued copy, on this thread: for cleanup paths that must not be cut short."""
+        self._stream.synchronize()
 
     def close(self) -> None:
         self._stream.synchronize()

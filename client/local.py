@@ -64,13 +64,17 @@ class LocalArena:
                 hello = json.loads(data[4 : 4 + length])
                 if hello.get("arena_id") != arena_id or hello.get("arena_bytes") != arena_bytes or len(fds) != 1:
                     raise ValueError(f"{path} belongs to another daemon")
-                if hello.get("version") != PROTOCOL_VERSION:
+                if hello.get("version") != PROTOCOL_VERSION or "session" not in hello:
                     raise ValueError(f"{path} speaks local protocol {hello.get('version')}, not {PROTOCOL_VERSION}")
                 arena = mmap.mmap(fds[0], arena_bytes, flags=mmap.MAP_SHARED)
             finally:
                 for fd in fds:
                     os.close(fd)
-            _populate_for_writing(arena)
+            if hello.get("prefaulted"):
+                # The daemon committed the pages (charged to it); map them here too, writable, so
+                # copies do not fault. Without that, populating here would commit the whole arena
+                # to this process's memory cgroup, so pages fault in as they are used instead.
+                _populate_for_writing(arena)
             conn.setblocking(False)
             return cls(conn, arena, hello["session"])
         except BaseException:
@@ -96,25 +100,36 @@ def _populate_for_writing(arena: mmap.mmap) -> None:
 class LocalChannel:
     """Request/response over the session socket; one call at a time, in order."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float) -> None:
         self._reader = reader
         self._writer = writer
+        self._timeout_s = timeout_s
         self._lock = asyncio.Lock()
+        self._broken: str | None = None
 
     @classmethod
-    async def open(cls, conn: socket.socket) -> LocalChannel:
+    async def open(cls, conn: socket.socket, timeout_s: float) -> LocalChannel:
         reader, writer = await asyncio.open_unix_connection(sock=conn)
-        return cls(reader, writer)
+        return cls(reader, writer, timeout_s)
 
     async def call(self, method: str, request: Message, response_cls: type[Message]) -> Any:
         payload = frame(METHOD_IDS[method], request.SerializeToString())
         async with self._lock:
+            if self._broken:
+                raise StaleSessionError(f"the same-host session is unusable: {self._broken}")
             try:
                 self._writer.write(payload)
-                length = int.from_bytes(await self._reader.readexactly(4), "little")
-                body = await self._reader.readexactly(length)
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                raise StaleSessionError(f"the daemon closed the same-host session ({exc})") from None
+                length = int.from_bytes(await asyncio.wait_for(self._reader.readexactly(4), self._timeout_s), "little")
+                body = await asyncio.wait_for(self._reader.readexactly(length), self._timeout_s)
+            except BaseException as exc:
+                # A call interrupted after its request went out (cancelled, timed out, cut off)
+                # leaves its answer unread, and the next call would read it as its own. The
+                # session is closed instead; the client attaches again.
+                self._broken = f"{method} was interrupted ({type(exc).__name__})"
+                self._writer.close()
+                if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError)):
+                    raise StaleSessionError(f"the same-host session ended during {method} ({exc!r})") from None
+                raise
         if body[0] != 0:
             raise error_for(body[0], body[1:].decode(errors="replace"))
         return response_cls.FromString(body[1:])
@@ -137,10 +152,10 @@ class LocalPath:
         self._cuda: CudaCopier | None = None
 
     @classmethod
-    async def attach(cls, info: pb.AttachResponse) -> LocalPath:
+    async def attach(cls, info: pb.AttachResponse, timeout_s: float) -> LocalPath:
         arena = await asyncio.to_thread(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes)
         try:
-            channel = await LocalChannel.open(arena.conn)
+            channel = await LocalChannel.open(arena.conn, timeout_s)
         except BaseException:
             arena.conn.close()
             arena.close()
@@ -150,9 +165,9 @@ class LocalPath:
     async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
         return await self.channel.call("Lookup", pb.LookupRequest(keys=keys), pb.LookupResponse)
 
-    def _cuda_copier(self) -> CudaCopier:
-        if self._cuda is None:
-            self._cuda = CudaCopier(self.arena.mapping)
+    async def _cuda_copier(self) -> CudaCopier:
+        if self._cuda is None:  # page-locking the arena takes a while: off the event loop
+            self._cuda = await asyncio.to_thread(CudaCopier, self.arena.mapping)
         return self._cuda
 
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
@@ -178,21 +193,25 @@ class LocalPath:
             "Reserve", pb.ReserveRequest(keys=keys, sizes=[s.nbytes for s in sources]), pb.ReserveResponse
         )
         abort = True
+        copier = None
         try:
             arena = self.arena.view
-            on_gpu = False
+            if any(isinstance(src, DeviceBuffer) for src in sources):
+                copier = await self._cuda_copier()
+                await copier.wait_for_producers()
             for src, state, offset in zip(sources, reserved.states, reserved.offsets):
                 if state != pb.SLOT_RESERVED:
                     continue
                 if isinstance(src, DeviceBuffer):
-                    self._cuda_copier().to_host(offset, src)
-                    on_gpu = True
+                    copier.to_host(offset, src)
                 else:
                     arena[offset : offset + src.nbytes] = src
-            if on_gpu:
-                await self._cuda.synchronize()
+            if copier is not None:
+                await copier.synchronize()
             abort = False
         finally:
+            if copier is not None and abort:
+                copier.synchronize_now()  # no DMA may land in space the abort gives back
             response = await self.channel.call(
                 "Commit", pb.CommitRequest(lease=reserved.lease, abort=abort), pb.PutResponse
             )
@@ -252,15 +271,20 @@ class LocalPath:
 
         async def copy_out(start: int, response: pb.AcquireResponse) -> None:
             dests = targets(start, response.sizes)
-            on_gpu = False
-            for dest, offset, size in zip(dests, response.offsets, response.sizes):
-                if isinstance(dest, DeviceBuffer):
-                    self._cuda_copier().to_device(dest, offset, size)
-                    on_gpu = True
-                else:
-                    dest[:size] = arena[offset : offset + size]
-            if on_gpu:
-                await self._cuda.synchronize()  # before the lease ends
+            copier = await self._cuda_copier() if any(isinstance(d, DeviceBuffer) for d in dests) else None
+            done = False
+            try:
+                for dest, offset, size in zip(dests, response.offsets, response.sizes):
+                    if isinstance(dest, DeviceBuffer):
+                        copier.to_device(dest, offset, size)
+                    else:
+                        dest[:size] = arena[offset : offset + size]
+                if copier is not None:
+                    await copier.synchronize()  # before the lease ends
+                done = True
+            finally:
+                if copier is not None and not done:
+                    copier.synchronize_now()  # the lease ends next: no DMA may still read the arena
 
         return await self._rounds(keys, copy_out)
 

@@ -14,6 +14,7 @@ from kvstore.errors import (
     InternalError,
     InvalidArgumentError,
     KVStoreError,
+    LeaseExpiredError,
     ResourceExhaustedError,
     RetryableError,
     StaleSessionError,
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KEY_BYTES", "MAX_KEY_BYTES", "BlockTooLargeError", "ConfigError", "DeadlineExceededError",
-    "DramConfig", "IntegrityError", "InternalError", "InvalidArgumentError", "KVStoreError",
+    "DramConfig", "IntegrityError", "InternalError", "InvalidArgumentError", "KVStoreError", "LeaseExpiredError",
     "Namespace", "ResourceExhaustedError", "RetryableError", "ServerConfig", "StaleSessionError", "TierKind",
     "UnavailableError", "block_keys", "parse_bytes",
 ]

@@ -52,6 +52,10 @@ class ResourceExhaustedError(RetryableError):
     """No space can be freed right now (everything evictable is leased or being written)."""
 
 
+class LeaseExpiredError(RetryableError):
+    """A same-host lease ended (it outlived ``lease_ttl_s``) before the call that needed it."""
+
+
 class DeadlineExceededError(RetryableError):
     """The call did not finish within its deadline."""
 

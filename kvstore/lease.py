@@ -59,20 +59,25 @@ class LeaseTable:
                 "unknown same-host session (the daemon restarted or the session closed); attach again"
             )
 
-    def grant(self, token: str, now: float, *, records: Sequence[Any] = (), slots: Sequence[Any] = ()) -> Lease:
+    def grant(self, token: str, now: float, *, records: Sequence[Any] = (), slots: Sequence[Any] = (), writing: bool) -> Lease:
         self.check(token)
         lease = Lease(
             id=self._next_id, session=token, expires_at=now + self.ttl_s,
-            records=records, slots=slots, writing=bool(slots),
+            records=records, slots=slots, writing=writing,
         )
         self._next_id += 1
         self._sessions[token].leases[lease.id] = lease
         return lease
 
-    def take(self, token: str, lease_id: int) -> Lease | None:
-        """Remove and return a lease of this session; None if it ended already (expired)."""
+    def take(self, token: str, lease_id: int, *, writing: bool) -> Lease | None:
+        """Remove and return a lease of this session and kind; None if there is none (it expired,
+        or the id names a lease of the other kind, which is left alone)."""
         self.check(token)
-        return self._sessions[token].leases.pop(lease_id, None)
+        leases = self._sessions[token].leases
+        lease = leases.get(lease_id)
+        if lease is None or lease.writing != writing:
+            return None
+        return leases.pop(lease_id)
 
     def expired(self, now: float) -> list[Lease]:
         """Remove and return every lease past its expiry."""

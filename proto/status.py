@@ -16,6 +16,7 @@ _CODES: list[tuple[type[errors.KVStoreError], grpc.StatusCode]] = [
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.StaleSessionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.LeaseExpiredError, grpc.StatusCode.ABORTED),
     (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.InternalError, grpc.StatusCode.INTERNAL),

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from kvstore.allocator import Extent
 from kvstore.block import BlockState
 from kvstore.checksum import checksum
-from kvstore.errors import IntegrityError, InvalidArgumentError, StaleSessionError
+from kvstore.errors import IntegrityError, InvalidArgumentError, LeaseExpiredError
 from kvstore.lease import Lease
 from kvstore.server.daemon import Daemon, PutSlot
 
@@ -36,7 +36,7 @@ class Leasing:
         if not copies:
             return None, False
         try:
-            return self.table.grant(session, now, records=copies), partial
+            return self.table.grant(session, now, records=copies, writing=False), partial
         except BaseException:
             self.daemon.release(copies)
             raise
@@ -45,8 +45,8 @@ class Leasing:
         """End read leases; returns how many were still held."""
         released = 0
         for lease_id in lease_ids:
-            lease = self.table.take(session, lease_id)
-            if lease is not None and not lease.writing:
+            lease = self.table.take(session, lease_id, writing=False)
+            if lease is not None:
                 self.daemon.release(lease.records)
                 released += 1
         return released
@@ -55,14 +55,14 @@ class Leasing:
         """Put phase 1 for a same-host writer: reserve, and hold the reservations under a lease."""
         self.table.check(session)
         slots = await self.daemon.reserve(keys, sizes, ())
-        return self.table.grant(session, now, slots=slots), slots
+        return self.table.grant(session, now, slots=slots, writing=True), slots
 
     async def commit(self, session: str, lease_id: int, checksums: Sequence[int], abort: bool) -> tuple[int, list[PutSlot]]:
         """Put phase 2: commit (or abort) every reservation of a write lease; returns blocks stored."""
         daemon = self.daemon
-        lease = self.table.take(session, lease_id)
-        if lease is None or not lease.writing:
-            raise StaleSessionError(f"write lease {lease_id} expired or is unknown; nothing of it was stored")
+        lease = self.table.take(session, lease_id, writing=True)
+        if lease is None:
+            raise LeaseExpiredError(f"write lease {lease_id} expired or is unknown; nothing of it was stored")
         slots = lease.slots
         if checksums and len(checksums) != len(slots):
             for slot in slots:

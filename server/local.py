@@ -45,12 +45,14 @@ class LocalSocket:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.path)
+            os.chmod(self.path, 0o660)
+            listener.listen(128)
+            listener.setblocking(False)
         except OSError as exc:
             listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             raise ConfigError(f"cannot create the local socket {self.path}: {exc.strerror}") from None
-        os.chmod(self.path, 0o660)
-        listener.listen(128)
-        listener.setblocking(False)
         self._listener = listener
         self._accepting = asyncio.create_task(self._accept_loop(), name="kvstore-local-accept")
 
@@ -90,7 +92,12 @@ class LocalSocket:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:  # out of file descriptors, say: keep serving the others
+                log.warning("cannot accept a same-host client: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
             task = asyncio.create_task(self._serve(conn), name="kvstore-local-session")
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
@@ -102,7 +109,7 @@ class LocalSocket:
         try:
             hello = json.dumps({
                 "version": PROTOCOL_VERSION, "arena_id": daemon.arena_id, "session": token,
-                "arena_bytes": daemon.tier.capacity_bytes,
+                "arena_bytes": daemon.tier.capacity_bytes, "prefaulted": daemon.config.dram.prefault,
             }).encode()
             conn.setblocking(True)
             conn.sendmsg(

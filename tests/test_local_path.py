@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from kvstore import ConfigError, StaleSessionError, UnavailableError
+from kvstore import ConfigError, LeaseExpiredError, UnavailableError
 from kvstore.client import KVClient
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server import KVStoreServer
@@ -136,7 +136,7 @@ async def test_leases_expire_after_their_ttl():
             # its session lives (the client might still be writing into them).
             assert daemon.index.get(pending[0]) is None
             assert daemon.tier.used_bytes == 3 * MiB
-            with pytest.raises(StaleSessionError, match="expired"):
+            with pytest.raises(LeaseExpiredError, match="expired"):
                 await _commit(kv, session, r.lease)
         await wait_until(lambda: daemon.tier.used_bytes == 2 * MiB)  # session closed: quarantine freed
 
@@ -246,3 +246,62 @@ async def test_bad_frames_on_the_local_socket_get_clear_errors_and_lose_nothing(
             assert await reader.read() == b""
             writer.close()
             assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+
+async def test_a_lease_id_of_the_wrong_kind_changes_nothing():
+    async with KVStoreServer(make_config()) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            keys = chain(2, seed=81)
+            await kv.put(keys, random_blocks(2, 4096))
+            session = kv._local.arena.session
+            read = await kv.stub.Acquire(pb.AcquireRequest(session=session, keys=keys))
+            write = await kv.stub.Reserve(pb.ReserveRequest(session=session, keys=chain(1, seed=82), sizes=[4096]))
+            with pytest.raises(LeaseExpiredError):
+                await _commit(kv, session, read.lease)      # a read lease is not committable...
+            released = await kv.stub.Release(pb.ReleaseRequest(session=session, leases=[write.lease]))
+            assert released.released == 0                  # ...and a write lease is not releasable
+            assert len(srv.daemon.leases) == 2             # both are still held, neither leaked
+            await _commit(kv, session, write.lease)
+            assert (await kv.stub.Release(pb.ReleaseRequest(session=session, leases=[read.lease]))).released == 1
+            assert len(srv.daemon.leases) == 0 and all(pins(r) == 0 for r in srv.daemon.index)
+
+
+async def test_a_call_cancelled_mid_flight_never_hands_its_answer_to_the_next_call():
+    async with KVStoreServer(make_config()) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            a, b = chain(1, seed=83), chain(1, seed=84)
+            block_a, block_b = b"A" * 5000, b"B" * 7000
+            await kv.put(a + b, [block_a, block_b])
+            first_session = kv._local.arena.session
+            task = asyncio.ensure_future(kv.get(a))
+            await asyncio.sleep(0)        # the Acquire for A is on the wire...
+            task.cancel()                 # ...and its answer will never be read
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            got = await kv.get(b)         # must not receive A's answer
+            assert [bytes(g) for g in got] == [block_b]
+            assert kv._local.arena.session != first_session  # the session was replaced
+            await wait_until(lambda: all(pins(r) == 0 for r in srv.daemon.index))
+
+
+async def test_the_arena_fd_handed_to_clients_cannot_be_resized():
+    import socket as socket_module
+
+    async with KVStoreServer(make_config()) as srv:
+        def try_to_shrink() -> OSError | None:
+            conn = socket_module.socket(socket_module.AF_UNIX)
+            conn.connect(srv.config.local_socket_path(srv.port))
+            _, fds, _, _ = socket_module.recv_fds(conn, 65536, 1)
+            try:
+                os.ftruncate(fds[0], 0)   # would SIGBUS the daemon and every client
+            except OSError as exc:
+                return exc
+            finally:
+                os.close(fds[0])
+                conn.close()
+            return None
+
+        error = await asyncio.to_thread(try_to_shrink)
+        assert isinstance(error, PermissionError)
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            await kv.put(chain(1, seed=85), [b"still fine"])

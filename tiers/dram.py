@@ -8,6 +8,7 @@ the daemon hands to same-host clients so they map the same pages.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import mmap
@@ -26,9 +27,11 @@ def _map_arena(size: int, flags: int) -> tuple[mmap.mmap, int]:
     """The arena mapping, and the memfd behind it (-1 where the system has no memfd)."""
     if not hasattr(os, "memfd_create"):
         return mmap.mmap(-1, size, flags=flags), -1
-    fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC)
+    fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        # Clients get this fd: sealed, none of them can shrink the arena under everyone (SIGBUS).
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         return mmap.mmap(fd, size, flags=flags), fd
     except BaseException:
         os.close(fd)
