@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paths", default="local,remote", help="data paths to measure: local, remote or both")
     parser.add_argument("--no-redis", action="store_true", help="leave out the Redis baseline")
     parser.add_argument("--dram-bytes", default="2GiB", help="DRAM of the daemon the benchmark starts")
+    parser.add_argument("--no-nvme", action="store_true", help="leave out the NVMe tier rows")
+    parser.add_argument("--nvme-dir", help="where the NVMe rows write (default: a temporary directory)")
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -62,6 +64,12 @@ def main(args: argparse.Namespace) -> int:
             DaemonProcess(["--dram-bytes", args.dram_bytes, "--dram-prefault"])
         ).target
         rows = asyncio.run(_run(target, plan, paths, redis_port))
+    if not args.no_nvme:
+        from kvstore.bench.tiers import nvme_rows
+
+        sizes = tuple(s for s in plan.block_sizes if s >= 256 * 1024) or plan.block_sizes
+        rows += asyncio.run(nvme_rows(sizes, batch=64 if not args.quick else 16, rounds=5 if not args.quick else 3,
+                                      directory=args.nvme_dir))
     print(f"kvstore bench on {machine()}")
     print(table(rows))
     if redis_port is None:

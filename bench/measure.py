@@ -21,6 +21,7 @@ class Result:
     p99_ms: float
     vs_memcpy: float | None = None   # gbps / memcpy gbps of the same bytes
     vs_redis: float | None = None    # gbps / Redis gbps of the same operation and bytes
+    vs_raw: float | None = None      # gbps / raw file I/O gbps of the same bytes (tier rows)
 
     def as_dict(self) -> dict:
         return asdict(self)
