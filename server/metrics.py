@@ -48,7 +48,12 @@ class DaemonCollector(Collector):
         )
 
         hits = CounterMetricFamily("kvstore_tier_hits", "Blocks served, by tier", labels=["tier"])
-        evictions = CounterMetricFamily("kvstore_tier_evictions", "Blocks evicted", labels=["tier"])
+        evictions = CounterMetricFamily("kvstore_tier_evictions", "Blocks whose last copy was evicted", labels=["tier"])
+        promotions = CounterMetricFamily("kvstore_tier_promotions", "Blocks copied up from this tier", labels=["tier"])
+        demotions = CounterMetricFamily("kvstore_tier_demotions", "Blocks moved down from this tier", labels=["tier"])
+        corrupt = CounterMetricFamily(
+            "kvstore_tier_integrity_failures", "Copies that failed verification (dropped)", labels=["tier"]
+        )
         evicted = CounterMetricFamily("kvstore_tier_evicted_bytes", "Bytes evicted", labels=["tier"])
         capacity = GaugeMetricFamily("kvstore_tier_capacity_bytes", "Tier capacity", labels=["tier"])
         used = GaugeMetricFamily("kvstore_tier_used_bytes", "Tier bytes in use", labels=["tier"])
@@ -58,11 +63,14 @@ class DaemonCollector(Collector):
             tc = c.tiers.get(usage.kind) or TierCounters()  # read-only: this runs off the loop
             hits.add_metric(label, tc.hits)
             evictions.add_metric(label, tc.evictions)
+            promotions.add_metric(label, tc.promotions)
+            demotions.add_metric(label, tc.demotions)
+            corrupt.add_metric(label, tc.integrity_failures)
             evicted.add_metric(label, tc.evicted_bytes)
             capacity.add_metric(label, usage.capacity_bytes)
             used.add_metric(label, usage.used_bytes)
             count.add_metric(label, usage.blocks)
-        yield from (hits, evictions, evicted, capacity, used, count)
+        yield from (hits, evictions, evicted, promotions, demotions, corrupt, capacity, used, count)
 
 
 class Metrics:
