@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from kvstore.allocator import Extent
+from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.tier_kind import TierKind
 
 
@@ -74,6 +74,32 @@ class Tier(ABC):
     def _check_range(extent: Extent, offset: int, nbytes: int) -> None:
         if offset < 0 or offset + nbytes > extent.length:
             raise ValueError(f"[{offset}, {offset + nbytes}) is outside an extent of {extent.length} bytes")
+
+
+class ExtentTier:
+    """Space accounting of a tier that is one linear address space under an ExtentAllocator."""
+
+    _allocator: ExtentAllocator
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._allocator.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self._allocator.used_bytes
+
+    def footprint(self, nbytes: int) -> int:
+        return self._allocator.round_up(nbytes)
+
+    def reserve(self, nbytes: int) -> Extent | None:
+        return self._allocator.allocate(nbytes)
+
+    def release(self, extent: Extent) -> None:
+        self._allocator.free(extent)
+
+    def largest_free_after(self, extents: list[Extent]) -> int:
+        return self._allocator.largest_free_after(extents)
 
 
 class PersistentTier(Tier):

@@ -18,7 +18,7 @@ from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.config import DramConfig
 from kvstore.errors import ConfigError
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import MemoryTier
+from kvstore.tiers.base import ExtentTier, MemoryTier
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -38,7 +38,7 @@ def _map_arena(size: int, flags: int) -> tuple[mmap.mmap, int]:
         raise
 
 
-class DramTier(MemoryTier):
+class DramTier(ExtentTier, MemoryTier):
     kind = TierKind.DRAM
 
     def __init__(self, config: DramConfig) -> None:
@@ -59,26 +59,6 @@ class DramTier(MemoryTier):
     @classmethod
     def from_config(cls, config: DramConfig) -> DramTier:
         return cls(config)
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._allocator.capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self._allocator.used_bytes
-
-    def footprint(self, nbytes: int) -> int:
-        return self._allocator.round_up(nbytes)
-
-    def reserve(self, nbytes: int) -> Extent | None:
-        return self._allocator.allocate(nbytes)
-
-    def release(self, extent: Extent) -> None:
-        self._allocator.free(extent)
-
-    def largest_free_after(self, extents: list[Extent]) -> int:
-        return self._allocator.largest_free_after(extents)
 
     def view(self, extent: Extent, nbytes: int) -> memoryview:
         return self._view[extent.offset : extent.offset + nbytes]

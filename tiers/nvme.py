@@ -23,7 +23,7 @@ from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.config import NvmeConfig
 from kvstore.errors import ConfigError
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import PersistentTier
+from kvstore.tiers.base import ExtentTier, PersistentTier
 from kvstore.tiers.file_io import open_file_io
 from kvstore.tiers.nvme_index import IndexEntry, NvmeIndex
 
@@ -33,7 +33,7 @@ DATA_FILE = "blocks.dat"
 INDEX_DIR = "index"
 
 
-class NvmeTier(PersistentTier):
+class NvmeTier(ExtentTier, PersistentTier):
     kind = TierKind.NVME
 
     def __init__(self, config: NvmeConfig) -> None:
@@ -73,26 +73,6 @@ class NvmeTier(PersistentTier):
             log.warning("%d index entries outside this tier's capacity or overlapping were dropped", len(dropped))
             self._index._delete(dropped)
         return kept
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._allocator.capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self._allocator.used_bytes
-
-    def footprint(self, nbytes: int) -> int:
-        return self._allocator.round_up(nbytes)
-
-    def reserve(self, nbytes: int) -> Extent | None:
-        return self._allocator.allocate(nbytes)
-
-    def release(self, extent: Extent) -> None:
-        self._allocator.free(extent)
-
-    def largest_free_after(self, extents: list[Extent]) -> int:
-        return self._allocator.largest_free_after(extents)
 
     async def write(self, extent: Extent, offset: int, data: memoryview) -> None:
         self._check_range(extent, offset, data.nbytes)
