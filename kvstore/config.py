@@ -130,6 +130,40 @@ class NvmeConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class S3Config:
+    """The object-storage tier: one bucket (any S3-compatible service), shared by every daemon
+    that points at it. Credentials come from the standard AWS chain (environment, profile,
+    instance role)."""
+
+    bucket: str = ""                 # empty: no S3 tier
+    endpoint_url: str = ""           # empty: AWS; else e.g. http://minio:9000
+    region: str = "us-east-1"
+    prefix: str = "kvstore/"
+    max_concurrency: int = 32        # requests in flight at once
+    max_attempts: int = 4            # per request, with backoff (throttling, 5xx, timeouts)
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 10.0
+    multipart_threshold_bytes: int = 16 * MiB
+    part_bytes: int = 8 * MiB        # multipart part size, and range size of parallel reads
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_concurrency <= 1024, f"s3.max_concurrency must be in [1, 1024], got {self.max_concurrency}")
+        _check(1 <= self.max_attempts <= 20, f"s3.max_attempts must be in [1, 20], got {self.max_attempts}")
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            value = getattr(self, name)
+            _check(0 < value < math.inf, f"s3.{name} must be finite and > 0, got {value}")
+        _check(self.part_bytes >= 5 * MiB, f"s3.part_bytes must be >= 5MiB (S3's minimum part), got {self.part_bytes}")
+        _check(
+            self.multipart_threshold_bytes >= self.part_bytes,
+            "s3.multipart_threshold_bytes must be >= s3.part_bytes",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bucket)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ServerConfig:
     """Everything ``kvstore serve`` needs. The defaults are the embedded configuration."""
 
