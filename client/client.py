@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from kvstore.errors import InvalidArgumentError, KVStoreError, StaleSessionError, UnavailableError
+from kvstore.keys import MAX_NAMESPACE_BYTES, Namespace
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.proto.status import error_from_rpc
 from kvstore.proto.v1 import kvstore_pb2 as pb
@@ -52,6 +53,10 @@ class KVClient:
 
     Args:
         target: ``host:port`` of the daemon.
+        namespace: scopes every key of this client (a :class:`~kvstore.Namespace` or up to 64 bytes):
+            blocks of different namespaces never meet, in the daemon or in a shared S3 bucket.
+            Keys from :func:`kvstore.block_keys` already depend on their namespace; this also
+            scopes engines' own block hashes.
         local: ``"auto"`` uses the same-host shared-memory path when the daemon's arena can be
             mapped from here and the remote path otherwise; ``"off"`` always streams over gRPC;
             ``"require"`` fails to connect unless the same-host path works.
@@ -67,6 +72,7 @@ class KVClient:
         self,
         target: str,
         *,
+        namespace: Namespace | bytes = b"",
         local: str = "auto",
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
@@ -81,6 +87,9 @@ class KVClient:
         if max_put_stream_bytes <= 0 or max_keys_per_call <= 0:
             raise InvalidArgumentError("max_put_stream_bytes and max_keys_per_call must be positive")
         self.target = target
+        self.namespace = namespace.digest if isinstance(namespace, Namespace) else bytes(namespace)
+        if len(self.namespace) > MAX_NAMESPACE_BYTES:
+            raise InvalidArgumentError(f"namespace is {len(self.namespace)} bytes; at most {MAX_NAMESPACE_BYTES}")
         self.local = local
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -107,7 +116,9 @@ class KVClient:
             await asyncio.wait_for(channel.channel_ready(), self.connect_timeout_s)
             self._channel = channel
             self._stub = pb_grpc.KVStoreStub(channel)
-            self._remote = RemotePath(self._stub, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s)
+            self._remote = RemotePath(
+                self._stub, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s, namespace=self.namespace
+            )
             if self.local != "off":
                 await self._attach()
         except asyncio.TimeoutError:
@@ -136,7 +147,9 @@ class KVClient:
         reason = "the daemon offers no same-host socket"
         if info.socket_path:
             try:
-                self._local = await asyncio.wait_for(LocalPath.attach(info, self.timeout_s), self.connect_timeout_s)
+                self._local = await asyncio.wait_for(
+                    LocalPath.attach(info, self.timeout_s, self.namespace), self.connect_timeout_s
+                )
                 return
             except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 reason = f"cannot map the daemon's arena through {info.socket_path}: {exc}"
@@ -264,7 +277,9 @@ class KVClient:
         for start in range(0, len(keys), self.max_keys_per_call):
             batch = keys[start : start + self.max_keys_per_call]
             async with self._errors():
-                response = await self.stub.Delete(pb.DeleteRequest(keys=batch), timeout=self.timeout_s)
+                response = await self.stub.Delete(
+                    pb.DeleteRequest(keys=batch, namespace=self.namespace), timeout=self.timeout_s
+                )
             deleted += response.deleted
         return deleted
 

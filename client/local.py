@@ -143,8 +143,11 @@ class LocalChannel:
 class LocalPath:
     name = "local"
 
-    def __init__(self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float, block_limit: tuple[int, str]) -> None:
+    def __init__(
+        self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float, block_limit: tuple[int, str], namespace: bytes
+    ) -> None:
         self.arena = arena
+        self.namespace = namespace
         self.channel = channel
         self.ttl_s = ttl_s
         self.block_limit = block_limit
@@ -152,7 +155,7 @@ class LocalPath:
         self._cuda: CudaCopier | None = None
 
     @classmethod
-    async def attach(cls, info: pb.AttachResponse, timeout_s: float) -> LocalPath:
+    async def attach(cls, info: pb.AttachResponse, timeout_s: float, namespace: bytes) -> LocalPath:
         arena = await asyncio.to_thread(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes)
         try:
             channel = await LocalChannel.open(arena.conn, timeout_s)
@@ -160,10 +163,13 @@ class LocalPath:
             arena.conn.close()
             arena.close()
             raise
-        return cls(arena, channel, ttl_s=info.lease_ttl_s, block_limit=(info.max_block_bytes, info.max_block_reason))
+        return cls(
+            arena, channel, ttl_s=info.lease_ttl_s, block_limit=(info.max_block_bytes, info.max_block_reason),
+            namespace=namespace,
+        )
 
     async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return await self.channel.call("Lookup", pb.LookupRequest(keys=keys), pb.LookupResponse)
+        return await self.channel.call("Lookup", pb.LookupRequest(keys=keys, namespace=self.namespace), pb.LookupResponse)
 
     async def _cuda_copier(self) -> CudaCopier:
         if self._cuda is None:  # page-locking the arena takes a while: off the event loop
@@ -190,7 +196,8 @@ class LocalPath:
 
     async def _put_round(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         reserved = await self.channel.call(
-            "Reserve", pb.ReserveRequest(keys=keys, sizes=[s.nbytes for s in sources]), pb.ReserveResponse
+            "Reserve", pb.ReserveRequest(keys=keys, sizes=[s.nbytes for s in sources], namespace=self.namespace),
+            pb.ReserveResponse,
         )
         abort = True
         copier = None
@@ -221,7 +228,9 @@ class LocalPath:
 
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[pb.AcquireResponse, float]:
         started = time.monotonic()
-        response = await self.channel.call("Acquire", pb.AcquireRequest(keys=keys), pb.AcquireResponse)
+        response = await self.channel.call(
+            "Acquire", pb.AcquireRequest(keys=keys, namespace=self.namespace), pb.AcquireResponse
+        )
         return response, started
 
     async def _finish(self, response: pb.AcquireResponse, started: float) -> bool:

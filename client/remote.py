@@ -26,18 +26,19 @@ Targets = Callable[[int, Sequence[int]], list]  # (index of the first block, siz
 class RemotePath:
     name = "remote"
 
-    def __init__(self, stub: pb_grpc.KVStoreStub, *, chunk_bytes: int, timeout_s: float) -> None:
+    def __init__(self, stub: pb_grpc.KVStoreStub, *, chunk_bytes: int, timeout_s: float, namespace: bytes) -> None:
         self.stub = stub
+        self.namespace = namespace
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
 
     async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return await self.stub.Lookup(pb.LookupRequest(keys=keys), timeout=self.timeout_s)
+        return await self.stub.Lookup(pb.LookupRequest(keys=keys, namespace=self.namespace), timeout=self.timeout_s)
 
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         views = host_views(sources)
         header = pb.PutHeader(
-            keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]
+            namespace=self.namespace, keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]
         )
 
         def messages():
@@ -71,7 +72,7 @@ class RemotePath:
 
     async def _receive(self, keys: Sequence[bytes], targets: Callable[[Sequence[int]], list[memoryview]]) -> tuple[int, bool]:
         """One Get call: (blocks that verified, whether the daemon stopped for lack of room)."""
-        call = self.stub.Get(pb.GetRequest(keys=keys), timeout=self.timeout_s)
+        call = self.stub.Get(pb.GetRequest(keys=keys, namespace=self.namespace), timeout=self.timeout_s)
         try:
             stream = aiter(call)
             first = await anext(stream, None)
@@ -93,7 +94,8 @@ class RemotePath:
                 log.warning("block %d of a get failed its checksum: a miss from there on; dropping it", i)
                 # Drop the bad copy (only if it is still the one we read) so a put can repair it.
                 await self.stub.Delete(
-                    pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]]), timeout=self.timeout_s
+                    pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]], namespace=self.namespace),
+                    timeout=self.timeout_s,
                 )
                 return i, False
         return header.count, header.partial

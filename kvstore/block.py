@@ -64,9 +64,10 @@ class Copy:
 class BlockRecord:
     """One block: identity, integrity, state, and where its copies are."""
 
-    key: bytes
+    key: bytes                    # the index key: namespace tag + block key (see kvstore.keys.scoped)
     size: int = 0
     checksum: int | None = None   # computed when first needed for blocks put in place
+    namespace: bytes = b""
     state: BlockState = BlockState.WRITING
     copies: dict[TierKind, Copy] = field(default_factory=dict)
 

@@ -151,3 +151,25 @@ def check_keys(keys: Sequence[bytes], *, max_keys: int, max_key_bytes: int = MAX
         raise InvalidArgumentError(
             f"key {lengths.index(longest)} is {longest} bytes; keys are at most {max_key_bytes} bytes"
         )
+
+
+MAX_NAMESPACE_BYTES = 64
+NAMESPACE_TAG_BYTES = 8
+
+
+def scoped(keys: Sequence[bytes], namespace: bytes) -> list[bytes]:
+    """Index keys of ``keys`` within ``namespace``: a short tag of the namespace, then the key.
+
+    The empty namespace has no tag, so engines that need no namespaces pay nothing.
+    """
+    if len(namespace) > MAX_NAMESPACE_BYTES:
+        raise InvalidArgumentError(f"the namespace is {len(namespace)} bytes; at most {MAX_NAMESPACE_BYTES} are allowed")
+    if not namespace:
+        return list(keys)
+    tag = hashlib.blake2b(namespace, digest_size=NAMESPACE_TAG_BYTES).digest()
+    return [tag + key for key in keys]
+
+
+def unscoped(index_key: bytes, namespace: bytes) -> bytes:
+    """The block key inside an index key made by :func:`scoped`."""
+    return index_key[NAMESPACE_TAG_BYTES:] if namespace else index_key

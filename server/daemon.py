@@ -29,7 +29,7 @@ from kvstore.checksum import checksum
 from kvstore.config import ServerConfig
 from kvstore.errors import InvalidArgumentError
 from kvstore.index import BlockIndex
-from kvstore.keys import check_keys
+from kvstore.keys import check_keys, scoped
 from kvstore.lease import LeaseTable
 from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
 from kvstore.stats import Counters, TierUsage
@@ -97,7 +97,10 @@ class Daemon:
             if not isinstance(tier, PersistentTier):
                 continue
             for entry in sorted(tier.recovered, key=lambda e: e.last_use):
-                record = BlockRecord(key=entry.key, size=entry.size, checksum=entry.checksum, state=BlockState.READY)
+                record = BlockRecord(
+                    key=entry.key, size=entry.size, checksum=entry.checksum, state=BlockState.READY,
+                    namespace=entry.namespace,
+                )
                 copy = Copy(record=record, tier=kind, extent=Extent(entry.offset, entry.length), filled=True)
                 record.copies[kind] = copy
                 self.index.add(record)
@@ -113,15 +116,15 @@ class Daemon:
     def _check_keys(self, keys: Sequence[bytes]) -> None:
         check_keys(keys, max_keys=self.config.max_keys_per_request, max_key_bytes=self.config.max_key_bytes)
 
-    def lookup(self, keys: Sequence[bytes]) -> list[TierKind]:
+    def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[TierKind]:
         """Tier of each leading present key (its fastest copy); stops at the first miss."""
         self._check_keys(keys)
-        found = self.index.prefix(keys)
+        found = self.index.prefix(scoped(keys, namespace))
         self.counters.lookup_hit_blocks += len(found)
         self.counters.lookup_miss_blocks += len(keys) - len(found)
         return [record.primary().tier for record in found]
 
-    async def acquire(self, keys: Sequence[bytes]) -> tuple[list[Copy], bool]:
+    async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
         """Pin the DRAM copies of the leading present blocks, bringing NVMe-only ones up first.
 
         Stops at the first block that is absent or failed verification, or that DRAM has no room
@@ -129,7 +132,7 @@ class Daemon:
         release these and ask again for the rest. The caller must :meth:`release` what it got.
         """
         self._check_keys(keys)
-        found = self.index.prefix(keys)
+        found = self.index.prefix(scoped(keys, namespace))
         pinned: list[Copy] = []
         partial = False
         try:
@@ -161,7 +164,9 @@ class Daemon:
             if copy.pins == 0 and copy.dropped and not copy.moving:
                 self.tiers[copy.tier].release(copy.extent)
 
-    async def reserve(self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> list[PutSlot]:
+    async def reserve(
+        self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes = b""
+    ) -> list[PutSlot]:
         """Validate a put batch as a whole, then reserve DRAM space for each absent key.
 
         Nothing is reserved when any part of the batch is invalid. A key already present (or
@@ -170,8 +175,8 @@ class Daemon:
         """
         self.check_put(keys, sizes, checksums)
         return [
-            await self.reserve_one(key, size, checksums[i] if checksums else None)
-            for i, (key, size) in enumerate(zip(keys, sizes))
+            await self.reserve_one(key, size, checksums[i] if checksums else None, namespace)
+            for i, (key, size) in enumerate(zip(scoped(keys, namespace), sizes))
         ]
 
     def check_put(self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> None:
@@ -188,8 +193,9 @@ class Daemon:
         limit = min(self.config.max_block_bytes, self.dram.capacity_bytes)
         return limit, f"max_block_bytes={self.config.max_block_bytes}, dram capacity={self.dram.capacity_bytes}"
 
-    async def reserve_one(self, key: bytes, size: int, checksum_: int | None) -> PutSlot:
-        """Reserve DRAM space for one block of a checked batch (see :meth:`reserve`)."""
+    async def reserve_one(self, key: bytes, size: int, checksum_: int | None, namespace: bytes) -> PutSlot:
+        """Reserve DRAM space for one block of a checked batch (see :meth:`reserve`); ``key`` is
+        the index key (:func:`~kvstore.keys.scoped`)."""
         if self._present(key):
             return PutSlot(size, checksum_, None, present=True)
         extent = await self.mover.make_room(TierKind.DRAM, size)
@@ -199,7 +205,7 @@ class Daemon:
         if extent is None:
             self.counters.put_dropped_blocks += 1
             return PutSlot(size, checksum_, None)
-        record = BlockRecord(key=key, size=size)
+        record = BlockRecord(key=key, size=size, namespace=namespace)
         copy = Copy(record=record, tier=TierKind.DRAM, extent=extent)
         record.copies[TierKind.DRAM] = copy
         self.index.add(record)
@@ -242,14 +248,14 @@ class Daemon:
             record.copies.clear()
         self.dram.release(slot.copy.extent)
 
-    async def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = ()) -> int:
+    async def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = (), namespace: bytes = b"") -> int:
         """Remove ``keys``; with ``if_checksums``, only blocks whose checksum is the one given."""
         self._check_keys(keys)
         if if_checksums and len(if_checksums) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(if_checksums)} checksums")
         doomed: list[Copy] = []
         deleted = 0
-        for i, key in enumerate(keys):
+        for i, key in enumerate(scoped(keys, namespace)):
             record = self.index.get(key)
             if record is None:
                 continue

@@ -29,10 +29,12 @@ class Leasing:
         # be copying into them, so they are reused only once that session ends.
         self._quarantine: dict[str, list[Extent]] = {}
 
-    async def acquire(self, session: str, keys: Sequence[bytes], now: float) -> tuple[Lease | None, bool]:
+    async def acquire(
+        self, session: str, keys: Sequence[bytes], now: float, namespace: bytes = b""
+    ) -> tuple[Lease | None, bool]:
         """Pin the leading present blocks for a same-host reader: (lease or None, partial)."""
         self.table.check(session)
-        copies, partial = await self.daemon.acquire(keys)
+        copies, partial = await self.daemon.acquire(keys, namespace)
         if not copies:
             return None, False
         try:
@@ -51,10 +53,12 @@ class Leasing:
                 released += 1
         return released
 
-    async def reserve(self, session: str, keys: Sequence[bytes], sizes: Sequence[int], now: float) -> tuple[Lease, list[PutSlot]]:
+    async def reserve(
+        self, session: str, keys: Sequence[bytes], sizes: Sequence[int], now: float, namespace: bytes = b""
+    ) -> tuple[Lease, list[PutSlot]]:
         """Put phase 1 for a same-host writer: reserve, and hold the reservations under a lease."""
         self.table.check(session)
-        slots = await self.daemon.reserve(keys, sizes, ())
+        slots = await self.daemon.reserve(keys, sizes, (), namespace)
         return self.table.grant(session, now, slots=slots, writing=True), slots
 
     async def commit(self, session: str, lease_id: int, checksums: Sequence[int], abort: bool) -> tuple[int, list[PutSlot]]:

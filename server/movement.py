@@ -241,7 +241,7 @@ class Mover:
         if isinstance(tier, PersistentTier) and written:
             now = time.time()
             await tier.persist([
-                IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now) for r, e in written
+                IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written
             ])
 
     def _adopt(self, record: BlockRecord, kind: TierKind, extent: Extent) -> bool:

@@ -147,7 +147,7 @@ class KVStoreServicer:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
     def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
-        tiers = self.daemon.lookup(request.keys)
+        tiers = self.daemon.lookup(request.keys, request.namespace)
         return pb.LookupResponse(count=len(tiers), tiers=tiers)
 
     async def put(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.PutResponse:
@@ -169,7 +169,7 @@ class KVStoreServicer:
             raise InvalidArgumentError("a put stream must start with a header message")
         h = header.header
         self.daemon.check_put(h.keys, h.sizes, h.checksums)
-        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums)
+        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums, h.namespace)
         try:
             # A stream that stalls must not hold its reservation for ever.
             while (raw := await _next_within(stream, idle_s)) is not None:
@@ -185,7 +185,7 @@ class KVStoreServicer:
     async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
         async with self._rpc("Get", context):
             request = _parse(pb.GetRequest, raw)
-            copies, partial = await self.daemon.acquire(request.keys)
+            copies, partial = await self.daemon.acquire(request.keys, request.namespace)
             try:
                 records = [c.record for c in copies]
                 yield pb.GetResponse(
@@ -204,7 +204,9 @@ class KVStoreServicer:
                 self.daemon.release(copies)
 
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
-        return pb.DeleteResponse(deleted=await self.daemon.delete(request.keys, request.if_checksums))
+        return pb.DeleteResponse(
+            deleted=await self.daemon.delete(request.keys, request.if_checksums, request.namespace)
+        )
 
     def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         d = self.daemon
@@ -237,7 +239,9 @@ class KVStoreServicer:
         )
 
     async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
-        lease, slots = await self.daemon.leasing.reserve(request.session, request.keys, request.sizes, time.monotonic())
+        lease, slots = await self.daemon.leasing.reserve(
+            request.session, request.keys, request.sizes, time.monotonic(), request.namespace
+        )
         return pb.ReserveResponse(
             lease=lease.id,
             states=[_slot_state(slot) for slot in slots],
@@ -250,7 +254,9 @@ class KVStoreServicer:
         return _put_response(stored, slots)
 
     async def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
-        lease, partial = await self.daemon.leasing.acquire(request.session, request.keys, time.monotonic())
+        lease, partial = await self.daemon.leasing.acquire(
+            request.session, request.keys, time.monotonic(), request.namespace
+        )
         if lease is None:
             return pb.AcquireResponse()
         copies = lease.records

@@ -15,6 +15,7 @@ from kvstore.block import Copy
 from kvstore.checksum import hasher
 from kvstore.errors import IntegrityError
 from kvstore.framing import Unpacker
+from kvstore.keys import scoped
 from kvstore.server.daemon import Daemon, PutSlot
 
 
@@ -26,9 +27,12 @@ class PutReceiver:
     batch larger than DRAM still goes through, and a stalled stream holds at most one block.
     """
 
-    def __init__(self, daemon: Daemon, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> None:
+    def __init__(
+        self, daemon: Daemon, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes
+    ) -> None:
         self._daemon = daemon
-        self._keys = keys
+        self._keys = scoped(keys, namespace)
+        self._namespace = namespace
         self._checksums = checksums
         self._unpacker = Unpacker(sizes)
         self.slots: list[PutSlot] = []
@@ -43,7 +47,9 @@ class PutReceiver:
         for i, offset, piece in self._unpacker.feed(data):
             if offset == 0:
                 checksum_ = self._checksums[i] if self._checksums else None
-                self._open = await self._daemon.reserve_one(self._keys[i], self._unpacker.sizes[i], checksum_)
+                self._open = await self._daemon.reserve_one(
+                    self._keys[i], self._unpacker.sizes[i], checksum_, self._namespace
+                )
                 self.slots.append(self._open)
             slot = self._open
             if slot.copy is not None:

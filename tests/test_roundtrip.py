@@ -118,3 +118,19 @@ async def test_sync_client_round_trip(server):
             assert kv.stats().deleted_blocks == 1
 
     await asyncio.to_thread(use_sync_client)
+
+
+async def test_namespaces_scope_every_call(server):
+    from kvstore import Namespace
+
+    tenant_a = Namespace(model_id="m", dtype="bf16", num_layers=1, num_kv_heads=1, head_dim=8, block_size=16, salt="a")
+    target = f"127.0.0.1:{server.port}"
+    for mode in ("require", "off"):
+        async with KVClient(target, namespace=tenant_a, local=mode) as a, KVClient(target, namespace=b"tenant-b", local=mode) as b:
+            keys = [os.urandom(16) for _ in range(3)]   # an engine's own hashes, the same for both
+            await a.put(keys, [b"A" * 100] * 3)
+            assert (await b.lookup(keys)).count == 0 and await b.get(keys) == []
+            await b.put(keys, [b"B" * 100] * 3)
+            assert [bytes(x) for x in await a.get(keys)] == [b"A" * 100] * 3
+            assert [bytes(x) for x in await b.get(keys)] == [b"B" * 100] * 3
+            assert await b.delete(keys) == 3 and (await a.lookup(keys)).count == 3

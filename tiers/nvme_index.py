@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import lmdb
 
-_VALUE = struct.Struct("<QQQQd")  # offset, length, size, checksum, last use (unix time)
+_VALUE = struct.Struct("<QQQQd")  # offset, length, size, checksum, last use (unix time); then the namespace
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,7 @@ class IndexEntry:
     size: int
     checksum: int
     last_use: float
+    namespace: bytes = b""
 
 
 class NvmeIndex:
@@ -35,13 +36,13 @@ class NvmeIndex:
     def entries(self) -> Iterator[IndexEntry]:
         with self._env.begin() as txn:
             for key, value in txn.cursor():
-                offset, length, size, checksum, last_use = _VALUE.unpack(value)
-                yield IndexEntry(bytes(key), offset, length, size, checksum, last_use)
+                offset, length, size, checksum, last_use = _VALUE.unpack_from(value)
+                yield IndexEntry(bytes(key), offset, length, size, checksum, last_use, bytes(value[_VALUE.size :]))
 
     def _put(self, entries: Sequence[IndexEntry]) -> None:
         with self._env.begin(write=True) as txn:
             for e in entries:
-                txn.put(e.key, _VALUE.pack(e.offset, e.length, e.size, e.checksum, e.last_use))
+                txn.put(e.key, _VALUE.pack(e.offset, e.length, e.size, e.checksum, e.last_use) + e.namespace)
 
     def _delete(self, keys: Sequence[bytes]) -> None:
         with self._env.begin(write=True) as txn:

@@ -32,10 +32,12 @@ SLOT_PRESENT: SlotState
 SLOT_DROPPED: SlotState
 
 class LookupRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "namespace")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    namespace: bytes
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., namespace: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("count", "tiers")
@@ -46,14 +48,16 @@ class LookupResponse(_message.Message):
     def __init__(self, count: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
 
 class PutHeader(_message.Message):
-    __slots__ = ("keys", "sizes", "checksums")
+    __slots__ = ("namespace", "keys", "sizes", "checksums")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    namespace: bytes
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     sizes: _containers.RepeatedScalarFieldContainer[int]
     checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., sizes: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, namespace: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., sizes: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("header", "data")
@@ -76,10 +80,12 @@ class PutResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., present: _Optional[int] = ..., dropped: _Optional[int] = ..., persisted: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "namespace")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    namespace: bytes
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., namespace: _Optional[bytes] = ...) -> None: ...
 
 class GetHeader(_message.Message):
     __slots__ = ("count", "sizes", "checksums", "tiers", "partial")
@@ -104,12 +110,14 @@ class GetResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[GetHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("keys", "if_checksums")
+    __slots__ = ("namespace", "keys", "if_checksums")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     IF_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    namespace: bytes
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     if_checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., if_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, namespace: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., if_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -198,14 +206,16 @@ class AttachResponse(_message.Message):
     def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ..., max_block_bytes: _Optional[int] = ..., max_block_reason: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("session", "keys", "sizes")
+    __slots__ = ("namespace", "session", "keys", "sizes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
+    namespace: bytes
     session: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, namespace: _Optional[bytes] = ..., session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("lease", "states", "offsets")
@@ -230,12 +240,14 @@ class CommitRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ..., lease: _Optional[int] = ..., abort: _Optional[bool] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("session", "keys")
+    __slots__ = ("namespace", "session", "keys")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    namespace: bytes
     session: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, namespace: _Optional[bytes] = ..., session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("lease", "count", "offsets", "sizes", "tiers", "partial")
