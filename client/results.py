@@ -36,6 +36,8 @@ class TierStats:
     promotions: int
     demotions: int
     integrity_failures: int
+    errors: int
+    uploads: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,10 @@ class S3Config:
     read_timeout_s: float = 10.0
     multipart_threshold_bytes: int = 16 * MiB
     part_bytes: int = 8 * MiB        # multipart part size, and range size of parallel reads
+    write_through: bool = False      # upload every put before acknowledging it
+    queue_blocks: int = 4096         # write-behind queue bound
+    negative_ttl_s: float = 5.0      # how long "S3 does not have this key" is believed
+    lookup_window: int = 16          # keys asked of S3 at once past the local prefix
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_concurrency <= 1024, f"s3.max_concurrency must be in [1, 1024], got {self.max_concurrency}")
@@ -157,6 +161,9 @@ class S3Config:
             self.multipart_threshold_bytes >= self.part_bytes,
             "s3.multipart_threshold_bytes must be >= s3.part_bytes",
         )
+        _check(self.queue_blocks >= 1, f"s3.queue_blocks must be >= 1, got {self.queue_blocks}")
+        _check(0 <= self.negative_ttl_s < math.inf, f"s3.negative_ttl_s must be finite, got {self.negative_ttl_s}")
+        _check(1 <= self.lookup_window <= 1024, f"s3.lookup_window must be in [1, 1024], got {self.lookup_window}")
 
     @property
     def enabled(self) -> bool:
@@ -184,6 +191,7 @@ class ServerConfig:
     demote_interval_s: float = 0.05
     dram: DramConfig = field(default_factory=DramConfig)
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
+    s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must not be empty")
@@ -249,7 +257,7 @@ class ServerConfig:
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A copy with fields changed; ``dram_<field>=`` and ``nvme_<field>=`` reach into those tables."""
-        for section in ("dram", "nvme"):
+        for section in ("dram", "nvme", "s3"):
             prefix = section + "_"
             sub = {name[len(prefix):]: changes.pop(name) for name in list(changes) if name.startswith(prefix)}
             if sub:

@@ -18,6 +18,9 @@ class TierCounters:
     promotions: int = 0           # blocks copied up from this tier into a faster one
     demotions: int = 0            # blocks moved down out of this tier
     integrity_failures: int = 0   # copies in this tier that failed verification
+    errors: int = 0               # calls to the medium that failed (S3 unreachable, ...)
+    uploads: int = 0              # blocks written to this tier in the background (S3)
+    dropped_uploads: int = 0      # uploads skipped because the queue was full
 
 
 @dataclass(slots=True)

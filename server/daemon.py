@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvstore import __version__
 from kvstore.allocator import Extent
@@ -35,6 +36,9 @@ from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
 from kvstore.server.movement import NO_ROOM, Mover
+
+if TYPE_CHECKING:
+    from kvstore.server.objects import ObjectStore
 from kvstore.tiers import MemoryTier, PersistentTier, Tier, create_tier
 
 log = logging.getLogger("kvstore.daemon")
@@ -78,6 +82,12 @@ class Daemon:
         self.arena_id = secrets.token_hex(8)
         self.mover = Mover(self)
         self.leasing = Leasing(self)
+        self.objects: ObjectStore | None = None
+        if config.s3.enabled:
+            from kvstore.server.objects import ObjectStore  # imports boto only when configured
+            from kvstore.tiers.s3 import S3Tier
+
+            self.objects = ObjectStore(self, S3Tier.from_config(config.s3))
         self.started_at = time.monotonic()
         self.version = __version__
         self._recover()
@@ -109,17 +119,38 @@ class Daemon:
                 log.info("recovered %d blocks from %s", len(tier.recovered), kind.label)
             tier.recovered = []
 
+    async def start(self) -> None:
+        """Open what needs the event loop (the S3 client). Does not wait for S3 to answer."""
+        if self.objects is not None:
+            await self.objects.open()
+
     async def close(self) -> None:
+        if self.objects is not None:
+            await self.objects.close()
         for tier in self.tiers.values():
             await tier.close()
+
+    @property
+    def bottom(self) -> TierKind:
+        """The slowest local tier: what it evicts goes to S3 (when configured) or is lost."""
+        return next(reversed(self.tiers))
+
+    async def _extend_from_s3(self, index_keys: list[bytes], keys: Sequence[bytes], namespace: bytes) -> None:
+        if self.objects is not None and len(self.index.prefix(index_keys)) < len(keys):
+            await self.objects.find(index_keys, keys, namespace)
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
         check_keys(keys, max_keys=self.config.max_keys_per_request, max_key_bytes=self.config.max_key_bytes)
 
-    def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[TierKind]:
-        """Tier of each leading present key (its fastest copy); stops at the first miss."""
+    async def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[TierKind]:
+        """Tier of each leading present key (its fastest copy); stops at the first miss.
+
+        Past the last key held locally, asks S3 (when configured).
+        """
         self._check_keys(keys)
-        found = self.index.prefix(scoped(keys, namespace))
+        index_keys = scoped(keys, namespace)
+        await self._extend_from_s3(index_keys, keys, namespace)
+        found = self.index.prefix(index_keys)
         self.counters.lookup_hit_blocks += len(found)
         self.counters.lookup_miss_blocks += len(keys) - len(found)
         return [record.primary().tier for record in found]
@@ -132,7 +163,9 @@ class Daemon:
         release these and ask again for the rest. The caller must :meth:`release` what it got.
         """
         self._check_keys(keys)
-        found = self.index.prefix(scoped(keys, namespace))
+        index_keys = scoped(keys, namespace)
+        await self._extend_from_s3(index_keys, keys, namespace)
+        found = self.index.prefix(index_keys)
         pinned: list[Copy] = []
         partial = False
         try:
@@ -237,6 +270,12 @@ class Daemon:
         self.counters.put_stored_blocks += 1
         if self.config.write_through:
             slot.persisted = await self.mover.persist(record)
+        if self.objects is not None:
+            if self.config.s3.write_through:
+                await self.objects.upload([record])
+                slot.persisted = slot.persisted or TierKind.S3 in record.copies
+            elif self.bottom is TierKind.DRAM:
+                self.objects.enqueue(record)
         return True
 
     def abort(self, slot: PutSlot) -> None:
@@ -268,7 +307,10 @@ class Daemon:
             else:
                 doomed += record.copies.values()
             deleted += 1
+        in_s3 = [c.record for c in doomed if c.tier is TierKind.S3]
         await self.mover.drop(doomed)
+        if in_s3:
+            await self.objects.delete(in_s3)
         self.counters.deleted_blocks += deleted
         return deleted
 
@@ -281,10 +323,13 @@ class Daemon:
         return record.checksum
 
     def usage(self) -> list[TierUsage]:
-        return [
+        rows = [
             TierUsage(kind=k, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, blocks=len(self.policies[k]))
             for k, t in self.tiers.items()
         ]
+        if self.objects is not None:  # what this daemon knows to be in the bucket; no capacity
+            rows.append(TierUsage(TierKind.S3, 0, self.objects.known_bytes, self.objects.known_blocks))
+        return rows
 
     @property
     def uptime_s(self) -> float:

@@ -67,7 +67,8 @@ class Mover:
         return tier.reserve(size)
 
     async def evict(self, victims: Sequence[Copy]) -> None:
-        """Take copies (all of one tier) out of it: demote them one tier down, or drop them."""
+        """Take copies (all of one tier) out of it: demote them one tier down, or drop them (to
+        S3 first, from the bottom tier, when a bucket is configured)."""
         if not victims:
             return
         kind = victims[0].tier
@@ -75,6 +76,15 @@ class Mover:
         if below is not None:
             pending = [c for c in victims if below not in c.record.copies]
             await self._demote(pending, below)
+        elif self.daemon.objects is not None:
+            pending = [c for c in victims if TierKind.S3 not in c.record.copies]
+            for copy in pending:
+                copy.moving = True
+            try:
+                await self.daemon.objects.upload([c.record for c in pending])
+            finally:
+                for copy in pending:
+                    self._unmark(copy)
         await self.drop(victims, evicted=True)
 
     async def _demote(self, copies: Sequence[Copy], below: TierKind) -> None:
@@ -131,21 +141,29 @@ class Mover:
                 d.dram.release(extent)
                 return None
             record.copies[TierKind.DRAM] = copy
+            fetched = True
             try:
-                n = min(source.extent.length, extent.length)
-                await d.tiers[source.tier].read_into(source.extent, 0, d.dram.view(extent, n))
+                if source.tier is TierKind.S3:
+                    fetched = await d.objects.fetch_into(record, d.dram.view(extent, extent.length))
+                else:
+                    n = min(source.extent.length, extent.length)
+                    await d.tiers[source.tier].read_into(source.extent, 0, d.dram.view(extent, n))
             except BaseException:
                 copy.dropped = True
                 record.copies.pop(TierKind.DRAM, None)
                 raise
             finally:
                 copy.moving = False
+            if fetched is None:  # S3 unavailable: a miss this time, the block stays known
+                record.copies.pop(TierKind.DRAM, None)
+                d.dram.release(extent)
+                return None
             if copy.dropped or record.state is not BlockState.READY:
                 if not copy.dropped:
                     record.copies.pop(TierKind.DRAM, None)
                 d.dram.release(extent)
                 return None
-            if checksum(d.dram.view(extent, record.size)) != record.checksum:
+            if not fetched or checksum(d.dram.view(extent, record.size)) != record.checksum:
                 log.warning("block %s failed verification on %s: dropped", record.key.hex()[:16], source.tier.label)
                 d.counters.integrity_failures += 1
                 d.counters.tier(source.tier).integrity_failures += 1
@@ -158,7 +176,7 @@ class Mover:
             d.counters.tier(source.tier).promotions += 1
             return copy
         finally:
-            self._unpin(source)
+            self.unpin(source)
 
     async def persist(self, record: BlockRecord) -> bool:
         """Write-through: give a DRAM block a durable NVMe copy now; False if there was no room."""
@@ -178,7 +196,7 @@ class Mover:
             await self._index(TierKind.NVME, [(record, extent)])
             return self._adopt(record, TierKind.NVME, extent)
         finally:
-            self._unpin(source)
+            self.unpin(source)
 
     async def rebalance(self) -> int:
         """One background step: demote from every over-full tier that has a tier below it."""
@@ -211,7 +229,10 @@ class Mover:
             copy.dropped = True
             if record.copies.get(copy.tier) is copy:
                 del record.copies[copy.tier]
-            d.policies[copy.tier].remove(copy, evicted=evicted)
+            if copy.tier is TierKind.S3:
+                d.objects.detached(record)  # nothing local to free
+            else:
+                d.policies[copy.tier].remove(copy, evicted=evicted)
             if evicted and not record.copies:
                 counters = d.counters.tier(copy.tier)
                 counters.evictions += 1
@@ -219,6 +240,8 @@ class Mover:
             if record.state is BlockState.READY and record.primary() is None:
                 record.advance(BlockState.GONE)
                 d.index.discard(record)
+            if copy.tier is TierKind.S3:
+                continue
             if isinstance(d.tiers[copy.tier], PersistentTier) and copy.filled:
                 forget.setdefault(copy.tier, []).append(copy)
             else:
@@ -254,9 +277,11 @@ class Mover:
         copy = Copy(record=record, tier=kind, extent=extent, filled=True)
         record.copies[kind] = copy
         d.policies[kind].insert(copy)
+        if d.objects is not None and kind is d.bottom:
+            d.objects.enqueue(record)  # write-behind to the bucket
         return True
 
-    def _unpin(self, copy: Copy) -> None:
+    def unpin(self, copy: Copy) -> None:
         copy.pins -= 1
         self._free_if_dropped(copy)
 

@@ -38,6 +38,7 @@ class KVStoreServer:
         self._health: health_aio.HealthServicer | None = None
         self._local: LocalSocket | None = None
         self._sweeper: asyncio.Task | None = None
+        self._uploader: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -56,6 +57,7 @@ class KVStoreServer:
             config = config.replace(nvme_port=config.port)  # $XDG_CACHE_HOME/kvstore/<port>
         self.daemon = Daemon(config)
         try:
+            await self.daemon.start()
             self.metrics = Metrics(self.daemon)
             # No SO_REUSEPORT: a second daemon on a busy port must fail, not silently share it.
             self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
@@ -75,6 +77,8 @@ class KVStoreServer:
                 await self._local.start()
                 servicer.local_socket_path = path
             self._sweeper = asyncio.create_task(self._background(), name="kvstore-background")
+            if self.daemon.objects is not None:
+                self._uploader = asyncio.create_task(self.daemon.objects.run(), name="kvstore-s3-write-behind")
             await self._grpc.start()
             if config.metrics_port:
                 try:
@@ -96,9 +100,10 @@ class KVStoreServer:
             f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
             self._local.path if self._local else "off", config.policy,
             format_bytes(daemon.dram.capacity_bytes),
-            f"; nvme {format_bytes(nvme.capacity_bytes)} at {nvme.directory} via {nvme.io_description}"
-            + (", write-through" if config.write_through else "")
-            if nvme is not None else "; nvme off",
+            (f"; nvme {format_bytes(nvme.capacity_bytes)} at {nvme.directory} via {nvme.io_description}"
+             + (", write-through" if config.write_through else "")
+             if nvme is not None else "; nvme off")
+            + (f"; s3 {daemon.objects.tier.description}" if daemon.objects is not None else "; s3 off"),
         )
 
     async def stop(self) -> None:
@@ -113,10 +118,11 @@ class KVStoreServer:
                     grpc_server, self._grpc = self._grpc, None
                     await grpc_server.stop(self.config.shutdown_grace_s)
             finally:
-                if self._sweeper is not None:
-                    self._sweeper.cancel()
-                    await asyncio.gather(self._sweeper, return_exceptions=True)
-                    self._sweeper = None
+                for task in (self._sweeper, self._uploader):
+                    if task is not None:
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                self._sweeper = self._uploader = None
                 if self._local is not None:
                     local, self._local = self._local, None
                     await local.stop()

@@ -146,8 +146,8 @@ class KVStoreServicer:
         finally:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
-    def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
-        tiers = self.daemon.lookup(request.keys, request.namespace)
+    async def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        tiers = await self.daemon.lookup(request.keys, request.namespace)
         return pb.LookupResponse(count=len(tiers), tiers=tiers)
 
     async def put(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.PutResponse:
@@ -217,6 +217,7 @@ class KVStoreServicer:
                 hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
                 evicted_bytes=c.tier(u.kind).evicted_bytes, promotions=c.tier(u.kind).promotions,
                 demotions=c.tier(u.kind).demotions, integrity_failures=c.tier(u.kind).integrity_failures,
+                errors=c.tier(u.kind).errors, uploads=c.tier(u.kind).uploads,
             )
             for u in d.usage()
         ]

@@ -37,12 +37,12 @@ async def test_eviction_under_fragmentation_evicts_nothing_when_it_cannot_help(d
     # Pages 1 and 3 are pinned: no two adjacent pages can be freed for a 2-page block.
     (slot,) = await daemon.reserve([b"big"], [2 * PAGE], [])
     assert slot.copy is None and not slot.present
-    assert daemon.lookup([b"k0"]) and daemon.lookup([b"k2"])  # nothing was evicted for nothing
+    assert await daemon.lookup([b"k0"]) and await daemon.lookup([b"k2"])  # nothing was evicted for nothing
     assert daemon.counters.put_dropped_blocks == 1
     daemon.release(pinned)
     # Unpinned: coldest first, k0, k2, then k1 (which joins them into three free pages).
     assert await put_now(daemon, b"big", 2 * PAGE)
-    assert [bool(daemon.lookup([k])) for k in (b"k0", b"k1", b"k2", b"k3", b"big")] == [False, False, False, True, True]
+    assert [bool(await daemon.lookup([k])) for k in (b"k0", b"k1", b"k2", b"k3", b"big")] == [False, False, False, True, True]
     assert daemon.tier.used_bytes == 3 * PAGE
 
 
@@ -66,13 +66,13 @@ async def test_conditional_delete_keeps_a_block_whose_checksum_differs(daemon):
     (slot,) = await daemon.reserve([b"k"], [PAGE], [])
     await daemon.commit(slot, checksum(b"good"))
     assert await daemon.delete([b"k"], [checksum(b"bad")]) == 0
-    assert daemon.lookup([b"k"])
+    assert await daemon.lookup([b"k"])
     assert await daemon.delete([b"k"], [checksum(b"good")]) == 1
-    assert not daemon.lookup([b"k"])
+    assert not await daemon.lookup([b"k"])
 
 
 async def test_a_block_deleted_while_being_written_is_not_stored(daemon):
     (slot,) = await daemon.reserve([b"k"], [PAGE], [])
     assert await daemon.delete([b"k"]) == 1
     assert await daemon.commit(slot, 0) is False
-    assert not daemon.lookup([b"k"]) and daemon.tier.used_bytes == 0
+    assert not await daemon.lookup([b"k"]) and daemon.tier.used_bytes == 0

@@ -119,3 +119,118 @@ async def test_s3_down_is_a_prompt_unavailable_error_and_back_up_works_again():
             await tier.close()
     finally:
         server.stop()
+
+
+def s3_settings(url: str, **overrides) -> S3Config:
+    base = dict(bucket=BUCKET, endpoint_url=url, prefix=f"run-{os.urandom(4).hex()}/", connect_timeout_s=0.5,
+                read_timeout_s=2, max_attempts=2, negative_ttl_s=0.5)
+    base.update(overrides)
+    return S3Config(**base)
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_two_daemons_share_blocks_through_the_bucket(moto, tmp_path):
+    from kvstore import TierKind
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    await make_bucket(moto.url)
+    s3 = s3_settings(moto.url)
+    keys, blocks = chain(12, seed=200), random_blocks(12, 1 << 20)
+    async with KVStoreServer(make_config(dram_bytes=8 << 20, s3=s3)) as first:
+        async with KVClient(f"127.0.0.1:{first.port}", namespace=b"model-x") as kv:
+            assert (await kv.put(keys, blocks)).stored == 12   # 12 MiB through 8 MiB of DRAM
+
+            async def all_uploaded() -> bool:
+                return (await kv.stats()).tier(TierKind.S3).blocks == 12
+            await until(all_uploaded)
+            hit = await kv.lookup(keys)
+            assert hit.count == 12 and TierKind.S3 in hit.tiers   # the early ones only in S3 now
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+    async with KVStoreServer(make_config(dram_bytes=8 << 20, s3=s3)) as second:
+        async with KVClient(f"127.0.0.1:{second.port}", namespace=b"model-x") as kv:
+            hit = await kv.lookup(keys)
+            assert hit.count == 12 and set(hit.tiers) == {TierKind.S3}
+            for key, block in zip(keys, blocks):
+                assert [bytes(b) for b in await kv.get([key])] == [block]
+            stats = await kv.stats()
+            assert stats.tier(TierKind.S3).promotions == 12 and stats.integrity_failures == 0
+        async with KVClient(f"127.0.0.1:{second.port}", namespace=b"model-y") as other:
+            assert (await other.lookup(keys)).count == 0   # another namespace: not these blocks
+
+
+async def test_a_daemon_restarted_with_an_empty_nvme_directory_serves_from_s3(moto, tmp_path):
+    import shutil
+
+    from kvstore import TierKind
+    from kvstore.client import KVClient
+    from kvstore.config import NvmeConfig
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    await make_bucket(moto.url)
+    s3 = s3_settings(moto.url, write_through=True)
+    nvme = NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=32 << 20)
+    keys, blocks = chain(6, seed=201), random_blocks(6, 300_000)
+    async with KVStoreServer(make_config(nvme=nvme, s3=s3, write_through=True)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert (await kv.put(keys, blocks)).persisted == 6
+    shutil.rmtree(tmp_path / "nvme")
+    async with KVStoreServer(make_config(nvme=nvme, s3=s3)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert (await kv.lookup(keys)).tiers == [TierKind.S3] * 6
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+            assert (await kv.lookup(keys)).tiers == [TierKind.DRAM] * 6
+
+
+async def test_s3_stopped_mid_run_degrades_to_misses_and_recovers_without_a_restart(tmp_path):
+    from kvstore import TierKind
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    use_test_credentials()
+    server = MotoServer().start()
+    try:
+        await make_bucket(server.url)
+        s3 = s3_settings(server.url, write_through=True)
+        async with KVStoreServer(make_config(dram_bytes=4 << 20, s3=s3)) as srv:
+            async with KVClient(f"127.0.0.1:{srv.port}", timeout_s=15) as kv:
+                early, early_blocks = chain(4, seed=202), random_blocks(4, 1 << 20)
+                await kv.put(early, early_blocks)
+                late, late_blocks = chain(2, seed=203), random_blocks(2, 1 << 20)
+                await kv.put(late, late_blocks)            # pushes the early ones out of DRAM...
+                assert TierKind.S3 in (await kv.lookup(early)).tiers   # ...into S3 only
+
+                server.stop()
+                started = time.monotonic()
+                got = await kv.get(early)                  # S3-only blocks: misses, promptly
+                assert got == [] or all(bytes(g) == b for g, b in zip(got, early_blocks))
+                assert [bytes(b) for b in await kv.get(late)] == late_blocks   # local ones intact
+                more = chain(2, seed=204)
+                assert (await kv.put(more, random_blocks(2, 4096))).stored == 2   # puts still work
+                assert time.monotonic() - started < 20
+                stats = await kv.stats()
+                assert stats.tier(TierKind.S3).errors > 0
+
+                server.start()                             # back, and empty (moto keeps nothing)
+                await make_bucket(server.url)
+                fresh, fresh_blocks = chain(3, seed=205), random_blocks(3, 100_000)
+                assert (await kv.put(fresh, fresh_blocks)).persisted == 3   # uploaded again
+        async with KVStoreServer(make_config(dram_bytes=4 << 20, s3=s3)) as other:
+            async with KVClient(f"127.0.0.1:{other.port}") as kv:
+                assert [bytes(b) for b in await kv.get(fresh)] == fresh_blocks
+    finally:
+        server.stop()
