@@ -69,23 +69,21 @@ class ExtentAllocator:
         self._live[start] = length
         return Extent(start, length)
 
-    def claim(self, extent: Extent) -> bool:
-        """Reserve exactly ``extent`` (rebuilding state after a restart); False if it is not free."""
-        start, length = extent.offset, extent.length
-        if start % self.alignment_bytes or length <= 0 or length % self.alignment_bytes:
-            return False
-        for free_start, free_len in list(self._by_start.items()):  # few free runs at recovery
-            if free_start <= start and start + length <= free_start + free_len:
-                self._remove_free(free_start, free_len)
-                if start > free_start:
-                    self._add_free(free_start, start - free_start)
-                end, free_end = start + length, free_start + free_len
-                if free_end > end:
-                    self._add_free(end, free_end - end)
-                self.used_bytes += length
-                self._live[start] = length
-                return True
-        return False
+    def rebuild(self, extents: list[Extent]) -> None:
+        """Start over with exactly ``extents`` allocated (sorted by offset, disjoint, aligned):
+        how a persistent tier restores its state after a restart, in one pass."""
+        self._by_start.clear()
+        self._by_end.clear()
+        self._by_size.clear()
+        self._live = {e.offset: e.length for e in extents}
+        self.used_bytes = sum(self._live.values())
+        cursor = 0
+        for e in extents:
+            if e.offset > cursor:
+                self._add_free(cursor, e.offset - cursor)
+            cursor = e.offset + e.length
+        if cursor < self.capacity_bytes:
+            self._add_free(cursor, self.capacity_bytes - cursor)
 
     def free(self, extent: Extent) -> None:
         """Return an extent; it merges with free neighbours on both sides."""

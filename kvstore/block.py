@@ -49,7 +49,9 @@ class Copy:
     filled: bool = False     # all bytes are in place (a copy being written or promoted is not)
     pins: int = 0            # readers copying out of it right now
     moving: bool = False     # being copied to another tier: not evictable meanwhile
-    dropped: bool = False    # left its tier; its extent is freed when the last pin goes
+    dropped: bool = False    # left its tier; its extent is freed when the last pin goes...
+    forgetting: bool = False  # ...and, for a persistent tier, once its index entry is durably gone
+    freed: bool = False      # its extent went back to the tier (exactly once)
     freq: int = 0            # access count, saturating (scan-resistant policies)
     queue: int = 0           # which queue of the policy holds it (policy-defined)
     prev: Copy | None = None

@@ -99,16 +99,16 @@ class NvmeConfig:
     io_engine: str = "auto"         # "auto" (kvikio when a CUDA driver is present), "kvikio", "posix"
     direct_io: bool = True          # O_DIRECT where the filesystem allows it
     index_map_bytes: int = 1 * GiB  # LMDB map size (address space; grows on disk as needed)
-    high_watermark: float = 0.95    # above this fill the coldest blocks are dropped (or sent on)...
-    low_watermark: float = 0.9      # ...until the fill is below this
+    high_watermark: float = 0.95    # for a tier below NVMe: NVMe demotes its coldest blocks above this...
+    low_watermark: float = 0.9      # ...until below this (the bottom tier only evicts on demand)
     port: int = 0                   # filled in by the server for "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), 'nvme.dir must be "auto", "off" or a directory')
         _check(self.capacity_bytes > 0, f"nvme.capacity_bytes must be > 0, got {self.capacity_bytes}")
         _check(
-            self.alignment_bytes >= 512 and self.alignment_bytes & (self.alignment_bytes - 1) == 0,
-            f"nvme.alignment_bytes must be a power of two >= 512, got {self.alignment_bytes}",
+            self.alignment_bytes >= 4096 and self.alignment_bytes & (self.alignment_bytes - 1) == 0,
+            f"nvme.alignment_bytes must be a power of two >= 4096 (direct I/O sectors), got {self.alignment_bytes}",
         )
         _check(1 <= self.io_threads <= 256, f"nvme.io_threads must be in [1, 256], got {self.io_threads}")
         _check(
@@ -125,6 +125,8 @@ class NvmeConfig:
     def resolved_dir(self) -> str:
         if self.dir != "auto":
             return os.path.expanduser(self.dir)
+        if self.port == 0:
+            raise ConfigError('nvme.dir "auto" needs a fixed port (it is named after it); set nvme.dir')
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return os.path.join(cache, "kvstore", str(self.port))
 

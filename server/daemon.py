@@ -170,8 +170,11 @@ class Daemon:
         partial = False
         try:
             for record in found:
-                copy = record.copies.get(TierKind.DRAM)
                 source = record.primary()
+                for held in record.copies.values():  # a read is a use of every copy the block has
+                    if held.filled and held.tier in self.policies:
+                        self.policies[held.tier].touch(held)
+                copy = record.copies.get(TierKind.DRAM)
                 if copy is None or not copy.filled:
                     copy = await self.mover.promote(record)
                     if copy is NO_ROOM:
@@ -180,8 +183,7 @@ class Daemon:
                     if copy is None:
                         break
                 copy.pins += 1
-                pinned.append(copy)
-                self.policies[TierKind.DRAM].touch(copy)
+                pinned.append(copy)  # a fresh promotion is not touched: under S3-FIFO it must be read again
                 self.counters.tier(source.tier if source else TierKind.DRAM).hits += 1
         except BaseException:
             self.release(pinned)
@@ -193,9 +195,7 @@ class Daemon:
 
     def release(self, copies: Sequence[Copy]) -> None:
         for copy in copies:
-            copy.pins -= 1
-            if copy.pins == 0 and copy.dropped and not copy.moving:
-                self.tiers[copy.tier].release(copy.extent)
+            self.mover.unpin(copy)
 
     async def reserve(
         self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes = b""
@@ -207,10 +207,16 @@ class Daemon:
         for which no space can be freed is dropped the same way and counted.
         """
         self.check_put(keys, sizes, checksums)
-        return [
-            await self.reserve_one(key, size, checksums[i] if checksums else None, namespace)
-            for i, (key, size) in enumerate(zip(scoped(keys, namespace), sizes))
-        ]
+        slots: list[PutSlot] = []
+        try:
+            for i, (key, size) in enumerate(zip(scoped(keys, namespace), sizes)):
+                slots.append(await self.reserve_one(key, size, checksums[i] if checksums else None, namespace))
+        except BaseException:
+            for slot in slots:  # a reservation cut short must not leave keys WRITING for ever
+                if slot.copy is not None:
+                    self.abort(slot)
+            raise
+        return slots
 
     def check_put(self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> None:
         """Raise InvalidArgumentError naming the first thing wrong with a put batch."""
@@ -314,11 +320,11 @@ class Daemon:
         self.counters.deleted_blocks += deleted
         return deleted
 
-    def checksum_of(self, record: BlockRecord) -> int:
+    def checksum_of(self, record: BlockRecord, dram_copy: Copy | None = None) -> int:
         """The block's checksum, computed from its DRAM bytes on first need (same-host puts skip
         it; every persisted copy has it)."""
         if record.checksum is None:
-            copy = record.copies[TierKind.DRAM]
+            copy = dram_copy or record.copies[TierKind.DRAM]
             record.checksum = checksum(self.dram.view(copy.extent, record.size))
         return record.checksum
 

@@ -74,20 +74,28 @@ class Leasing:
                     daemon.abort(slot)
             raise InvalidArgumentError(f"{len(slots)} reserved keys but {len(checksums)} checksums")
         stored, corrupt = 0, []
-        for i, slot in enumerate(slots):
-            if slot.copy is None:
-                continue
-            if abort:
-                daemon.abort(slot)
-                continue
-            actual = None
-            if checksums:
-                actual = checksum(daemon.dram.view(slot.copy.extent, slot.size))
-                if actual != checksums[i]:
-                    corrupt.append(i)
+        done = 0
+        try:
+            for i, slot in enumerate(slots):
+                done = i + 1
+                if slot.copy is None:
+                    continue
+                if abort:
                     daemon.abort(slot)
                     continue
-            stored += await daemon.commit(slot, actual)
+                actual = None
+                if checksums:
+                    actual = checksum(daemon.dram.view(slot.copy.extent, slot.size))
+                    if actual != checksums[i]:
+                        corrupt.append(i)
+                        daemon.abort(slot)
+                        continue
+                stored += await daemon.commit(slot, actual)
+        except BaseException:
+            for slot in slots[done:]:  # cut short: nothing may stay WRITING for ever
+                if slot.copy is not None:
+                    daemon.abort(slot)
+            raise
         if corrupt:
             daemon.counters.integrity_failures += len(corrupt)
             raise IntegrityError(f"blocks {corrupt} did not match their checksums and were not stored")

@@ -33,7 +33,8 @@ from kvstore.tiers.nvme_index import IndexEntry
 
 log = logging.getLogger("kvstore.movement")
 
-REBALANCE_BATCH_BYTES = 256 << 20
+REBALANCE_BATCH_BYTES = 32 << 20
+BUSY_WAIT_S = 2.0
 NO_ROOM = object()
 """What :meth:`Mover.promote` returns when DRAM has no room (everything in it is in use)."""
 
@@ -43,6 +44,7 @@ class Mover:
         self.daemon = daemon
         self._order = list(daemon.tiers)  # fastest first
         self._promoting: dict[bytes, asyncio.Future] = {}
+        self.busy = 0  # moves in flight that hold copies (pinned or moving) they will let go of
 
     def below(self, kind: TierKind) -> TierKind | None:
         i = self._order.index(kind)
@@ -52,6 +54,7 @@ class Mover:
         """Reserve ``size`` bytes in tier ``kind``, evicting its coldest copies as needed."""
         d = self.daemon
         tier, policy = d.tiers[kind], d.policies[kind]
+        waited = 0.0
         for _ in range(3):  # others may take freed room while evictions wait for a disk
             extent = tier.reserve(size)
             if extent is not None:
@@ -61,6 +64,18 @@ class Mover:
                 max(length - tier.free_bytes, 1),
                 fits=lambda chosen: tier.largest_free_after([c.extent for c in chosen]) >= length,
             )
+            # Copies held by moves in flight (uploads, demotions) come free in a moment: a put
+            # waits for them (briefly) rather than being dropped.
+            while not victims and self.busy and waited < BUSY_WAIT_S:
+                await asyncio.sleep(0.01)
+                waited += 0.01
+                extent = tier.reserve(size)
+                if extent is not None:
+                    return extent
+                victims = policy.victims(
+                    max(length - tier.free_bytes, 1),
+                    fits=lambda chosen: tier.largest_free_after([c.extent for c in chosen]) >= length,
+                )
             if not victims:
                 return None
             await self.evict(victims)
@@ -80,9 +95,11 @@ class Mover:
             pending = [c for c in victims if TierKind.S3 not in c.record.copies]
             for copy in pending:
                 copy.moving = True
+            self.busy += 1
             try:
                 await self.daemon.objects.upload([c.record for c in pending])
             finally:
+                self.busy -= 1
                 for copy in pending:
                     self._unmark(copy)
         await self.drop(victims, evicted=True)
@@ -92,6 +109,7 @@ class Mover:
         lower = d.tiers[below]
         for copy in copies:
             copy.moving = True
+        self.busy += 1
         try:
             targets: list[tuple[Copy, Extent]] = []
             for copy in copies:
@@ -99,14 +117,20 @@ class Mover:
                     extent = await self.make_room(below, copy.record.size)
                     if extent is not None:
                         targets.append((copy, extent))
-            for copy, _ in targets:
-                d.checksum_of(copy.record)  # persisted copies carry it
-            await asyncio.gather(*(self._copy_bytes(copy, extent, below) for copy, extent in targets))
-            await self._index(below, [(copy.record, extent) for copy, extent in targets])
+            live = []
             for copy, extent in targets:
-                if self._adopt(copy.record, below, extent):
+                if copy.record.state is BlockState.READY:
+                    d.checksum_of(copy.record, copy)  # persisted copies carry it
+                    live.append((copy, extent))
+                else:
+                    lower.release(extent)  # deleted while room was being made
+            await asyncio.gather(*(self._copy_bytes(copy, extent, below) for copy, extent in live))
+            await self._index(below, [(copy.record, extent) for copy, extent in live])
+            for copy, extent in live:
+                if await self._adopt(copy.record, below, extent):
                     d.counters.tier(copy.tier).demotions += 1
         finally:
+            self.busy -= 1
             for copy in copies:
                 self._unmark(copy)
 
@@ -126,7 +150,7 @@ class Mover:
             del self._promoting[record.key]
             future.set_result(copy)
 
-    async def _promote(self, record: BlockRecord) -> Copy | None:
+    async def _promote(self, record: BlockRecord) -> Copy | object | None:
         d = self.daemon
         source = record.primary()
         if source is None or source.tier is TierKind.DRAM:
@@ -136,39 +160,28 @@ class Mover:
             extent = await self.make_room(TierKind.DRAM, record.size)
             if extent is None:
                 return NO_ROOM
-            copy = Copy(record=record, tier=TierKind.DRAM, extent=extent, moving=True)
             if record.state is not BlockState.READY:
                 d.dram.release(extent)
                 return None
+            copy = Copy(record=record, tier=TierKind.DRAM, extent=extent, moving=True)
             record.copies[TierKind.DRAM] = copy
-            fetched = True
+            read = asyncio.ensure_future(self._fetch(source, copy))
             try:
-                if source.tier is TierKind.S3:
-                    fetched = await d.objects.fetch_into(record, d.dram.view(extent, extent.length))
-                else:
-                    n = min(source.extent.length, extent.length)
-                    await d.tiers[source.tier].read_into(source.extent, 0, d.dram.view(extent, n))
-            except BaseException:
-                copy.dropped = True
-                record.copies.pop(TierKind.DRAM, None)
+                fetched = await asyncio.shield(read)
+            except asyncio.CancelledError:
+                # The read may still be filling the extent: free it only once the read stopped.
+                self._detach(copy)
+                read.add_done_callback(lambda _: self._unmark(copy))
                 raise
-            finally:
-                copy.moving = False
-            if fetched is None:  # S3 unavailable: a miss this time, the block stays known
-                record.copies.pop(TierKind.DRAM, None)
-                d.dram.release(extent)
-                return None
-            if copy.dropped or record.state is not BlockState.READY:
-                if not copy.dropped:
-                    record.copies.pop(TierKind.DRAM, None)
-                d.dram.release(extent)
+            copy.moving = False
+            if fetched is None or copy.dropped or record.state is not BlockState.READY:
+                self._detach(copy)  # unreachable (S3 down: a miss this time), or deleted meanwhile
                 return None
             if not fetched or checksum(d.dram.view(extent, record.size)) != record.checksum:
                 log.warning("block %s failed verification on %s: dropped", record.key.hex()[:16], source.tier.label)
                 d.counters.integrity_failures += 1
                 d.counters.tier(source.tier).integrity_failures += 1
-                record.copies.pop(TierKind.DRAM, None)
-                d.dram.release(extent)
+                self._detach(copy)
                 await self.drop([source])
                 return None
             copy.filled = True
@@ -177,6 +190,30 @@ class Mover:
             return copy
         finally:
             self.unpin(source)
+
+    async def _fetch(self, source: Copy, copy: Copy) -> bool | None:
+        """Read ``source``'s bytes into the new DRAM copy: True, False (they are bad: a read error
+        or no such object), None (the medium is unreachable right now)."""
+        d = self.daemon
+        view = d.dram.view(copy.extent, copy.extent.length)
+        if source.tier is TierKind.S3:
+            return await d.objects.fetch_into(copy.record, view)
+        n = min(source.extent.length, copy.extent.length)
+        try:
+            await d.tiers[source.tier].read_into(source.extent, 0, view[:n])
+        except OSError as exc:
+            log.warning("reading block %s from %s failed: %s", copy.record.key.hex()[:16], source.tier.label, exc)
+            d.counters.tier(source.tier).errors += 1
+            return False
+        return True
+
+    def _detach(self, copy: Copy) -> None:
+        """Take a copy that never became readable off its record, and free it when nothing holds it."""
+        record = copy.record
+        if record.copies.get(copy.tier) is copy:
+            del record.copies[copy.tier]
+        copy.dropped = True
+        self.free_if_done(copy)
 
     async def persist(self, record: BlockRecord) -> bool:
         """Write-through: give a DRAM block a durable NVMe copy now; False if there was no room."""
@@ -187,15 +224,17 @@ class Mover:
         if d.nvme is None or source is None:
             return False
         source.pins += 1
+        self.busy += 1
         try:
             extent = await self.make_room(TierKind.NVME, record.size)
             if extent is None:
                 return False
-            d.checksum_of(record)
+            d.checksum_of(record, source)
             await self._copy_bytes(source, extent, TierKind.NVME)
             await self._index(TierKind.NVME, [(record, extent)])
-            return self._adopt(record, TierKind.NVME, extent)
+            return await self._adopt(record, TierKind.NVME, extent)
         finally:
+            self.busy -= 1
             self.unpin(source)
 
     async def rebalance(self) -> int:
@@ -217,11 +256,11 @@ class Mover:
     async def drop(self, copies: Sequence[Copy], *, evicted: bool = False) -> None:
         """Remove copies from their tiers; a record left with no copy is gone.
 
-        Index entries of persistent copies are deleted (durably) before their extents are freed.
+        A persistent copy's index entry is deleted (durably) before its extent can be reused;
+        every extent is freed exactly once, by whoever lets go of the copy last.
         """
         d = self.daemon
         forget: dict[TierKind, list[Copy]] = {}
-        gone: list[Copy] = []
         for copy in copies:
             if copy.dropped:
                 continue
@@ -243,15 +282,17 @@ class Mover:
             if copy.tier is TierKind.S3:
                 continue
             if isinstance(d.tiers[copy.tier], PersistentTier) and copy.filled:
+                copy.forgetting = True
                 forget.setdefault(copy.tier, []).append(copy)
             else:
-                gone.append(copy)
+                self.free_if_done(copy)
         for kind, persisted in forget.items():
-            await d.tiers[kind].forget([c.record.key for c in persisted])
-            gone += persisted
-        for copy in gone:
-            if copy.pins == 0 and not copy.moving:
-                d.tiers[copy.tier].release(copy.extent)
+            try:
+                await d.tiers[kind].forget([(c.record.key, c.extent.offset) for c in persisted])
+            finally:
+                for copy in persisted:
+                    copy.forgetting = False
+                    self.free_if_done(copy)
 
     async def _copy_bytes(self, source: Copy, extent: Extent, kind: TierKind) -> None:
         d = self.daemon
@@ -267,12 +308,12 @@ class Mover:
                 IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written
             ])
 
-    def _adopt(self, record: BlockRecord, kind: TierKind, extent: Extent) -> bool:
+    async def _adopt(self, record: BlockRecord, kind: TierKind, extent: Extent) -> bool:
         """Attach a freshly written (and indexed) copy, unless the block went away meanwhile."""
         d = self.daemon
         if record.state is not BlockState.READY or kind in record.copies:
             orphan = Copy(record=record, tier=kind, extent=extent, filled=True)
-            asyncio.ensure_future(self.drop([orphan]))  # un-index and free it
+            await self.drop([orphan])  # un-index exactly this copy, then free it
             return False
         copy = Copy(record=record, tier=kind, extent=extent, filled=True)
         record.copies[kind] = copy
@@ -283,12 +324,15 @@ class Mover:
 
     def unpin(self, copy: Copy) -> None:
         copy.pins -= 1
-        self._free_if_dropped(copy)
+        self.free_if_done(copy)
 
     def _unmark(self, copy: Copy) -> None:
         copy.moving = False
-        self._free_if_dropped(copy)
+        self.free_if_done(copy)
 
-    def _free_if_dropped(self, copy: Copy) -> None:
-        if copy.dropped and copy.pins == 0 and not copy.moving:
-            self.daemon.tiers[copy.tier].release(copy.extent)
+    def free_if_done(self, copy: Copy) -> None:
+        """Give a dropped copy's extent back once nothing reads, moves or un-indexes it (once)."""
+        if copy.dropped and not copy.freed and copy.pins == 0 and not copy.moving and not copy.forgetting:
+            if copy.extent is not None:
+                copy.freed = True
+                self.daemon.tiers[copy.tier].release(copy.extent)

@@ -149,6 +149,7 @@ class ObjectStore:
         if source is None or source.tier is TierKind.S3:
             return
         source.pins += 1
+        d.mover.busy += 1
         try:
             if source.tier is TierKind.DRAM:
                 data = d.dram.view(source.extent, record.size)
@@ -160,6 +161,7 @@ class ObjectStore:
             self._failed(exc)
             return
         finally:
+            d.mover.busy -= 1
             d.mover.unpin(source)
         if record.state is BlockState.READY and TierKind.S3 not in record.copies:
             self.attach(record)

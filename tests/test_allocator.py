@@ -107,3 +107,16 @@ def test_largest_free_after_is_a_dry_run():
     assert a.largest_free_after([e[1]]) == 2 * 4096       # 0 and 1 merge
     assert a.largest_free_after([e[1], e[2], e[3]]) == 4 * 4096
     assert a.used_bytes == 3 * 4096 and a.largest_free == 4096  # nothing changed
+
+
+def test_rebuild_restores_exactly_the_given_extents():
+    a = ExtentAllocator(16 * 4096, 4096)
+    a.allocate(4096)
+    kept = [Extent(4096, 8192), Extent(8 * 4096, 4096)]
+    a.rebuild(kept)
+    assert a.used_bytes == 3 * 4096
+    for e in kept:
+        a.free(e)
+    assert a.largest_free == a.capacity_bytes
+    with pytest.raises(ValueError):
+        a.free(Extent(0, 4096))  # not among the rebuilt extents

@@ -82,7 +82,7 @@ async def test_persistent_tiers_recover_exactly_what_was_indexed(kind, tmp_path)
         IndexEntry(b"kept", kept.offset, kept.length, MiB - 10, 111, 1.0),
         IndexEntry(b"forgotten", forgotten.offset, forgotten.length, MiB, 222, 2.0),
     ])
-    await tier.forget([b"forgotten"])
+    await tier.forget([(b"forgotten", forgotten.offset), (b"kept", kept.offset + 4096)])  # 2nd: stale offset
     await tier.close()
 
     again = make(kind, tmp_path)
@@ -92,3 +92,16 @@ async def test_persistent_tiers_recover_exactly_what_was_indexed(kind, tmp_path)
         assert again.reserve(7 * MiB) is not None
     finally:
         await again.close()
+
+
+async def test_one_nvme_directory_serves_one_daemon(tmp_path):
+    from kvstore import ConfigError
+
+    first = make("nvme", tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="in use by another kvstore daemon"):
+            make("nvme", tmp_path)
+    finally:
+        await first.close()
+    again = make("nvme", tmp_path)  # the lock went with the first
+    await again.close()

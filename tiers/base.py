@@ -113,8 +113,11 @@ class PersistentTier(Tier):
         """Make written blocks durable and indexed; done when this returns."""
 
     @abstractmethod
-    async def forget(self, keys: Sequence[bytes]) -> None:
-        """Durably drop blocks from the index, before their extents are reused."""
+    async def forget(self, entries: Sequence[tuple[bytes, int]]) -> None:
+        """Durably drop ``(key, offset)`` entries from the index, before their extents are reused.
+
+        An entry is dropped only if it still names that offset: a newer copy of the same key
+        written elsewhere keeps its entry."""
 
 
 class MemoryTier(Tier):

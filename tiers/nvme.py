@@ -15,9 +15,13 @@ the stored checksum by the daemon, so bytes that rotted on disk become misses.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import logging
 import os
 from collections.abc import Sequence
+
+import lmdb
 
 from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.config import NvmeConfig
@@ -39,8 +43,11 @@ class NvmeTier(ExtentTier, PersistentTier):
     def __init__(self, config: NvmeConfig) -> None:
         self.config = config
         directory = config.resolved_dir()
+        self._lock_fd = -1
+        self._io = None
         try:
             os.makedirs(directory, exist_ok=True)
+            self._lock_fd = _lock(directory)
             self._allocator = ExtentAllocator(config.capacity_bytes, config.alignment_bytes)
             self._io = open_file_io(
                 os.path.join(directory, DATA_FILE), threads=config.io_threads, direct=config.direct_io,
@@ -48,8 +55,13 @@ class NvmeTier(ExtentTier, PersistentTier):
             )
             self._io.preallocate(self._allocator.capacity_bytes)
             self._index = NvmeIndex(os.path.join(directory, INDEX_DIR), config.index_map_bytes)
-        except OSError as exc:
-            raise ConfigError(f"nvme.dir={directory}: cannot set up the NVMe tier ({exc.strerror or exc})") from None
+        except (OSError, lmdb.Error) as exc:
+            self._close_partial()
+            detail = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"nvme.dir={directory}: cannot set up the NVMe tier ({detail})") from None
+        except BaseException:
+            self._close_partial()
+            raise
         self.directory = directory
         self.recovered = self._recover()
 
@@ -64,14 +76,19 @@ class NvmeTier(ExtentTier, PersistentTier):
     def _recover(self) -> list[IndexEntry]:
         """Entries of a previous run whose extents fit this tier; their extents are re-reserved."""
         kept, dropped = [], []
+        end = 0
+        align, capacity = self._allocator.alignment_bytes, self._allocator.capacity_bytes
         for entry in sorted(self._index.entries(), key=lambda e: e.offset):
-            if self._allocator.claim(Extent(entry.offset, entry.length)):
+            fits = entry.offset % align == 0 and entry.length % align == 0 and entry.length > 0
+            if fits and entry.offset >= end and entry.offset + entry.length <= capacity:
                 kept.append(entry)
+                end = entry.offset + entry.length
             else:
-                dropped.append(entry.key)
+                dropped.append((entry.key, entry.offset))
         if dropped:
             log.warning("%d index entries outside this tier's capacity or overlapping were dropped", len(dropped))
             self._index._delete(dropped)
+        self._allocator.rebuild([Extent(e.offset, e.length) for e in kept])
         return kept
 
     async def write(self, extent: Extent, offset: int, data: memoryview) -> None:
@@ -87,10 +104,28 @@ class NvmeTier(ExtentTier, PersistentTier):
         await self._io.sync()
         await self._index.put(entries)
 
-    async def forget(self, keys: Sequence[bytes]) -> None:
-        """Durably drop index entries (before their extents are reused)."""
-        await self._index.delete(keys)
+    async def forget(self, entries: Sequence[tuple[bytes, int]]) -> None:
+        await self._index.delete(entries)
 
     async def close(self) -> None:
-        self._io.close()
+        await asyncio.to_thread(self._io.close)  # waits for in-flight I/O
         self._index.close()
+        os.close(self._lock_fd)
+
+    def _close_partial(self) -> None:
+        if self._io is not None:
+            self._io.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+
+
+def _lock(directory: str) -> int:
+    """An exclusive lock on the directory for this daemon's life: two daemons on one NVMe
+    directory would overwrite each other's blocks."""
+    fd = os.open(os.path.join(directory, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"nvme.dir={directory} is in use by another kvstore daemon") from None
+    return fd

@@ -44,20 +44,23 @@ class NvmeIndex:
             for e in entries:
                 txn.put(e.key, _VALUE.pack(e.offset, e.length, e.size, e.checksum, e.last_use) + e.namespace)
 
-    def _delete(self, keys: Sequence[bytes]) -> None:
+    def _delete(self, entries: Sequence[tuple[bytes, int | None]]) -> None:
         with self._env.begin(write=True) as txn:
-            for key in keys:
-                txn.delete(key)
+            for key, offset in entries:
+                value = txn.get(key)
+                if value is not None and (offset is None or _VALUE.unpack_from(value)[0] == offset):
+                    txn.delete(key)
 
     async def put(self, entries: Sequence[IndexEntry]) -> None:
         """Record persisted blocks; durable when this returns."""
         if entries:
             await asyncio.to_thread(self._put, entries)
 
-    async def delete(self, keys: Sequence[bytes]) -> None:
-        """Forget blocks; durable when this returns."""
-        if keys:
-            await asyncio.to_thread(self._delete, keys)
+    async def delete(self, entries: Sequence[tuple[bytes, int | None]]) -> None:
+        """Forget ``(key, offset)`` entries (offset None: whatever the key names); durable when
+        this returns."""
+        if entries:
+            await asyncio.to_thread(self._delete, entries)
 
     def close(self) -> None:
         self._env.close()
