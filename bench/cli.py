@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dram-bytes", default="2GiB", help="DRAM of the daemon the benchmark starts")
     parser.add_argument("--no-nvme", action="store_true", help="leave out the NVMe tier rows")
     parser.add_argument("--nvme-dir", help="where the NVMe rows write (default: a temporary directory)")
+    parser.add_argument("--no-s3", action="store_true", help="leave out the S3 rows")
+    parser.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint for the S3 rows (default: a moto server started on loopback, when installed)",
+    )
+    parser.add_argument("--s3-bucket", default="kvstore-bench", help="bucket for the S3 rows")
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -48,6 +54,28 @@ async def _run(target: str, plan: Plan, paths: list[str], redis_port: int | None
     return rows
 
 
+def _s3(args: argparse.Namespace, plan: Plan) -> list:
+    import os
+
+    from kvstore.bench.baselines import MotoServer
+    from kvstore.bench.tiers import s3_rows
+
+    sizes = tuple(s for s in plan.block_sizes if s <= 8 * MiB)[:2]
+    batch, rounds = (16, 2) if args.quick else (32, 3)
+    if args.s3_endpoint_url:
+        return asyncio.run(s3_rows(args.s3_endpoint_url, args.s3_bucket, sizes, batch, rounds))
+    if not MotoServer.available():
+        print("(no S3 rows: give --s3-endpoint-url, or install moto[server] for a local S3)")
+        return []
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(name, "kvstore-bench")  # moto takes any credentials
+    server = MotoServer().start()
+    try:
+        return asyncio.run(s3_rows(server.url, args.s3_bucket, sizes, batch, rounds))
+    finally:
+        server.stop()
+
+
 def main(args: argparse.Namespace) -> int:
     from kvstore.bench.baselines import RedisServer
     from kvstore.bench.report import machine, table, write_json
@@ -70,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
         sizes = tuple(s for s in plan.block_sizes if s >= 256 * 1024) or plan.block_sizes
         rows += asyncio.run(nvme_rows(sizes, batch=64 if not args.quick else 16, rounds=5 if not args.quick else 3,
                                       directory=args.nvme_dir))
+    if not args.no_s3:
+        rows += _s3(args, plan)
     print(f"kvstore bench on {machine()}")
     print(table(rows))
     if redis_port is None:

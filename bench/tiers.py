@@ -1,4 +1,6 @@
-"""NVMe tier I/O against raw file I/O of the same bytes, in the same run, on the same filesystem.
+"""Tier I/O against the raw library calls on the same bytes, in the same run.
+
+NVMe, against raw file I/O on the same filesystem:
 
 - **nvme write**: ``NvmeTier.write`` of a batch of blocks into reserved extents, then
   ``NvmeTier.persist`` (``fdatasync`` of the data file + one synchronous LMDB transaction), i.e.
@@ -7,6 +9,13 @@
 - **raw file write / read**: the same blocks at the same offsets of a plain preallocated file with
   ``os.pwrite`` / ``os.preadv`` from a pool of as many threads, ``O_DIRECT`` when the filesystem
   allows it, then one ``fdatasync``: the best a program can do with plain POSIX calls.
+
+S3, against raw aiobotocore on the same bucket:
+
+- **s3 put / get**: ``S3Tier.put`` / ``S3Tier.get_into`` (metadata, verification, bounded
+  concurrency) of a batch of blocks.
+- **raw s3 put / get**: ``put_object`` / ``get_object`` of the same bytes with the same client
+  settings and concurrency, nothing else.
 """
 
 from __future__ import annotations
@@ -102,4 +111,63 @@ async def nvme_rows(block_sizes: tuple[int, ...], batch: int, rounds: int, direc
                 await tier.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+async def s3_rows(endpoint_url: str, bucket: str, block_sizes: tuple[int, ...], batch: int, rounds: int) -> list[Result]:
+    from aiobotocore.session import get_session
+
+    from kvstore.checksum import checksum
+    from kvstore.config import S3Config
+    from kvstore.tiers.s3 import S3Tier
+
+    rows: list[Result] = []
+    config = S3Config(bucket=bucket, endpoint_url=endpoint_url, prefix="bench/")
+    tier = S3Tier(config)
+    await tier.open()
+    try:
+        async with get_session().create_client("s3", endpoint_url=endpoint_url, region_name=config.region) as raw:
+            try:
+                await raw.create_bucket(Bucket=bucket)
+            except raw.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            slots = asyncio.Semaphore(config.max_concurrency)
+            for size in block_sizes:
+                blocks = [memoryview(os.urandom(size)) for _ in range(batch)]
+                sums = [checksum(b) for b in blocks]
+                keys = [os.urandom(16) for _ in range(batch)]
+                outs = [memoryview(bytearray(size)) for _ in range(batch)]
+
+                async def raw_put_one(i: int) -> None:
+                    async with slots:
+                        await raw.put_object(Bucket=bucket, Key=f"raw/{keys[i].hex()}", Body=bytes(blocks[i]))
+
+                async def raw_get_one(i: int) -> None:
+                    async with slots:
+                        r = await raw.get_object(Bucket=bucket, Key=f"raw/{keys[i].hex()}")
+                        async with r["Body"] as body:
+                            outs[i][:] = await body.read()
+
+                async def tier_get_one(i: int) -> None:
+                    if await tier.get_into(keys[i], outs[i]) != size:
+                        raise RuntimeError("S3 benchmark object missing")
+
+                ops = {
+                    "raw s3 put": lambda: asyncio.gather(*(raw_put_one(i) for i in range(batch))),
+                    "s3 put": lambda: asyncio.gather(*(tier.put(keys[i], blocks[i], sums[i]) for i in range(batch))),
+                    "raw s3 get": lambda: asyncio.gather(*(raw_get_one(i) for i in range(batch))),
+                    "s3 get": lambda: asyncio.gather(*(tier_get_one(i) for i in range(batch))),
+                }
+                times: dict[str, list[float]] = {k: [] for k in ops}
+                for _ in range(rounds):
+                    for name, op in ops.items():
+                        start = time.perf_counter()
+                        await op()
+                        times[name].append(time.perf_counter() - start)
+                results = {name: summarize(name, size, batch, t) for name, t in times.items()}
+                for op in ("put", "get"):
+                    base = results[f"raw s3 {op}"]
+                    rows += [base, results[f"s3 {op}"].compared(vs_raw=ratio(results[f"s3 {op}"], base))]
+    finally:
+        await tier.close()
     return rows

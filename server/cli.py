@@ -52,6 +52,10 @@ SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--nvme-high-watermark", "nvme_high_watermark", float, f"(default {DEFAULTS.nvme.high_watermark})"),
     ("--nvme-low-watermark", "nvme_low_watermark", float, f"(default {DEFAULTS.nvme.low_watermark})"),
     ("--nvme-io", "nvme_io_engine", str, "auto (kvikio when a CUDA driver is present), kvikio or posix"),
+    ("--s3-bucket", "s3_bucket", str, "S3 bucket of the object tier; empty (the default) means no S3 tier"),
+    ("--s3-endpoint-url", "s3_endpoint_url", str, "S3-compatible endpoint, e.g. http://minio:9000 (default: AWS)"),
+    ("--s3-region", "s3_region", str, f"(default {DEFAULTS.s3.region})"),
+    ("--s3-prefix", "s3_prefix", str, f"object name prefix in the bucket (default {DEFAULTS.s3.prefix})"),
     ("--policy", "policy", str, "eviction policy: lru or s3fifo (scan-resistant) (default lru)"),
     ("--local-socket", "local_socket", str, 'same-host socket path, "auto" or "off" (default auto)'),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
@@ -60,6 +64,7 @@ SWITCHES: list[tuple[str, str, str]] = [
     ("--dram-prefault", "dram_prefault",
      "touch the whole DRAM arena at start-up (commits the memory; no first-touch stalls later)"),
     ("--write-through", "write_through", "persist every put on NVMe before acknowledging it"),
+    ("--s3-write-through", "s3_write_through", "upload every put to S3 before acknowledging it"),
 ]
 
 

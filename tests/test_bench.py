@@ -23,9 +23,12 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
         expected |= {"put redis", "get redis"}
     else:
         assert "no Redis rows" in result.stdout
+    expected |= {"nvme write", "nvme read", "raw write", "raw read", "s3 put", "s3 get", "raw s3 put", "raw s3 get"}
     assert expected <= {name for name, _ in names}
     assert {batch for name, batch in names if name == "get local"} == {1, 4}
     for r in rows:
         if r["name"].startswith(("put ", "get ")):
             assert r["gbps"] > 0 and r["p50_ms"] > 0 and r["vs_memcpy"] > 0
+        if r["name"] in ("nvme write", "nvme read", "s3 put", "s3 get"):
+            assert r["gbps"] > 0 and r["vs_raw"] > 0
     assert "vs memcpy" in result.stdout and "get local" in result.stdout

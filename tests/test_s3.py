@@ -105,7 +105,7 @@ async def test_s3_down_is_a_prompt_unavailable_error_and_back_up_works_again():
             await tier.put(b"k", memoryview(data), checksum(data))
             server.stop()
             started = time.monotonic()
-            with pytest.raises(UnavailableError, match="S3 head"):
+            with pytest.raises(UnavailableError, match="S3 get"):
                 await tier.get_into(b"k", memoryview(bytearray(4096)))
             with pytest.raises(UnavailableError, match="S3 put"):
                 await tier.put(b"k2", memoryview(data), checksum(data))

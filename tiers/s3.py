@@ -136,15 +136,30 @@ class S3Tier:
 
     async def get_into(self, key: bytes, out: memoryview, namespace: bytes = b"") -> int | None:
         """Read a block into ``out`` (at least its size) and verify it: its size, or None for a
-        miss (absent, corrupt, another namespace's)."""
+        miss (absent, corrupt, another namespace's, larger than ``out``).
+
+        The first ranged GET brings the metadata with the first part; larger blocks fetch the
+        rest of their parts in parallel.
+        """
         name = self.object_name(key, namespace)
-        info = await self.head(key, namespace)
-        if info is None or info.namespace != namespace or info.size > out.nbytes:
-            return None
+        part = self.config.part_bytes
         async with self._errors("get", name):
-            part = self.config.part_bytes
-            ranges = [(s, min(s + part, info.size)) for s in range(0, info.size, part)] if info.size > part else [(0, info.size)]
-            await asyncio.gather(*(self._get_range(name, out, a, b) for a, b in ranges))
+            try:
+                async with self._slots:
+                    r = await self._client.get_object(Bucket=self.config.bucket, Key=name, Range=f"bytes=0-{part - 1}")
+                    async with r["Body"] as body:
+                        first = await body.read()
+            except self._client.exceptions.ClientError as exc:
+                if _status(exc) in (404, 416):
+                    return None
+                raise
+            info = _info(r.get("Metadata", {}))
+            if info is None or info.namespace != namespace or info.size > out.nbytes or len(first) != min(part, info.size):
+                return None
+            out[: len(first)] = first
+            await asyncio.gather(*(
+                self._get_range(name, out, start, min(start + part, info.size)) for start in range(part, info.size, part)
+            ))
         if checksum(out[: info.size]) != info.checksum:
             log.warning("S3 object %s failed verification: a miss", name)
             return None
