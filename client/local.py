@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,8 +120,11 @@ class LocalChannel:
                 raise StaleSessionError(f"the same-host session is unusable: {self._broken}")
             try:
                 self._writer.write(payload)
-                length = int.from_bytes(await asyncio.wait_for(self._reader.readexactly(4), self._timeout_s), "little")
-                body = await asyncio.wait_for(self._reader.readexactly(length), self._timeout_s)
+                if sys.version_info >= (3, 11):
+                    async with asyncio.timeout(self._timeout_s):  # no task per call, unlike wait_for
+                        body = await self._read_frame()
+                else:  # pragma: no cover
+                    body = await asyncio.wait_for(self._read_frame(), self._timeout_s)
             except BaseException as exc:
                 # A call interrupted after its request went out (cancelled, timed out, cut off)
                 # leaves its answer unread, and the next call would read it as its own. The
@@ -133,6 +137,10 @@ class LocalChannel:
         if body[0] != 0:
             raise error_for(body[0], body[1:].decode(errors="replace"))
         return response_cls.FromString(body[1:])
+
+    async def _read_frame(self) -> bytes:
+        length = int.from_bytes(await self._reader.readexactly(4), "little")
+        return await self._reader.readexactly(length)
 
     async def close(self) -> None:
         self._writer.close()
