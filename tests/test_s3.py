@@ -234,3 +234,29 @@ async def test_s3_stopped_mid_run_degrades_to_misses_and_recovers_without_a_rest
                 assert [bytes(b) for b in await kv.get(fresh)] == fresh_blocks
     finally:
         server.stop()
+
+
+async def test_the_daemon_starts_while_s3_is_down_and_uses_it_once_it_is_up():
+    from kvstore import TierKind
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    use_test_credentials()
+    server = MotoServer()                           # a port nobody listens on yet
+    s3 = s3_settings(server.url, write_through=True)
+    async with KVStoreServer(make_config(s3=s3)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", timeout_s=15) as kv:
+            first, first_blocks = chain(2, seed=210), random_blocks(2, 50_000)
+            result = await kv.put(first, first_blocks)
+            assert (result.stored, result.persisted) == (2, 0)   # stored locally, not in S3
+            assert (await kv.lookup(chain(1, seed=211))).count == 0   # a miss, not an error
+            server.start()
+            try:
+                await make_bucket(server.url)
+                later, later_blocks = chain(2, seed=212), random_blocks(2, 50_000)
+                assert (await kv.put(later, later_blocks)).persisted == 2
+                assert (await kv.stats()).tier(TierKind.S3).errors >= 1
+            finally:
+                server.stop()
