@@ -21,10 +21,14 @@ def make(kind: str, tmp_path, capacity: int = 8 * MiB):
         return create_tier(TierKind.NVME, NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=capacity))
     if kind == "nvme-buffered":
         return create_tier(TierKind.NVME, NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=capacity, direct_io=False))
+    if kind == "hbm":
+        from kvstore.tiers.hbm import HbmConfig
+
+        return create_tier(TierKind.HBM, HbmConfig(capacity_bytes=capacity))
     raise AssertionError(kind)
 
 
-TIERS = ["dram", "nvme", "nvme-buffered"]
+TIERS = ["dram", "nvme", "nvme-buffered", pytest.param("hbm", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=TIERS)

@@ -15,6 +15,7 @@ from kvstore.tiers.base import MemoryTier, PersistentTier, Tier
 _REGISTRY: dict[TierKind, str] = {
     TierKind.DRAM: "kvstore.tiers.dram:DramTier",
     TierKind.NVME: "kvstore.tiers.nvme:NvmeTier",
+    TierKind.HBM: "kvstore.tiers.hbm:HbmTier",
 }
 
 
