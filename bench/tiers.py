@@ -115,6 +115,7 @@ async def nvme_rows(block_sizes: tuple[int, ...], batch: int, rounds: int, direc
 
 
 async def s3_rows(endpoint_url: str, bucket: str, block_sizes: tuple[int, ...], batch: int, rounds: int) -> list[Result]:
+    from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
     from kvstore.checksum import checksum
@@ -126,7 +127,14 @@ async def s3_rows(endpoint_url: str, bucket: str, block_sizes: tuple[int, ...], 
     tier = S3Tier(config)
     await tier.open()
     try:
-        async with get_session().create_client("s3", endpoint_url=endpoint_url, region_name=config.region) as raw:
+        same = AioConfig(  # the tier's own client settings, so only the tier's work differs
+            connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s,
+            retries={"max_attempts": config.max_attempts, "mode": "standard"},
+            max_pool_connections=config.max_concurrency,
+        )
+        async with get_session().create_client(
+            "s3", endpoint_url=endpoint_url, region_name=config.region, config=same
+        ) as raw:
             try:
                 await raw.create_bucket(Bucket=bucket)
             except raw.exceptions.BucketAlreadyOwnedByYou:
@@ -168,6 +176,10 @@ async def s3_rows(endpoint_url: str, bucket: str, block_sizes: tuple[int, ...], 
                 for op in ("put", "get"):
                     base = results[f"raw s3 {op}"]
                     rows += [base, results[f"s3 {op}"].compared(vs_raw=ratio(results[f"s3 {op}"], base))]
+                await tier.delete(keys)
+                await raw.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": f"raw/{k.hex()}"} for k in keys], "Quiet": True}
+                )
     finally:
         await tier.close()
     return rows

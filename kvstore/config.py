@@ -143,7 +143,7 @@ class S3Config:
     prefix: str = "kvstore/"
     max_concurrency: int = 32        # requests in flight at once
     max_attempts: int = 4            # per request, with backoff (throttling, 5xx, timeouts)
-    connect_timeout_s: float = 2.0
+    connect_timeout_s: float = 2.0   # per attempt; each request also has a hard overall deadline
     read_timeout_s: float = 10.0
     multipart_threshold_bytes: int = 16 * MiB
     part_bytes: int = 8 * MiB        # multipart part size, and range size of parallel reads
@@ -151,6 +151,7 @@ class S3Config:
     queue_blocks: int = 4096         # write-behind queue bound
     negative_ttl_s: float = 5.0      # how long "S3 does not have this key" is believed
     lookup_window: int = 16          # keys asked of S3 at once past the local prefix
+    backoff_s: float = 2.0           # after a failure S3 is left alone this long, doubling to 30x
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_concurrency <= 1024, f"s3.max_concurrency must be in [1, 1024], got {self.max_concurrency}")
@@ -166,6 +167,7 @@ class S3Config:
         _check(self.queue_blocks >= 1, f"s3.queue_blocks must be >= 1, got {self.queue_blocks}")
         _check(0 <= self.negative_ttl_s < math.inf, f"s3.negative_ttl_s must be finite, got {self.negative_ttl_s}")
         _check(1 <= self.lookup_window <= 1024, f"s3.lookup_window must be in [1, 1024], got {self.lookup_window}")
+        _check(0 < self.backoff_s < math.inf, f"s3.backoff_s must be finite and > 0, got {self.backoff_s}")
 
     @property
     def enabled(self) -> bool:

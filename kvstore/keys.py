@@ -14,6 +14,7 @@ keys instead; the daemon only requires keys to be non-empty byte strings of boun
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -158,18 +159,22 @@ NAMESPACE_TAG_BYTES = 8
 
 
 def scoped(keys: Sequence[bytes], namespace: bytes) -> list[bytes]:
-    """Index keys of ``keys`` within ``namespace``: a short tag of the namespace, then the key.
+    """Index keys of ``keys`` within ``namespace``: a fixed-length tag of the namespace, then the key.
 
-    The empty namespace has no tag, so engines that need no namespaces pay nothing.
+    Every namespace is tagged, the empty one included, so no key of one namespace can be made to
+    look like a key of another.
     """
     if len(namespace) > MAX_NAMESPACE_BYTES:
         raise InvalidArgumentError(f"the namespace is {len(namespace)} bytes; at most {MAX_NAMESPACE_BYTES} are allowed")
-    if not namespace:
-        return list(keys)
-    tag = hashlib.blake2b(namespace, digest_size=NAMESPACE_TAG_BYTES).digest()
+    tag = _namespace_tag(namespace)
     return [tag + key for key in keys]
 
 
-def unscoped(index_key: bytes, namespace: bytes) -> bytes:
+@functools.lru_cache(maxsize=1024)
+def _namespace_tag(namespace: bytes) -> bytes:
+    return hashlib.blake2b(b"kvstore.namespace-tag\0" + namespace, digest_size=NAMESPACE_TAG_BYTES).digest()
+
+
+def unscoped(index_key: bytes) -> bytes:
     """The block key inside an index key made by :func:`scoped`."""
-    return index_key[NAMESPACE_TAG_BYTES:] if namespace else index_key
+    return index_key[NAMESPACE_TAG_BYTES:]

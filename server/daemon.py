@@ -300,12 +300,17 @@ class Daemon:
             raise InvalidArgumentError(f"{len(keys)} keys but {len(if_checksums)} checksums")
         doomed: list[Copy] = []
         deleted = 0
+        # Unconditional deletes reach S3 for every key, known here or not; a conditional one only
+        # for the blocks it removed.
+        s3_keys = [] if if_checksums else list(keys)
         for i, key in enumerate(scoped(keys, namespace)):
             record = self.index.get(key)
             if record is None:
                 continue
             if if_checksums and (record.state is not BlockState.READY or self.checksum_of(record) != if_checksums[i]):
                 continue
+            if if_checksums:
+                s3_keys.append(keys[i])
             if record.state is BlockState.WRITING:
                 # Its put still owns the DRAM reservation; commit sees GONE and frees it.
                 record.advance(BlockState.GONE)
@@ -313,11 +318,10 @@ class Daemon:
             else:
                 doomed += record.copies.values()
             deleted += 1
-        in_s3 = [c.record for c in doomed if c.tier is TierKind.S3]
         await self.mover.drop(doomed)
-        if in_s3:
-            await self.objects.delete(in_s3)
         self.counters.deleted_blocks += deleted
+        if self.objects is not None and s3_keys:
+            await self.objects.delete(s3_keys, namespace)
         return deleted
 
     def checksum_of(self, record: BlockRecord, dram_copy: Copy | None = None) -> int:

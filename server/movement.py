@@ -91,7 +91,7 @@ class Mover:
         if below is not None:
             pending = [c for c in victims if below not in c.record.copies]
             await self._demote(pending, below)
-        elif self.daemon.objects is not None:
+        elif self.daemon.objects is not None and self.daemon.objects.reachable:
             pending = [c for c in victims if TierKind.S3 not in c.record.copies]
             for copy in pending:
                 copy.moving = True

@@ -10,21 +10,27 @@
 - **Reads** of S3-only blocks go through :meth:`ObjectStore.fetch_into` (verified) when the Mover
   promotes them into DRAM.
 
-S3 being down or slow never fails a call: lookups and gets see misses, uploads are skipped, each
-with a log line (at most one every few seconds) and the ``errors`` counter of the S3 tier.
+S3 being down or slow does not fail calls: each request has a hard deadline
+(``S3Tier.request_timeout_s``, retries included), and after a failure S3 is left alone for a
+backoff period (``s3.backoff_s``, doubling up to 30 times that, reset by the next success) during which lookups and
+gets see misses at once and uploads are skipped; each failure counts in the S3 tier's ``errors``
+and is logged at most once every few seconds. Deletes are the exception: a delete S3 could not
+carry out fails with UNAVAILABLE (after the local copies are gone), so a caller knows to retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from kvstore.block import BlockRecord, BlockState, Copy
+from kvstore.checksum import checksum
 from kvstore.errors import UnavailableError
-from kvstore.keys import unscoped
+from kvstore.keys import scoped, unscoped
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.s3 import S3Tier
 
@@ -32,6 +38,7 @@ log = logging.getLogger("kvstore.s3")
 
 NEGATIVE_ENTRIES = 1 << 17
 LOG_EVERY_S = 5.0
+BACKOFF_GROWTH = 30  # the backoff doubles up to this multiple of s3.backoff_s
 
 
 class ObjectStore:
@@ -42,6 +49,8 @@ class ObjectStore:
         self._queue: asyncio.Queue[BlockRecord] | None = None
         self._misses: OrderedDict[bytes, float] = OrderedDict()
         self._last_log = 0.0
+        self._down_until = 0.0
+        self._backoff_s = self.config.backoff_s
         self.known_blocks = 0   # blocks this daemon knows to be in the bucket
         self.known_bytes = 0
 
@@ -56,18 +65,31 @@ class ObjectStore:
     def counters(self):
         return self.daemon.counters.tier(TierKind.S3)
 
+    @property
+    def reachable(self) -> bool:
+        """False during the backoff after a failure: callers treat S3 as absent, without waiting."""
+        return time.monotonic() >= self._down_until
+
     def _failed(self, exc: Exception) -> None:
         self.counters.errors += 1
         now = time.monotonic()
+        self._down_until = now + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self.config.backoff_s * BACKOFF_GROWTH)
         if now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
-            log.warning("S3 is unavailable; serving misses for S3-only blocks (%s)", exc)
+            log.warning("S3 is unavailable; serving misses for S3-only blocks, retrying in %.0fs (%s)",
+                        self._down_until - now, exc)
+
+    def _succeeded(self) -> None:
+        self._backoff_s = self.config.backoff_s
 
     # -- lookups -------------------------------------------------------------------------------
 
     async def find(self, index_keys: Sequence[bytes], keys: Sequence[bytes], namespace: bytes) -> None:
         """Index the leading keys S3 has (past those present locally) as S3-only records."""
         d = self.daemon
+        if not self.reachable:
+            return
         window = self.config.lookup_window
         now = time.monotonic()
         i = len(d.index.prefix(index_keys))
@@ -84,9 +106,11 @@ class ObjectStore:
             except UnavailableError as exc:
                 self._failed(exc)
                 return
+            self._succeeded()
+            limit = d.block_limit()[0]
             for j, info in zip(batch, infos):
                 index_key = index_keys[j]
-                if info is None or info.namespace != namespace:
+                if info is None or info.namespace != namespace or info.size > limit:
                     self._remember_miss(index_key, now)
                     return
                 existing = d.index.get(index_key)
@@ -109,14 +133,26 @@ class ObjectStore:
     # -- reads ---------------------------------------------------------------------------------
 
     async def fetch_into(self, record: BlockRecord, out: memoryview) -> bool | None:
-        """Read and verify a block from S3: True, False (absent or corrupt: its S3 copy is
-        forgotten), or None (S3 unavailable: a miss this time)."""
+        """Read and verify a block from S3: True, False (absent, foreign or corrupt: the object is
+        deleted so a put can replace it; the Mover counts it and forgets the copy), or None (S3
+        unavailable: a miss this time)."""
+        if not self.reachable:
+            return None
+        key = unscoped(record.key)
         try:
-            size = await self.tier.get_into(unscoped(record.key, record.namespace), out, record.namespace)
+            size = await self.tier.get_into(key, out, record.namespace)
         except UnavailableError as exc:
             self._failed(exc)
             return None
-        return size == record.size  # anything else: absent, foreign or corrupt (the Mover counts it)
+        self._succeeded()
+        if size == record.size:
+            return True
+        self._remember_miss(record.key, time.monotonic())
+        try:
+            await self.tier.delete([key], record.namespace)
+        except UnavailableError as exc:
+            self._failed(exc)
+        return False
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -130,12 +166,17 @@ class ObjectStore:
             self.counters.dropped_uploads += 1
 
     async def run(self) -> None:
-        """The write-behind loop: upload queued blocks in batches."""
+        """The write-behind loop: upload queued blocks in batches (of at most 64 MiB)."""
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < 64 and not self._queue.empty():
+            size = batch[0].size
+            while len(batch) < 64 and size < 64 << 20 and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self.upload(batch)
+                size += batch[-1].size
+            try:
+                await self.upload(batch)
+            except Exception:  # the loop must outlive any one batch
+                log.exception("write-behind upload failed; continuing")
 
     async def upload(self, records: Sequence[BlockRecord]) -> None:
         """Give each block an S3 copy now (from its fastest local copy)."""
@@ -143,7 +184,7 @@ class ObjectStore:
 
     async def _upload_one(self, record: BlockRecord) -> None:
         d = self.daemon
-        if record.state is not BlockState.READY or TierKind.S3 in record.copies:
+        if record.state is not BlockState.READY or TierKind.S3 in record.copies or not self.reachable:
             return
         source = record.primary()
         if source is None or source.tier is TierKind.S3:
@@ -156,14 +197,25 @@ class ObjectStore:
             else:
                 data = memoryview(bytearray(record.size))
                 await d.tiers[source.tier].read_into(source.extent, 0, data)
-            await self.tier.put(unscoped(record.key, record.namespace), data, d.checksum_of(record), record.namespace)
+            if source.tier is not TierKind.DRAM and checksum(data) != record.checksum:
+                raise OSError("the local copy failed verification")  # never upload bad bytes
+            await self.tier.put(unscoped(record.key), data, d.checksum_of(record), record.namespace)
         except UnavailableError as exc:
             self._failed(exc)
+            return
+        except OSError as exc:
+            log.warning("cannot upload block %s: %s", record.key.hex()[:16], exc)
+            self.counters.errors += 1
             return
         finally:
             d.mover.busy -= 1
             d.mover.unpin(source)
-        if record.state is BlockState.READY and TierKind.S3 not in record.copies:
+        self._succeeded()
+        if record.state is not BlockState.READY:
+            # Deleted while uploading: the object must not outlive the delete.
+            with contextlib.suppress(UnavailableError):
+                await self.tier.delete([unscoped(record.key)], record.namespace)
+        elif TierKind.S3 not in record.copies:
             self.attach(record)
             self.counters.uploads += 1
 
@@ -178,12 +230,14 @@ class ObjectStore:
         self.known_blocks -= 1
         self.known_bytes -= record.size
 
-    async def delete(self, records: Sequence[BlockRecord]) -> None:
-        by_namespace: dict[bytes, list[bytes]] = {}
-        for r in records:
-            by_namespace.setdefault(r.namespace, []).append(unscoped(r.key, r.namespace))
+    async def delete(self, keys: Sequence[bytes], namespace: bytes) -> None:
+        """Delete the objects of ``keys`` (known here or not); raises UnavailableError if S3 could
+        not be reached, so the caller learns the delete is incomplete."""
+        now = time.monotonic()
+        for index_key in scoped(keys, namespace):
+            self._remember_miss(index_key, now)
         try:
-            for namespace, keys in by_namespace.items():
-                await self.tier.delete(keys, namespace)
+            await self.tier.delete(keys, namespace)
         except UnavailableError as exc:
             self._failed(exc)
+            raise UnavailableError(f"deleted locally, but not from S3: {exc}") from None

@@ -10,6 +10,7 @@ import grpc
 
 from kvstore import TierKind
 from kvstore.client import KVClient
+from kvstore.keys import scoped
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server import KVStoreServer
 
@@ -133,7 +134,7 @@ async def test_bytes_corrupted_in_the_arena_are_a_miss_never_wrong_data(server, 
     keys = chain(4, seed=60)
     blocks = random_blocks(4, 64 * 1024)
     await kv.put(keys, blocks)
-    record = server.daemon.index.get(keys[2])
+    record = server.daemon.index.get(scoped(keys[2:3], b"")[0])
     view = server.daemon.tier.view(record.primary().extent, record.size)
     view[100] ^= 0xFF  # a bit flip in block 2, behind the daemon's back
 

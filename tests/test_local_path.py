@@ -13,6 +13,7 @@ import pytest
 
 from kvstore import ConfigError, LeaseExpiredError, UnavailableError
 from kvstore.client import KVClient
+from kvstore.keys import scoped
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server import KVStoreServer
 
@@ -134,7 +135,7 @@ async def test_leases_expire_after_their_ttl():
             assert all(pins(rec) == 0 for rec in daemon.index)
             # The expired write lease is gone from the index, but its bytes stay reserved while
             # its session lives (the client might still be writing into them).
-            assert daemon.index.get(pending[0]) is None
+            assert daemon.index.get(scoped(pending, b"")[0]) is None
             assert daemon.tier.used_bytes == 3 * MiB
             with pytest.raises(LeaseExpiredError, match="expired"):
                 await _commit(kv, session, r.lease)

@@ -11,6 +11,7 @@ import pytest
 from kvstore import TierKind
 from kvstore.client import KVClient
 from kvstore.config import NvmeConfig
+from kvstore.keys import unscoped
 from kvstore.server import KVStoreServer
 from kvstore.server.process import DaemonProcess
 from kvstore.tiers.nvme import DATA_FILE, INDEX_DIR
@@ -67,7 +68,7 @@ async def test_flipped_bytes_on_disk_are_misses_never_wrong_data(tmp_path):
         async with KVClient(f"127.0.0.1:{srv.port}") as kv:
             await kv.put(keys, blocks)
     index = NvmeIndex(str(tmp_path / "nvme" / INDEX_DIR), 1 << 20)
-    offsets = {e.key: e.offset for e in index.entries()}
+    offsets = {unscoped(e.key): e.offset for e in index.entries()}
     index.close()
     with open(tmp_path / "nvme" / DATA_FILE, "r+b") as f:
         for victim in (keys[1], keys[4]):

@@ -123,7 +123,7 @@ async def test_s3_down_is_a_prompt_unavailable_error_and_back_up_works_again():
 
 def s3_settings(url: str, **overrides) -> S3Config:
     base = dict(bucket=BUCKET, endpoint_url=url, prefix=f"run-{os.urandom(4).hex()}/", connect_timeout_s=0.5,
-                read_timeout_s=2, max_attempts=2, negative_ttl_s=0.5)
+                read_timeout_s=2, max_attempts=2, negative_ttl_s=0.5, backoff_s=0.1)
     base.update(overrides)
     return S3Config(**base)
 
@@ -134,6 +134,14 @@ async def until(predicate, timeout_s: float = 10.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("condition not reached in time")
+
+
+async def until_reachable(objects) -> None:
+    for _ in range(200):
+        if objects.reachable:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("S3 stayed in backoff")
 
 
 async def test_two_daemons_share_blocks_through_the_bucket(moto, tmp_path):
@@ -227,6 +235,7 @@ async def test_s3_stopped_mid_run_degrades_to_misses_and_recovers_without_a_rest
 
                 server.start()                             # back, and empty (moto keeps nothing)
                 await make_bucket(server.url)
+                await until_reachable(srv.daemon.objects)  # the end of the backoff
                 fresh, fresh_blocks = chain(3, seed=205), random_blocks(3, 100_000)
                 assert (await kv.put(fresh, fresh_blocks)).persisted == 3   # uploaded again
         async with KVStoreServer(make_config(dram_bytes=4 << 20, s3=s3)) as other:
@@ -255,8 +264,70 @@ async def test_the_daemon_starts_while_s3_is_down_and_uses_it_once_it_is_up():
             server.start()
             try:
                 await make_bucket(server.url)
+                await until_reachable(srv.daemon.objects)
                 later, later_blocks = chain(2, seed=212), random_blocks(2, 50_000)
                 assert (await kv.put(later, later_blocks)).persisted == 2
                 assert (await kv.stats()).tier(TierKind.S3).errors >= 1
             finally:
                 server.stop()
+
+
+async def test_an_endpoint_that_never_answers_cannot_hold_a_call():
+    async def silent(reader, writer):        # accepts, reads, never answers
+        await reader.read(1 << 20)
+        await asyncio.sleep(60)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    use_test_credentials()
+    tier = S3Tier(S3Config(bucket=BUCKET, endpoint_url=f"http://127.0.0.1:{port}", connect_timeout_s=0.3,
+                           read_timeout_s=0.5, max_attempts=1))
+    await tier.open()
+    try:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            await tier.put(b"k", memoryview(b"x" * 4096), 1)
+        with pytest.raises(UnavailableError):
+            await tier.get_into(b"k", memoryview(bytearray(4096)))
+        assert time.monotonic() - started < 2 * tier.request_timeout_s + 1
+    finally:
+        await tier.close()
+        server.close()
+
+
+async def test_a_delete_reaches_the_bucket_even_for_blocks_this_daemon_never_saw(moto):
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    await make_bucket(moto.url)
+    s3 = s3_settings(moto.url, write_through=True)
+    keys = chain(3, seed=220)
+    async with KVStoreServer(make_config(s3=s3)) as first:
+        async with KVClient(f"127.0.0.1:{first.port}") as kv:
+            assert (await kv.put(keys, random_blocks(3, 10_000))).persisted == 3
+    async with KVStoreServer(make_config(s3=s3)) as second:
+        async with KVClient(f"127.0.0.1:{second.port}") as kv:
+            assert await kv.delete(keys) == 0            # nothing local here...
+    async with KVStoreServer(make_config(s3=s3)) as third:
+        async with KVClient(f"127.0.0.1:{third.port}") as kv:
+            assert (await kv.lookup(keys)).count == 0    # ...but gone from the bucket too
+
+
+async def test_the_empty_namespace_cannot_forge_keys_of_another():
+    from kvstore.client import KVClient
+    from kvstore.keys import scoped
+    from kvstore.server import KVStoreServer
+
+    from conftest import make_config
+
+    async with KVStoreServer(make_config()) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        async with KVClient(target) as plain, KVClient(target, namespace=b"tenant-x") as tenant:
+            key = b"k" * 32
+            forged = scoped([key], b"tenant-x")[0]      # what tenant-x's block is indexed under
+            await plain.put([forged], [b"EVIL" * 100])
+            assert (await tenant.lookup([key])).count == 0
+            assert (await tenant.put([key], [b"good" * 100])).stored == 1
+            assert [bytes(b) for b in await tenant.get([key])] == [b"good" * 100]

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvstore.checksum import checksum
 from kvstore.config import S3Config
@@ -47,10 +48,28 @@ class S3Tier:
         self._client = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._slots = asyncio.Semaphore(config.max_concurrency)
+        # A hard bound on one request, retries included: an endpoint that accepts connections and
+        # never answers must not hold a call (botocore's read timeout does not cover every wait).
+        self.request_timeout_s = config.max_attempts * (config.connect_timeout_s + config.read_timeout_s) + 1.0
 
     @classmethod
     def from_config(cls, config: S3Config) -> S3Tier:
         return cls(config)
+
+    async def _call(self, op: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+        """One request: a concurrency slot, and a deadline for the whole of it."""
+        async with self._slots:
+            return await asyncio.wait_for(op(Bucket=self.config.bucket, **kwargs), self.request_timeout_s)
+
+    async def _read(self, name: str, start: int, end: int) -> tuple[dict, bytes]:
+        """A ranged GET, body included, under one deadline: (response, bytes)."""
+
+        async def fetch(Bucket: str, Key: str, Range: str) -> tuple[dict, bytes]:
+            r = await self._client.get_object(Bucket=Bucket, Key=Key, Range=Range)
+            async with r["Body"] as body:
+                return r, await body.read()
+
+        return await self._call(fetch, Key=name, Range=f"bytes={start}-{end - 1}")
 
     @property
     def description(self) -> str:
@@ -89,33 +108,30 @@ class S3Tier:
         meta = {_META_SIZE: str(data.nbytes), _META_SUM: f"{checksum_:016x}", _META_NS: namespace.hex()}
         async with self._errors("put", name):
             if data.nbytes < self.config.multipart_threshold_bytes:
-                async with self._slots:
-                    await self._client.put_object(Bucket=self.config.bucket, Key=name, Body=bytes(data), Metadata=meta)
+                await self._call(self._client.put_object, Key=name, Body=bytes(data), Metadata=meta)
             else:
                 await self._multipart(name, data, meta)
 
     async def _multipart(self, name: str, data: memoryview, meta: dict) -> None:
-        bucket, part = self.config.bucket, self.config.part_bytes
-        async with self._slots:
-            upload = await self._client.create_multipart_upload(Bucket=bucket, Key=name, Metadata=meta)
+        part = self.config.part_bytes
+        upload = await self._call(self._client.create_multipart_upload, Key=name, Metadata=meta)
         upload_id = upload["UploadId"]
         try:
             async def send(number: int, start: int) -> dict:
-                async with self._slots:
-                    r = await self._client.upload_part(
-                        Bucket=bucket, Key=name, UploadId=upload_id, PartNumber=number,
-                        Body=bytes(data[start : start + part]),
-                    )
+                r = await self._call(
+                    self._client.upload_part, Key=name, UploadId=upload_id, PartNumber=number,
+                    Body=bytes(data[start : start + part]),
+                )
                 return {"PartNumber": number, "ETag": r["ETag"]}
 
-            parts = await asyncio.gather(*(send(i + 1, s) for i, s in enumerate(range(0, data.nbytes, part))))
-            async with self._slots:
-                await self._client.complete_multipart_upload(
-                    Bucket=bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": list(parts)}
-                )
+            parts = await _all_or_none([send(i + 1, s) for i, s in enumerate(range(0, data.nbytes, part))])
+            await self._call(
+                self._client.complete_multipart_upload, Key=name, UploadId=upload_id,
+                MultipartUpload={"Parts": list(parts)},
+            )
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._client.abort_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id)
+                await self._call(self._client.abort_multipart_upload, Key=name, UploadId=upload_id)
             raise
 
     async def head(self, key: bytes, namespace: bytes = b"") -> ObjectInfo | None:
@@ -123,16 +139,15 @@ class S3Tier:
         name = self.object_name(key, namespace)
         async with self._errors("head", name):
             try:
-                async with self._slots:
-                    r = await self._client.head_object(Bucket=self.config.bucket, Key=name)
+                r = await self._call(self._client.head_object, Key=name)
             except self._client.exceptions.ClientError as exc:
-                if _status(exc) == 404:
+                if _status(exc) in _MISSING:
                     return None
                 raise
         return _info(r.get("Metadata", {}))
 
     async def head_many(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[ObjectInfo | None]:
-        return list(await asyncio.gather(*(self.head(k, namespace) for k in keys)))
+        return list(await _all_or_none([self.head(k, namespace) for k in keys]))
 
     async def get_into(self, key: bytes, out: memoryview, namespace: bytes = b"") -> int | None:
         """Read a block into ``out`` (at least its size) and verify it: its size, or None for a
@@ -145,31 +160,29 @@ class S3Tier:
         part = self.config.part_bytes
         async with self._errors("get", name):
             try:
-                async with self._slots:
-                    r = await self._client.get_object(Bucket=self.config.bucket, Key=name, Range=f"bytes=0-{part - 1}")
-                    async with r["Body"] as body:
-                        first = await body.read()
+                r, first = await self._read(name, 0, part)
             except self._client.exceptions.ClientError as exc:
-                if _status(exc) in (404, 416):
+                if _status(exc) in _MISSING:
                     return None
                 raise
             info = _info(r.get("Metadata", {}))
-            if info is None or info.namespace != namespace or info.size > out.nbytes or len(first) != min(part, info.size):
+            total = _total_size(r)
+            if info is None or info.namespace != namespace or info.size > out.nbytes:
                 return None
+            if total != info.size or len(first) != min(part, info.size):
+                return None  # the metadata does not describe these bytes
             out[: len(first)] = first
-            await asyncio.gather(*(
+            # All parts or none: a failed part must not leave siblings writing into ``out`` later.
+            await _all_or_none([
                 self._get_range(name, out, start, min(start + part, info.size)) for start in range(part, info.size, part)
-            ))
+            ])
         if checksum(out[: info.size]) != info.checksum:
             log.warning("S3 object %s failed verification: a miss", name)
             return None
         return info.size
 
     async def _get_range(self, name: str, out: memoryview, start: int, end: int) -> None:
-        async with self._slots:
-            r = await self._client.get_object(Bucket=self.config.bucket, Key=name, Range=f"bytes={start}-{end - 1}")
-            async with r["Body"] as body:
-                data = await body.read()
+        _, data = await self._read(name, start, end)
         if len(data) != end - start:
             raise OSError(f"short read of {name}: {len(data)} of {end - start} bytes")
         out[start:end] = data
@@ -178,9 +191,9 @@ class S3Tier:
         names = [self.object_name(k, namespace) for k in keys]
         for start in range(0, len(names), 1000):
             batch = names[start : start + 1000]
-            async with self._errors("delete", batch[0]), self._slots:
-                await self._client.delete_objects(
-                    Bucket=self.config.bucket, Delete={"Objects": [{"Key": n} for n in batch], "Quiet": True}
+            async with self._errors("delete", batch[0]):
+                await self._call(
+                    self._client.delete_objects, Delete={"Objects": [{"Key": n} for n in batch], "Quiet": True}
                 )
 
     @contextlib.asynccontextmanager
@@ -192,18 +205,49 @@ class S3Tier:
             yield
         except (asyncio.CancelledError, UnavailableError):
             raise
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"S3 {op} of {name} took longer than {self.request_timeout_s:g}s") from None
         except Exception as exc:
             raise UnavailableError(f"S3 {op} of {name} failed: {type(exc).__name__}: {exc}") from None
+
+
+# Absent: 404; 416 for a range of an empty object; 403 where the credentials may not list the
+# bucket (S3 then answers 403 for keys that do not exist).
+_MISSING = (403, 404, 416)
 
 
 def _status(exc) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+def _total_size(response: dict) -> int:
+    """The object's full size from a ranged GET (``Content-Range: bytes a-b/total``)."""
+    content_range = response.get("ContentRange") or ""
+    if "/" in content_range:
+        try:
+            return int(content_range.rsplit("/", 1)[1])
+        except ValueError:
+            return -1
+    return int(response.get("ContentLength", -1))
+
+
+async def _all_or_none(coros: list[Awaitable[Any]]) -> list[Any]:
+    """Run concurrently; if one fails, cancel the others and wait for them before raising."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _info(meta: dict) -> ObjectInfo | None:
     try:
-        return ObjectInfo(
+        info = ObjectInfo(
             size=int(meta[_META_SIZE]), checksum=int(meta[_META_SUM], 16), namespace=bytes.fromhex(meta.get(_META_NS, "")),
         )
     except (KeyError, ValueError):
         return None  # not written by kvstore, or damaged metadata
+    return info if info.size > 0 else None
