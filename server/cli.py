@@ -131,16 +131,18 @@ def _print_stats(target: str, as_json: bool, timeout_s: float) -> None:
     print()
     header = (
         f"{'tier':<6} {'used':>12} {'capacity':>12} {'use%':>6} {'blocks':>9} {'hits':>10}"
-        f" {'promoted':>9} {'demoted':>9} {'evicted':>9} {'corrupt':>8}"
+        f" {'promoted':>9} {'demoted':>9} {'evicted':>9} {'corrupt':>8} {'uploads':>8} {'errors':>7}"
     )
     print(header)
     print("-" * len(header))
     for t in stats.tiers:
-        pct = 100.0 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0.0
+        # S3 has no capacity: its row counts what this daemon knows to be in the bucket.
+        capacity = format_bytes(t.capacity_bytes) if t.capacity_bytes else "-"
+        pct = f"{100.0 * t.used_bytes / t.capacity_bytes:>5.1f}%" if t.capacity_bytes else f"{'-':>6}"
         print(
-            f"{t.tier.label:<6} {format_bytes(t.used_bytes):>12} {format_bytes(t.capacity_bytes):>12} "
-            f"{pct:>5.1f}% {t.blocks:>9} {t.hits:>10} {t.promotions:>9} {t.demotions:>9} {t.evictions:>9}"
-            f" {t.integrity_failures:>8}"
+            f"{t.tier.label:<6} {format_bytes(t.used_bytes):>12} {capacity:>12} "
+            f"{pct} {t.blocks:>9} {t.hits:>10} {t.promotions:>9} {t.demotions:>9} {t.evictions:>9}"
+            f" {t.integrity_failures:>8} {t.uploads:>8} {t.errors:>7}"
         )
     print()
     looked = stats.lookup_hit_blocks + stats.lookup_miss_blocks
