@@ -21,6 +21,26 @@ import numpy as np
 from kvstore.bench.measure import Result, summarize, time_async, time_sync
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_listening(cmd: list[str], port: int, failure: str, timeout_s: float = 30.0) -> subprocess.Popen:
+    """Start a server process and wait until it accepts connections on ``port``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    proc.terminate()
+    proc.wait(10)
+    raise RuntimeError(failure)
+
+
 def memcpy_row(blocks: Sequence[np.ndarray], out: Sequence[np.ndarray], calls: int) -> Result:
     def copy(_: int) -> None:
         for s, d in zip(blocks, out):
@@ -44,22 +64,13 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         if not self.available:
             return self
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen(
+        self.port = free_port()
+        self.proc = _start_listening(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--protected-mode", "no", "--proto-max-bulk-len", "1gb"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.port, "redis-server did not start",
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError("redis-server did not start")
+        return self
 
     def __exit__(self, *exc_info) -> None:
         if self.proc is not None:
@@ -104,12 +115,8 @@ class MotoServer:
     """A throwaway S3-compatible server (moto's server mode) on a free loopback port."""
 
     def __init__(self, port: int | None = None) -> None:
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -121,20 +128,11 @@ class MotoServer:
         return True
 
     def start(self) -> MotoServer:
-        self.proc = subprocess.Popen(
+        self.proc = _start_listening(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.port, "moto_server did not start (pip install 'moto[server]')",
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("moto_server did not start (pip install 'moto[server]')")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from kvstore.bench.measure import Result, ratio, summarize
@@ -71,6 +72,25 @@ class RawFile:
         os.close(self.fd)
 
 
+async def against_raw(
+    ops: dict[str, Callable[[], Awaitable[object]]], rounds: int, size: int, batch: int, pairs: list[tuple[str, str]]
+) -> list[Result]:
+    """Time every op ``rounds`` times, interleaved (so each sees the same medium state), and
+    return each raw row followed by its tier row with the ratio filled in."""
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(rounds):
+        for name, op in ops.items():
+            start = time.perf_counter()
+            await op()
+            times[name].append(time.perf_counter() - start)
+    results = {name: summarize(name, size, batch, t) for name, t in times.items()}
+    rows = []
+    for tier_name, raw_name in pairs:
+        base = results[raw_name]
+        rows += [base, results[tier_name].compared(vs_raw=ratio(results[tier_name], base))]
+    return rows
+
+
 async def nvme_rows(block_sizes: tuple[int, ...], batch: int, rounds: int, directory: str | None = None) -> list[Result]:
     rows: list[Result] = []
     root = tempfile.mkdtemp(prefix="kvstore-bench-", dir=directory)
@@ -84,7 +104,6 @@ async def nvme_rows(block_sizes: tuple[int, ...], batch: int, rounds: int, direc
                 blocks = _aligned_blocks(batch, size)
                 extents = [tier.reserve(size) for _ in range(batch)]
                 offsets = [e.offset for e in extents]
-                times: dict[str, list[float]] = {k: [] for k in ("nvme write", "raw write", "nvme read", "raw read")}
 
                 async def tier_write() -> None:
                     await asyncio.gather(*(tier.write(e, 0, b) for e, b in zip(extents, blocks)))
@@ -97,15 +116,7 @@ async def nvme_rows(block_sizes: tuple[int, ...], batch: int, rounds: int, direc
                     "nvme write": tier_write, "raw write": lambda: raw.write(blocks, offsets),
                     "nvme read": tier_read, "raw read": lambda: raw.read(blocks, offsets),
                 }
-                for _ in range(rounds):  # interleaved, so both see the same disk state
-                    for name, op in ops.items():
-                        start = time.perf_counter()
-                        await op()
-                        times[name].append(time.perf_counter() - start)
-                results = {name: summarize(name, size, batch, t) for name, t in times.items()}
-                for op in ("write", "read"):
-                    base = results[f"raw {op}"]
-                    rows += [base, results[f"nvme {op}"].compared(vs_raw=ratio(results[f"nvme {op}"], base))]
+                rows += await against_raw(ops, rounds, size, batch, [("nvme write", "raw write"), ("nvme read", "raw read")])
             finally:
                 raw.close()
                 await tier.close()
@@ -166,16 +177,7 @@ async def s3_rows(endpoint_url: str, bucket: str, block_sizes: tuple[int, ...], 
                     "raw s3 get": lambda: asyncio.gather(*(raw_get_one(i) for i in range(batch))),
                     "s3 get": lambda: asyncio.gather(*(tier_get_one(i) for i in range(batch))),
                 }
-                times: dict[str, list[float]] = {k: [] for k in ops}
-                for _ in range(rounds):
-                    for name, op in ops.items():
-                        start = time.perf_counter()
-                        await op()
-                        times[name].append(time.perf_counter() - start)
-                results = {name: summarize(name, size, batch, t) for name, t in times.items()}
-                for op in ("put", "get"):
-                    base = results[f"raw s3 {op}"]
-                    rows += [base, results[f"s3 {op}"].compared(vs_raw=ratio(results[f"s3 {op}"], base))]
+                rows += await against_raw(ops, rounds, size, batch, [("s3 put", "raw s3 put"), ("s3 get", "raw s3 get")])
                 await tier.delete(keys)
                 await raw.delete_objects(
                     Bucket=bucket, Delete={"Objects": [{"Key": f"raw/{k.hex()}"} for k in keys], "Quiet": True}
