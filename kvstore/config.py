@@ -152,6 +152,7 @@ class S3Config:
     negative_ttl_s: float = 5.0      # how long "S3 does not have this key" is believed
     lookup_window: int = 16          # keys asked of S3 at once past the local prefix
     backoff_s: float = 2.0           # after a failure S3 is left alone this long, doubling to 30x
+    max_remembered_blocks: int = 1_000_000  # S3-only blocks kept in the index (oldest forgotten)
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_concurrency <= 1024, f"s3.max_concurrency must be in [1, 1024], got {self.max_concurrency}")
@@ -168,6 +169,7 @@ class S3Config:
         _check(0 <= self.negative_ttl_s < math.inf, f"s3.negative_ttl_s must be finite, got {self.negative_ttl_s}")
         _check(1 <= self.lookup_window <= 1024, f"s3.lookup_window must be in [1, 1024], got {self.lookup_window}")
         _check(0 < self.backoff_s < math.inf, f"s3.backoff_s must be finite and > 0, got {self.backoff_s}")
+        _check(self.max_remembered_blocks >= 1, f"s3.max_remembered_blocks must be >= 1, got {self.max_remembered_blocks}")
 
     @property
     def enabled(self) -> bool:

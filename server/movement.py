@@ -279,6 +279,8 @@ class Mover:
             if record.state is BlockState.READY and record.primary() is None:
                 record.advance(BlockState.GONE)
                 d.index.discard(record)
+            elif record.state is BlockState.READY and list(record.copies) == [TierKind.S3]:
+                d.objects.remote_only(record)
             if copy.tier is TierKind.S3:
                 continue
             if isinstance(d.tiers[copy.tier], PersistentTier) and copy.filled:

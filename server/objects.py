@@ -53,6 +53,9 @@ class ObjectStore:
         self._backoff_s = self.config.backoff_s
         self.known_blocks = 0   # blocks this daemon knows to be in the bucket
         self.known_bytes = 0
+        # Records whose only copy is in the bucket, oldest first: the index forgets the oldest
+        # beyond s3.max_remembered_blocks (a later lookup finds them again).
+        self._remote_only: OrderedDict[bytes, BlockRecord] = OrderedDict()
 
     async def open(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.config.queue_blocks)
@@ -120,6 +123,7 @@ class ObjectStore:
                     )
                     self.attach(record)
                     d.index.add(record)
+                    self.remote_only(record)
                 elif existing.state is not BlockState.READY:
                     return
             i = batch[-1] + 1
@@ -224,6 +228,22 @@ class ObjectStore:
         record.copies[TierKind.S3] = Copy(record=record, tier=TierKind.S3, extent=None, filled=True)
         self.known_blocks += 1
         self.known_bytes += record.size
+
+    def remote_only(self, record: BlockRecord) -> None:
+        """``record`` now lives only in the bucket: remember it (see :meth:`trim`)."""
+        self._remote_only[record.key] = record
+        self._remote_only.move_to_end(record.key)
+
+    def trim(self) -> None:
+        """Forget the oldest S3-only records beyond the bound (between calls, never inside one,
+        so a lookup or get never loses blocks it just found)."""
+        while len(self._remote_only) > self.config.max_remembered_blocks:
+            _, oldest = self._remote_only.popitem(last=False)
+            if oldest.state is BlockState.READY and list(oldest.copies) == [TierKind.S3]:
+                del oldest.copies[TierKind.S3]
+                self.detached(oldest)
+                oldest.advance(BlockState.GONE)
+                self.daemon.index.discard(oldest)
 
     def detached(self, record: BlockRecord) -> None:
         """This daemon no longer counts on the bucket's copy (dropped or deleted)."""

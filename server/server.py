@@ -143,6 +143,8 @@ class KVStoreServer:
             await asyncio.sleep(config.demote_interval_s)
             try:
                 await daemon.mover.rebalance()
+                if daemon.objects is not None:
+                    daemon.objects.trim()
             except Exception:
                 log.exception("background demotion failed; retrying")
             if time.monotonic() >= next_sweep:

@@ -331,3 +331,27 @@ async def test_the_empty_namespace_cannot_forge_keys_of_another():
             assert (await tenant.lookup([key])).count == 0
             assert (await tenant.put([key], [b"good" * 100])).stored == 1
             assert [bytes(b) for b in await tenant.get([key])] == [b"good" * 100]
+
+
+async def test_the_index_forgets_the_oldest_s3_only_blocks_beyond_its_bound(moto):
+    from kvstore import TierKind
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    await make_bucket(moto.url)
+    s3 = s3_settings(moto.url, write_through=True)
+    keys, blocks = chain(6, seed=230), random_blocks(6, 20_000)
+    async with KVStoreServer(make_config(s3=s3)) as first:
+        async with KVClient(f"127.0.0.1:{first.port}") as kv:
+            await kv.put(keys, blocks)
+    async with KVStoreServer(make_config(s3=s3_settings(moto.url, prefix=s3.prefix, max_remembered_blocks=4))) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert (await kv.lookup(keys)).tiers == [TierKind.S3] * 6   # all found within one call
+            await until(lambda: _len_is(srv.daemon.index, 4))           # then the two oldest forgotten
+            assert [bytes(b) for b in await kv.get(keys)] == blocks      # and found again when needed
+
+
+async def _len_is(index, n: int) -> bool:
+    return len(index) == n
