@@ -16,8 +16,9 @@ derived from the layout and model id, so incompatible KV never meets. Nothing he
 the model: a miss, a short prefix, an unreachable daemon or a failed load all come back as "load
 fewer tokens" (and a warning), and the engine recomputes.
 
-Works with CPU torch tensors, and with CUDA tensors where CUDA is present (the client moves bytes
-between the daemon's memory and the GPU directly). torch is imported when a call needs it.
+Works with CPU torch tensors, and with CUDA tensors where CUDA and CuPy (the ``gpu`` extra) are
+present: the client then moves bytes between the daemon's memory and the GPU directly (not yet run
+on a GPU). torch is imported when a call needs it.
 """
 
 from __future__ import annotations
@@ -88,45 +89,58 @@ class PrefixCache:
         self.client = client
         self.layout = layout
 
-    def keys(self, token_ids: Any) -> list[bytes]:
-        """Block keys of every full block of ``token_ids``."""
-        return block_keys(_ids(token_ids), block_size=self.layout.block_size, namespace=self.layout.namespace)
+    def keys(self, token_ids: Any, *, extra: bytes = b"") -> list[bytes]:
+        """Block keys of every full block of ``token_ids``; ``extra`` separates requests whose KV
+        differs for the same tokens (a LoRA adapter, multimodal inputs)."""
+        return block_keys(_ids(token_ids), block_size=self.layout.block_size, namespace=self.layout.namespace, extra=extra)
 
-    async def lookup(self, token_ids: Any) -> PrefixHit:
+    def _loadable_keys(self, token_ids: Any, extra: bytes) -> list[bytes]:
+        """Keys of the blocks a prompt may load: never all of it, the model computes at least
+        its last token (it needs that token's logits)."""
+        ids = _ids(token_ids)
+        return self.keys(ids, extra=extra)[: max(len(ids) - 1, 0) // self.layout.block_size]
+
+    async def lookup(self, token_ids: Any, *, extra: bytes = b"") -> PrefixHit:
         """How many leading tokens can be loaded; 0 on any failure."""
         try:
-            hit = await self.client.lookup(self.keys(token_ids))
+            hit = await self.client.lookup(self._loadable_keys(token_ids, extra))
         except Exception as exc:
             log.warning("kvstore lookup failed; recomputing: %s", exc)
             return PrefixHit(0, 0, [])
         return PrefixHit(hit.count * self.layout.block_size, hit.count, hit.tiers)
 
-    async def load(self, token_ids: Any, num_blocks: int | None = None, *, device: Any = None) -> LoadedKV:
-        """The KV of up to ``num_blocks`` leading blocks (all present ones when None).
+    async def load(self, token_ids: Any, num_blocks: int | None = None, *, device: Any = None, extra: bytes = b"") -> LoadedKV:
+        """The KV of up to ``num_blocks`` leading blocks (all present ones when None), on
+        ``device`` (CPU by default; CUDA needs the ``gpu`` extra).
 
         Returns fewer blocks (possibly none) when some are missing or fail to load; never raises.
         """
+        try:
+            return await self._load(token_ids, num_blocks, device, extra)
+        except Exception as exc:
+            log.warning("kvstore load failed; recomputing: %s", exc)
+            return LoadedKV(0, [], [])
+
+    async def _load(self, token_ids: Any, num_blocks: int | None, device: Any, extra: bytes) -> LoadedKV:
         import torch
 
         L = self.layout
-        keys = self.keys(token_ids)
+        keys = self._loadable_keys(token_ids, extra)
         if num_blocks is not None:
             keys = keys[:num_blocks]
         if not keys:
             return LoadedKV(0, [], [])
-        try:
-            hit = await self.client.lookup(keys)
-            keys = keys[: hit.count]
-            if not keys:
-                return LoadedKV(0, [], [])
-            out = torch.empty(
-                (len(keys), L.num_layers, 2, L.num_kv_heads, L.block_size, L.head_dim), dtype=L.torch_dtype, device=device
-            )
-            raw = out.view(torch.uint8)  # bytes of any dtype (bfloat16 included) for the client
-            count = await self.client.get_into(keys, [raw[i] for i in range(len(keys))])
-        except Exception as exc:
-            log.warning("kvstore load failed; recomputing: %s", exc)
+        hit = await self.client.lookup(keys)
+        keys = keys[: hit.count]
+        if not keys:
             return LoadedKV(0, [], [])
+        out = torch.empty(
+            (len(keys), L.num_layers, 2, L.num_kv_heads, L.block_size, L.head_dim), dtype=L.torch_dtype, device=device
+        )
+        if out.is_cuda:  # the memory may still be in use by work queued on torch's stream
+            torch.cuda.current_stream(out.device).synchronize()
+        raw = out.view(torch.uint8)  # bytes of any dtype (bfloat16 included) for the client
+        count = await self.client.get_into(keys, [raw[i] for i in range(len(keys))])
         if count == 0:
             return LoadedKV(0, [], [])
         # [blocks, layer, kv, head, token, dim] -> per layer [1, head, blocks*tokens, dim]
@@ -136,46 +150,73 @@ class PrefixCache:
         layers = [(kv[i, 0].unsqueeze(0).contiguous(), kv[i, 1].unsqueeze(0).contiguous()) for i in range(L.num_layers)]
         return LoadedKV(count * L.block_size, layers, hit.tiers[:count])
 
-    async def save(self, token_ids: Any, kv: Any, *, start_block: int = 0) -> int:
-        """Store the full blocks of ``kv`` from ``start_block`` on; returns how many were stored.
+    async def save(self, token_ids: Any, kv: Any, *, start_block: int = 0, extra: bytes = b"") -> int:
+        """Store the full blocks of ``kv`` from ``start_block`` on; returns how many are stored.
 
         ``kv``: per-layer ``(key, value)`` pairs of ``[1, kv_heads, tokens, head_dim]`` tensors, a
         transformers cache object with ``.layers`` (``keys``/``values``), or one tensor
-        ``[layers, 2, kv_heads, tokens, head_dim]``. Never raises.
+        ``[layers, 2, kv_heads, tokens, head_dim]``. KV whose dtype or shape does not match the
+        layout, or that does not cover every token (a sliding-window cache), is refused with a
+        warning: it would be wrong KV under these keys. Never raises.
         """
-        import torch
-
-        L = self.layout
-        keys = self.keys(token_ids)
         try:
-            stacked = _stack(kv)
-            n = min(len(keys), stacked.shape[3] // L.block_size)
-            if n <= start_block:
-                return 0
-            span = stacked[:, :, :, start_block * L.block_size : n * L.block_size, :]
-            blocks = span.reshape(L.num_layers, 2, L.num_kv_heads, n - start_block, L.block_size, L.head_dim)
-            blocks = blocks.permute(3, 0, 1, 2, 4, 5).contiguous().view(torch.uint8)
-            result = await self.client.put(keys[start_block:n], [blocks[i] for i in range(n - start_block)])
+            return await self._save(token_ids, kv, start_block, extra)
         except Exception as exc:
             log.warning("kvstore save failed (the KV is simply not cached): %s", exc)
             return 0
+
+    async def _save(self, token_ids: Any, kv: Any, start_block: int, extra: bytes) -> int:
+        import torch
+
+        L = self.layout
+        ids = _ids(token_ids)
+        keys = self.keys(ids, extra=extra)
+        n = len(keys)
+        if n <= start_block:
+            return 0
+        stacked = _stack(kv, start_block * L.block_size, n * L.block_size)
+        expected = (L.num_layers, 2, L.num_kv_heads, (n - start_block) * L.block_size, L.head_dim)
+        if stacked.dtype != L.torch_dtype or tuple(stacked.shape) != expected:
+            raise ValueError(
+                f"KV of dtype {stacked.dtype} and shape {tuple(stacked.shape)} does not match the layout "
+                f"({L.torch_dtype}, {expected}) for {len(ids)} tokens"
+            )
+        blocks = stacked.reshape(L.num_layers, 2, L.num_kv_heads, n - start_block, L.block_size, L.head_dim)
+        blocks = blocks.permute(3, 0, 1, 2, 4, 5).contiguous().view(torch.uint8)
+        result = await self.client.put(keys[start_block:n], [blocks[i] for i in range(n - start_block)])
         return result.stored + result.present
 
 
 def _ids(token_ids: Any) -> Any:
-    if hasattr(token_ids, "detach"):  # a torch tensor, possibly on a GPU, possibly [1, n]
-        return token_ids.detach().reshape(-1).cpu().numpy()
+    """A flat sequence of token ids from a list, array or tensor of one sequence."""
+    shape = getattr(token_ids, "shape", None)
+    if shape is not None and len(shape) == 2:
+        if shape[0] != 1:
+            raise ValueError(f"one sequence at a time: token ids of shape {tuple(shape)}")
+        token_ids = token_ids[0]
+    if hasattr(token_ids, "detach"):  # a torch tensor, possibly on a GPU
+        return token_ids.detach().cpu().numpy()
     return token_ids
 
 
-def _stack(kv: Any):
-    """One ``[layers, 2, kv_heads, tokens, head_dim]`` tensor from any of the accepted shapes."""
+def _stack(kv: Any, start: int, stop: int):
+    """``[layers, 2, kv_heads, stop - start, head_dim]`` from any of the accepted shapes, sliced
+    before stacking (one copy). Raises if the KV is not of one sequence or does not reach ``stop``."""
     import torch
 
     if isinstance(kv, torch.Tensor):
-        return kv
+        if kv.shape[3] < stop:
+            raise ValueError(f"the KV covers {kv.shape[3]} tokens, not {stop}")
+        return kv[:, :, :, start:stop]
     if hasattr(kv, "layers"):
+        if any(getattr(layer, "is_sliding", False) for layer in kv.layers):
+            raise ValueError("a sliding-window cache does not hold the KV of every token")
         pairs: Sequence = [(layer.keys, layer.values) for layer in kv.layers]
     else:
         pairs = kv
-    return torch.stack([torch.stack([k[0], v[0]]) for k, v in pairs])
+    for k, v in pairs:
+        if k.shape[0] != 1 or v.shape[0] != 1:
+            raise ValueError(f"one sequence at a time: KV of batch {k.shape[0]}")
+        if k.shape[2] < stop or v.shape[2] < stop:
+            raise ValueError(f"the KV covers {k.shape[2]} tokens, not {stop}")
+    return torch.stack([torch.stack([k[0, :, start:stop], v[0, :, start:stop]]) for k, v in pairs])

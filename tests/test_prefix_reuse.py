@@ -111,3 +111,25 @@ async def test_failures_degrade_to_recomputation(server):
     assert (await cache.lookup(tokens)).tokens == 0
     assert (await cache.load(tokens)).tokens == 0
     assert await cache.save(tokens, kv_out) == 0
+
+
+async def test_kv_that_does_not_fit_the_layout_is_refused_not_stored(server):
+    layout = KVLayout(model_id="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
+    tokens = list(range(16))
+    async with KVClient(f"127.0.0.1:{server.port}") as kv:
+        cache = PrefixCache(kv, layout)
+        right = [(torch.randn(1, 2, 16, 8, dtype=torch.bfloat16), torch.randn(1, 2, 16, 8, dtype=torch.bfloat16))
+                 for _ in range(2)]
+        assert await cache.save(tokens, [(k.half(), v.half()) for k, v in right]) == 0      # wrong dtype
+        assert await cache.save(tokens, [(k[:, :, :8], v[:, :, :8]) for k, v in right]) == 0  # too few tokens
+        assert await cache.save(tokens, [(k.expand(2, -1, -1, -1), v) for k, v in right]) == 0  # batch of 2
+        assert (await cache.lookup(tokens + [99])).tokens == 0
+        assert await cache.save(tokens, right) == 4
+        loaded = await cache.load(tokens + [99])
+        assert loaded.tokens == 16
+        for (k, v), (k2, v2) in zip(right, loaded.kv):    # bfloat16, bit for bit
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+        # A prompt that is all cached still leaves its last token to compute.
+        assert (await cache.lookup(tokens)).tokens == 12
+        # Different extra bytes (a LoRA adapter): different blocks.
+        assert (await cache.lookup(tokens + [99], extra=b"lora-7")).tokens == 0
