@@ -16,6 +16,7 @@ reuse their bytes mid-read, and :meth:`Daemon.release` unpins them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -36,6 +37,14 @@ from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
 from kvstore.server.movement import NO_ROOM, Mover
+
+PROMOTE_AHEAD = 8
+"""Blocks a get reads up from NVMe or S3 concurrently."""
+
+
+def _in_dram(record: BlockRecord) -> bool:
+    copy = record.copies.get(TierKind.DRAM)
+    return copy is not None and copy.filled and not copy.dropped
 
 if TYPE_CHECKING:
     from kvstore.server.objects import ObjectStore
@@ -168,15 +177,24 @@ class Daemon:
         found = self.index.prefix(index_keys)
         pinned: list[Copy] = []
         partial = False
+        # Blocks to bring up from NVMe or S3 are read a few at a time ahead of the one being
+        # pinned, so their I/O overlaps; each is still pinned in order and re-checked.
+        ahead: dict[int, asyncio.Future] = {}
         try:
-            for record in found:
+            for i, record in enumerate(found):
+                for j in range(i, min(i + PROMOTE_AHEAD, len(found))):
+                    if j not in ahead and not _in_dram(found[j]):
+                        ahead[j] = asyncio.ensure_future(self.mover.promote(found[j]))
                 source = record.primary()
                 for held in record.copies.values():  # a read is a use of every copy the block has
                     if held.filled and held.tier in self.policies:
                         self.policies[held.tier].touch(held)
                 copy = record.copies.get(TierKind.DRAM)
-                if copy is None or not copy.filled:
-                    copy = await self.mover.promote(record)
+                if copy is None or not copy.filled or copy.dropped:
+                    future = ahead.pop(i, None)
+                    copy = await future if future is not None else await self.mover.promote(record)
+                    if isinstance(copy, Copy) and (copy.dropped or not copy.filled):
+                        copy = await self.mover.promote(record)  # evicted again before its turn
                     if copy is NO_ROOM:
                         partial = bool(pinned)
                         break
@@ -188,6 +206,9 @@ class Daemon:
         except BaseException:
             self.release(pinned)
             raise
+        finally:
+            for future in ahead.values():  # read ahead past where this get stopped
+                future.cancel()
         self.counters.get_hit_blocks += len(pinned)
         if not partial:
             self.counters.get_miss_blocks += len(keys) - len(pinned)
