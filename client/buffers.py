@@ -45,7 +45,11 @@ def byte_view(obj: Any, index: int, *, writable: bool = False) -> memoryview:
     return view
 
 
-def check_targets(views: Sequence[Any]) -> Callable[[int, Sequence[int]], list]:
+Targets = Callable[[int, Sequence[int]], list]
+"""``targets(start, sizes)``: the buffers blocks ``start, start+1, ...`` of those sizes go into."""
+
+
+def check_targets(views: Sequence[Any]) -> Targets:
     """A ``targets(start, sizes)`` callback that hands out caller buffers checked against the
     announced block sizes."""
 

@@ -223,12 +223,10 @@ class KVClient:
         if len(keys) != len(blocks):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
         views = [device_buffer(block, i) or byte_view(block, i) for i, block in enumerate(blocks)]
-        total = [0, 0, 0, 0]
+        total = PutResult(0, 0, 0)
         for start, stop in self._put_batches(views):
-            result = await self._data("put", keys[start:stop], views[start:stop])
-            for i, n in enumerate((result.stored, result.present, result.dropped, result.persisted)):
-                total[i] += n
-        return PutResult(*total)
+            total += await self._data("put", keys[start:stop], views[start:stop])
+        return total
 
     def _put_batches(self, views: Sequence[Any]) -> list[tuple[int, int]]:
         if not views:

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.message import Message
@@ -32,12 +32,12 @@ from kvstore.errors import StaleSessionError
 from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, frame
 from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.client.buffers import Targets
 from kvstore.client.gpu import CudaCopier, DeviceBuffer
 from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
 
-Targets = Callable[[int, Sequence[int]], list]  # (index of the first block, sizes) -> buffers
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 TRUSTED_FRACTION = 0.8
 """A lease is trusted for this fraction of its TTL, measured from before it was asked for."""
@@ -188,7 +188,7 @@ class LocalPath:
         """Put in rounds of at most a quarter of the arena, so that one round's reservations never
         crowd out each other (earlier rounds are committed, so they can be demoted to make room)."""
         check_sizes([s.nbytes for s in sources], *self.block_limit)  # the whole batch, before any round
-        total = [0, 0, 0, 0]
+        total = PutResult(0, 0, 0)
         limit = max(self.arena.view.nbytes // 4, 1)
         start = 0
         while start < len(sources):
@@ -196,11 +196,9 @@ class LocalPath:
             while stop < len(sources) and (stop == start or size + sources[stop].nbytes <= limit):
                 size += sources[stop].nbytes
                 stop += 1
-            result = await self._put_round(keys[start:stop], sources[start:stop])
-            for i, n in enumerate((result.stored, result.present, result.dropped, result.persisted)):
-                total[i] += n
+            total += await self._put_round(keys[start:stop], sources[start:stop])
             start = stop
-        return PutResult(*total)
+        return total
 
     async def _put_round(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         reserved = await self.channel.call(
@@ -230,9 +228,7 @@ class LocalPath:
             response = await self.channel.call(
                 "Commit", pb.CommitRequest(lease=reserved.lease, abort=abort), pb.PutResponse
             )
-        return PutResult(
-            stored=response.stored, present=response.present, dropped=response.dropped, persisted=response.persisted
-        )
+        return PutResult.from_proto(response)
 
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[pb.AcquireResponse, float]:
         started = time.monotonic()

@@ -15,12 +15,12 @@ from kvstore.errors import InternalError
 from kvstore.framing import Unpacker, pack
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.client.buffers import Targets
 from kvstore.client.gpu import DeviceBuffer, host_views, staged_targets
 from kvstore.client.results import PutResult
 
 log = logging.getLogger("kvstore.client")
 
-Targets = Callable[[int, Sequence[int]], list]  # (index of the first block, sizes) -> buffers
 
 
 class RemotePath:
@@ -47,9 +47,7 @@ class RemotePath:
                 yield pb.PutRequest(data=chunk)
 
         response = await self.stub.Put(messages(), timeout=self.timeout_s)
-        return PutResult(
-            stored=response.stored, present=response.present, dropped=response.dropped, persisted=response.persisted
-        )
+        return PutResult.from_proto(response)
 
     async def get_into(self, keys: Sequence[bytes], targets: Targets) -> int:
         """Stream the leading blocks into ``targets(start, sizes)``; returns how many verified."""

@@ -23,6 +23,14 @@ class PutResult:
     dropped: int   # not stored: the daemon could not free room (everything evictable in use)
     persisted: int = 0  # stored and durable on NVMe before the answer (write-through)
 
+    @classmethod
+    def from_proto(cls, msg) -> PutResult:
+        return cls(stored=msg.stored, present=msg.present, dropped=msg.dropped, persisted=msg.persisted)
+
+    def __add__(self, other: PutResult) -> PutResult:
+        """The counts of two parts of one put, added up."""
+        return PutResult(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
 
 @dataclass(frozen=True, slots=True)
 class TierStats:

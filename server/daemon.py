@@ -102,11 +102,6 @@ class Daemon:
         self._recover()
 
     @property
-    def tier(self) -> MemoryTier:
-        """The DRAM tier (clients read from and write into it)."""
-        return self.dram
-
-    @property
     def nvme(self) -> PersistentTier | None:
         return self.tiers.get(TierKind.NVME)
 

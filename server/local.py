@@ -39,7 +39,7 @@ class LocalSocket:
         self._sessions: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        if self.daemon.tier.fd < 0:
+        if self.daemon.dram.fd < 0:
             raise ConfigError('this system has no memfd: the same-host path needs Linux (set local_socket = "off")')
         self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -109,12 +109,12 @@ class LocalSocket:
         try:
             hello = json.dumps({
                 "version": PROTOCOL_VERSION, "arena_id": daemon.arena_id, "session": token,
-                "arena_bytes": daemon.tier.capacity_bytes, "prefaulted": daemon.config.dram.prefault,
+                "arena_bytes": daemon.dram.capacity_bytes, "prefaulted": daemon.config.dram.prefault,
             }).encode()
             conn.setblocking(True)
             conn.sendmsg(
                 [len(hello).to_bytes(4, "little") + hello],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.tier.fd]))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.dram.fd]))],
             )
             conn.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=conn)

@@ -60,10 +60,14 @@ class Mover:
             if extent is not None:
                 return extent
             length = tier.footprint(size)
-            victims = policy.victims(
-                max(length - tier.free_bytes, 1),
-                fits=lambda chosen: tier.largest_free_after([c.extent for c in chosen]) >= length,
-            )
+
+            def choose() -> list[Copy]:
+                return policy.victims(
+                    max(length - tier.free_bytes, 1),
+                    fits=lambda chosen: tier.largest_free_after([c.extent for c in chosen]) >= length,
+                )
+
+            victims = choose()
             # Copies held by moves in flight (uploads, demotions) come free in a moment: a put
             # waits for them (briefly) rather than being dropped.
             while not victims and self.busy and waited < BUSY_WAIT_S:
@@ -72,10 +76,7 @@ class Mover:
                 extent = tier.reserve(size)
                 if extent is not None:
                     return extent
-                victims = policy.victims(
-                    max(length - tier.free_bytes, 1),
-                    fits=lambda chosen: tier.largest_free_after([c.extent for c in chosen]) >= length,
-                )
+                victims = choose()
             if not victims:
                 return None
             await self.evict(victims)

@@ -235,7 +235,7 @@ class KVStoreServicer:
         limit, reason = d.block_limit()
         return pb.AttachResponse(
             arena_id=d.arena_id, socket_path=self.local_socket_path or "",
-            arena_bytes=d.tier.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
+            arena_bytes=d.dram.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
             max_block_bytes=limit, max_block_reason=reason,
         )
 

@@ -135,7 +135,7 @@ async def test_bytes_corrupted_in_the_arena_are_a_miss_never_wrong_data(server, 
     blocks = random_blocks(4, 64 * 1024)
     await kv.put(keys, blocks)
     record = server.daemon.index.get(scoped(keys[2:3], b"")[0])
-    view = server.daemon.tier.view(record.primary().extent, record.size)
+    view = server.daemon.dram.view(record.primary().extent, record.size)
     view[100] ^= 0xFF  # a bit flip in block 2, behind the daemon's back
 
     out = [bytearray(64 * 1024) for _ in keys]

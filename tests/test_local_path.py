@@ -68,12 +68,12 @@ async def test_a_client_killed_mid_put_leaves_nothing_readable_and_its_space_is_
         keys = chain(3, seed=70)
         child = await start_child(f"127.0.0.1:{srv.port}", "writer", keys)
         try:
-            assert daemon.tier.used_bytes == 3 * MiB  # reserved...
+            assert daemon.dram.used_bytes == 3 * MiB  # reserved...
             async with KVClient(f"127.0.0.1:{srv.port}") as kv:
                 assert (await kv.lookup(keys)).count == 0  # ...but nothing visible
                 child.send_signal(signal.SIGKILL)
                 child.wait()
-                await wait_until(lambda: daemon.tier.used_bytes == 0)
+                await wait_until(lambda: daemon.dram.used_bytes == 0)
                 assert len(daemon.index) == 0 and len(daemon.leases) == 0
                 blocks = random_blocks(3, MiB)
                 assert (await kv.put(keys, blocks)).stored == 3
@@ -136,10 +136,10 @@ async def test_leases_expire_after_their_ttl():
             # The expired write lease is gone from the index, but its bytes stay reserved while
             # its session lives (the client might still be writing into them).
             assert daemon.index.get(scoped(pending, b"")[0]) is None
-            assert daemon.tier.used_bytes == 3 * MiB
+            assert daemon.dram.used_bytes == 3 * MiB
             with pytest.raises(LeaseExpiredError, match="expired"):
                 await _commit(kv, session, r.lease)
-        await wait_until(lambda: daemon.tier.used_bytes == 2 * MiB)  # session closed: quarantine freed
+        await wait_until(lambda: daemon.dram.used_bytes == 2 * MiB)  # session closed: quarantine freed
 
 
 async def _commit(kv: KVClient, session: str, lease: int) -> None:
