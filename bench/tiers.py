@@ -31,9 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvstore.bench.measure import Result, ratio, summarize
 from kvstore.config import NvmeConfig
-from kvstore.tier_kind import TierKind
+from kvstore.block import BlockRecord
 from kvstore.tiers import create_tier
-from kvstore.tiers.nvme_index import IndexEntry
 
 MiB = 1 << 20
 
@@ -98,16 +97,17 @@ async def nvme_rows(block_sizes: tuple[int, ...], batch: int, rounds: int, direc
         for size in block_sizes:
             capacity = size * batch * 2
             config = NvmeConfig(dir=os.path.join(root, f"tier-{size}"), capacity_bytes=capacity, io_engine="posix")
-            tier = create_tier(TierKind.NVME, config)
+            tier = create_tier("nvme", config)
             raw = RawFile(os.path.join(root, f"raw-{size}.dat"), capacity, config.io_threads)
             try:
                 blocks = _aligned_blocks(batch, size)
-                extents = [tier.reserve(size) for _ in range(batch)]
+                probe = BlockRecord(key=b"", size=size)
+                extents = [tier.reserve(probe) for _ in range(batch)]
                 offsets = [e.offset for e in extents]
 
                 async def tier_write() -> None:
                     await asyncio.gather(*(tier.write(e, 0, b) for e, b in zip(extents, blocks)))
-                    await tier.persist([IndexEntry(os.urandom(16), e.offset, e.length, size, 0, 0.0) for e in extents])
+                    await tier.persist([(BlockRecord(key=os.urandom(16), size=size, checksum=0), e) for e in extents])
 
                 async def tier_read() -> None:
                     await asyncio.gather(*(tier.read_into(e, 0, b) for e, b in zip(extents, blocks)))

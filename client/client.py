@@ -12,40 +12,41 @@ the kvstore error classes (:mod:`kvstore.errors`).
 Bytes take one of two paths, chosen when the client connects: on the daemon's host the client
 maps the daemon's DRAM arena and copies blocks in and out itself (:mod:`kvstore.client.local`);
 anywhere else they travel in chunked gRPC streams with end-to-end checksums
-(:mod:`kvstore.client.remote`). ``kv.path`` says which one is in use.
+(:mod:`kvstore.client.remote`); both implement :class:`~kvstore.client.path.DataPath`.
+``kv.path`` says which one is in use. Settings come in one :class:`~kvstore.client.ClientConfig`
+(or as its fields, as keyword arguments).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from kvstore.errors import InvalidArgumentError, KVStoreError, StaleSessionError, UnavailableError
-from kvstore.keys import MAX_NAMESPACE_BYTES, Namespace
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.proto.status import error_from_rpc
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.tier_kind import TierKind
 from kvstore.client.buffers import byte_view, check_targets
+from kvstore.client.config import ClientConfig, LocalMode
 from kvstore.client.gpu import device_buffer
 from kvstore.client.local import LocalPath
+from kvstore.client.path import DataPath
 from kvstore.client.remote import RemotePath
 from kvstore.client.results import LookupResult, PutResult, Stats
 
 log = logging.getLogger("kvstore.client")
 
-MiB = 1 << 20
-MAX_CHUNK_BYTES = 16 * MiB
-LOCAL_MODES = ("auto", "off", "require")
 REATTACH_INTERVAL_S = 5.0
-_TIERS = {kind.value: kind for kind in TierKind}
+T = TypeVar("T")
 
 
 class KVClient:
@@ -53,54 +54,28 @@ class KVClient:
 
     Args:
         target: ``host:port`` of the daemon.
-        namespace: scopes every key of this client (a :class:`~kvstore.Namespace` or up to 64 bytes):
-            blocks of different namespaces never meet, in the daemon or in a shared S3 bucket.
-            Keys from :func:`kvstore.block_keys` already depend on their namespace; this also
-            scopes engines' own block hashes.
-        local: ``"auto"`` uses the same-host shared-memory path when the daemon's arena can be
-            mapped from here and the remote path otherwise; ``"off"`` always streams over gRPC;
-            ``"require"`` fails to connect unless the same-host path works.
-        timeout_s: deadline of each call.
-        connect_timeout_s: how long entering the context waits for the daemon to answer.
-        chunk_bytes: size of the data messages a remote put sends (at most 16 MiB).
-        max_put_stream_bytes: a remote put of more bytes is split into several streams.
-        max_keys_per_call: longer batches are split into several calls (the daemon's
-            ``max_keys_per_request``).
+        config: the client's settings (:class:`~kvstore.client.ClientConfig`).
+        **options: instead of ``config``, its fields (``namespace=``, ``local=``, ``timeout_s=``, ...).
+
+    Raises:
+        InvalidArgumentError: a bad setting (the message names the field), or both ``config`` and
+            ``options``.
+        TypeError: an option that is not a field of ``ClientConfig``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        namespace: Namespace | bytes = b"",
-        local: str = "auto",
-        timeout_s: float = 30.0,
-        connect_timeout_s: float = 5.0,
-        chunk_bytes: int = 1 * MiB,
-        max_put_stream_bytes: int = 256 * MiB,
-        max_keys_per_call: int = 65536,
-    ) -> None:
-        if local not in LOCAL_MODES:
-            raise InvalidArgumentError(f"local must be one of {LOCAL_MODES}, got {local!r}")
-        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-            raise InvalidArgumentError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-        if max_put_stream_bytes <= 0 or max_keys_per_call <= 0:
-            raise InvalidArgumentError("max_put_stream_bytes and max_keys_per_call must be positive")
+    def __init__(self, target: str, *, config: ClientConfig | None = None, **options: Any) -> None:
         self.target = target
-        self.namespace = namespace.digest if isinstance(namespace, Namespace) else bytes(namespace)
-        if len(self.namespace) > MAX_NAMESPACE_BYTES:
-            raise InvalidArgumentError(f"namespace is {len(self.namespace)} bytes; at most {MAX_NAMESPACE_BYTES}")
-        self.local = local
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.chunk_bytes = chunk_bytes
-        self.max_put_stream_bytes = max_put_stream_bytes
-        self.max_keys_per_call = max_keys_per_call
+        self.config = _config(config, options)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.KVStoreStub | None = None
         self._remote: RemotePath | None = None
         self._local: LocalPath | None = None
         self._next_attach = 0.0
+
+    @property
+    def namespace(self) -> bytes:
+        """The namespace that scopes every key of this client (``config.namespace``)."""
+        return self.config.namespace
 
     async def __aenter__(self) -> KVClient:
         await self.connect()
@@ -111,21 +86,22 @@ class KVClient:
 
     async def connect(self) -> None:
         """Open the channel, wait until the daemon answers, and pick the data path."""
+        config = self.config
         channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         try:
-            await asyncio.wait_for(channel.channel_ready(), self.connect_timeout_s)
+            await asyncio.wait_for(channel.channel_ready(), config.connect_timeout_s)
             self._channel = channel
             self._stub = pb_grpc.KVStoreStub(channel)
             self._remote = RemotePath(
-                self._stub, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s, namespace=self.namespace
+                self._stub, chunk_bytes=config.chunk_bytes, timeout_s=config.timeout_s, namespace=config.namespace
             )
-            if self.local != "off":
+            if config.local is not LocalMode.OFF:
                 await self._attach()
         except asyncio.TimeoutError:
             await self.close()
             await channel.close()
             raise UnavailableError(
-                f"no kvstore daemon answered at {self.target} within {self.connect_timeout_s:g}s "
+                f"no kvstore daemon answered at {self.target} within {config.connect_timeout_s:g}s "
                 "(is `kvstore serve` running there?)"
             ) from None
         except BaseException:
@@ -139,7 +115,7 @@ class KVClient:
             await self._local.close()
             self._local = None
         try:
-            info = await self._stub.Attach(pb.AttachRequest(), timeout=self.timeout_s)
+            info = await self._stub.Attach(pb.AttachRequest(), timeout=self.config.timeout_s)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise error_from_rpc(exc) from None
@@ -148,12 +124,13 @@ class KVClient:
         if info.socket_path:
             try:
                 self._local = await asyncio.wait_for(
-                    LocalPath.attach(info, self.timeout_s, self.namespace), self.connect_timeout_s
+                    LocalPath.attach(info, self.config.timeout_s, self.config.namespace),
+                    self.config.connect_timeout_s,
                 )
                 return
             except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 reason = f"cannot map the daemon's arena through {info.socket_path}: {exc}"
-        if self.local == "require":
+        if self.config.local is LocalMode.REQUIRE:
             raise UnavailableError(f"same-host path required but unavailable: {reason}")
         log.info("using the remote data path to %s (%s)", self.target, reason)
 
@@ -169,7 +146,7 @@ class KVClient:
     @property
     def path(self) -> str:
         """``"local"`` (shared memory) or ``"remote"`` (gRPC streams)."""
-        return "local" if self._local is not None else "remote"
+        return LocalPath.name if self._local is not None else RemotePath.name
 
     @property
     def stub(self) -> pb_grpc.KVStoreStub:
@@ -184,23 +161,28 @@ class KVClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    async def _data(self, op: str, *args: Any) -> Any:
-        """Run ``op`` on the data path in use; re-attach once if the daemon restarted."""
+    async def _data(self, call: Callable[[DataPath], Awaitable[T]]) -> T:
+        """``call(path)`` on the data path in use; re-attach once if the daemon restarted.
+
+        ``call`` may run twice (again on a new session after a restart), so it should do nothing
+        but call one method of the path.
+        """
         if self._stub is None:
             raise UnavailableError("the client is not connected (use `async with KVClient(...)`)")
-        if self._local is None and self.local != "off" and time.monotonic() >= self._next_attach:
+        mode = self.config.local
+        if self._local is None and mode is not LocalMode.OFF and time.monotonic() >= self._next_attach:
             # The same-host path was lost (a restart, a failed attach): try again, now and then.
             self._next_attach = time.monotonic() + REATTACH_INTERVAL_S
             try:
                 await self._attach()
             except KVStoreError:
-                if self.local == "require":
+                if mode is LocalMode.REQUIRE:
                     raise
         for attempt in (1, 2):
             path = self._local or self._remote
             try:
                 async with self._errors():
-                    return await getattr(path, op)(*args)
+                    return await call(path)
             except StaleSessionError:
                 if path is not self._local or attempt == 2:
                     raise
@@ -210,11 +192,12 @@ class KVClient:
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading ``keys`` are cached, and which tier holds each of them."""
         tiers: list[TierKind] = []
-        for start in range(0, len(keys), self.max_keys_per_call):
-            batch = keys[start : start + self.max_keys_per_call]
-            response = await self._data("lookup", batch)
-            tiers += map(_TIERS.__getitem__, response.tiers)
-            if response.count < len(batch):
+        step = self.config.max_keys_per_call
+        for start in range(0, len(keys), step):
+            batch = keys[start : start + step]
+            hit = await self._data(lambda path: path.lookup(batch))
+            tiers += hit.tiers
+            if hit.count < len(batch):
                 break
         return LookupResult(count=len(tiers), tiers=tiers)
 
@@ -225,15 +208,17 @@ class KVClient:
         views = [device_buffer(block, i) or byte_view(block, i) for i, block in enumerate(blocks)]
         total = PutResult(0, 0, 0)
         for start, stop in self._put_batches(views):
-            total += await self._data("put", keys[start:stop], views[start:stop])
+            batch_keys, batch_views = keys[start:stop], views[start:stop]
+            total += await self._data(lambda path: path.put(batch_keys, batch_views))
         return total
 
     def _put_batches(self, views: Sequence[Any]) -> list[tuple[int, int]]:
         if not views:
             return []
+        max_keys, max_bytes = self.config.max_keys_per_call, self.config.max_put_stream_bytes
         batches, start, total = [], 0, 0
         for i, view in enumerate(views):
-            full = i - start == self.max_keys_per_call or total + view.nbytes > self.max_put_stream_bytes
+            full = i - start == max_keys or total + view.nbytes > max_bytes
             if i > start and full:
                 batches.append((start, i))
                 start, total = i, 0
@@ -242,9 +227,9 @@ class KVClient:
         return batches
 
     def _check_get(self, keys: Sequence[bytes]) -> None:
-        if len(keys) > self.max_keys_per_call:
+        if len(keys) > self.config.max_keys_per_call:
             raise InvalidArgumentError(
-                f"a get takes at most {self.max_keys_per_call} keys; look up the chain, then get it in parts"
+                f"a get takes at most {self.config.max_keys_per_call} keys; look up the chain, then get it in parts"
             )
 
     async def get(self, keys: Sequence[bytes]) -> list[bytearray]:
@@ -252,7 +237,7 @@ class KVClient:
         if not keys:
             return []
         self._check_get(keys)
-        return await self._data("get", keys)
+        return await self._data(lambda path: path.get(keys))
 
     async def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> int:
         """Write the leading cached blocks into ``buffers``; returns how many were filled.
@@ -267,21 +252,35 @@ class KVClient:
         views = [
             device_buffer(buf, i, writable=True) or byte_view(buf, i, writable=True) for i, buf in enumerate(buffers)
         ]
-        return await self._data("get_into", keys, check_targets(views))
+        targets = check_targets(views)
+        return await self._data(lambda path: path.get_into(keys, targets))
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Remove ``keys``; returns how many were present."""
-        deleted = 0
-        for start in range(0, len(keys), self.max_keys_per_call):
-            batch = keys[start : start + self.max_keys_per_call]
+        deleted, step = 0, self.config.max_keys_per_call
+        for start in range(0, len(keys), step):
+            request = pb.DeleteRequest(keys=keys[start : start + step], namespace=self.config.namespace)
             async with self._errors():
-                response = await self.stub.Delete(
-                    pb.DeleteRequest(keys=batch, namespace=self.namespace), timeout=self.timeout_s
-                )
+                response = await self.stub.Delete(request, timeout=self.config.timeout_s)
             deleted += response.deleted
         return deleted
 
     async def stats(self) -> Stats:
         async with self._errors():
-            response = await self.stub.Stats(pb.StatsRequest(), timeout=self.timeout_s)
+            response = await self.stub.Stats(pb.StatsRequest(), timeout=self.config.timeout_s)
         return Stats.from_proto(response)
+
+
+def _config(config: ClientConfig | None, options: dict[str, Any]) -> ClientConfig:
+    """The client's settings from ``config=`` or from its fields as keyword arguments, not both."""
+    if config is None:
+        unknown = options.keys() - {f.name for f in dataclasses.fields(ClientConfig)}
+        if unknown:
+            fields = ", ".join(f.name for f in dataclasses.fields(ClientConfig))
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}; the settings are: {fields}")
+        return ClientConfig(**options)
+    if options:
+        raise InvalidArgumentError(f"pass config= or keyword settings, not both (got config= and {', '.join(options)})")
+    if not isinstance(config, ClientConfig):
+        raise InvalidArgumentError(f"config must be a ClientConfig, got {type(config).__name__}")
+    return config

@@ -34,7 +34,8 @@ from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.client.buffers import Targets
 from kvstore.client.gpu import CudaCopier, DeviceBuffer
-from kvstore.client.results import PutResult
+from kvstore.client.path import DataPath, lookup_result
+from kvstore.client.results import LookupResult, PutResult
 
 log = logging.getLogger("kvstore.client")
 
@@ -88,6 +89,12 @@ class LocalArena:
             self.mapping.close()
         except BufferError:
             log.debug("arena views still alive; unmapped when they go")
+
+
+def put_round_bytes(info: pb.AttachResponse) -> int:
+    """The most bytes one same-host put round reserves: what the daemon says, or, from a daemon
+    that predates ``put_round_bytes``, a quarter of its arena."""
+    return info.put_round_bytes or max(info.arena_bytes // 4, 1)
 
 
 def _populate_for_writing(arena: mmap.mmap) -> None:
@@ -148,17 +155,19 @@ class LocalChannel:
             await self._writer.wait_closed()
 
 
-class LocalPath:
+class LocalPath(DataPath):
     name = "local"
 
     def __init__(
-        self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float, block_limit: tuple[int, str], namespace: bytes
+        self, arena: LocalArena, channel: LocalChannel, *, ttl_s: float, block_limit: tuple[int, str],
+        put_round_bytes: int, namespace: bytes,
     ) -> None:
         self.arena = arena
         self.namespace = namespace
         self.channel = channel
         self.ttl_s = ttl_s
         self.block_limit = block_limit
+        self.put_round_bytes = put_round_bytes
         self._releases: set[asyncio.Task] = set()
         self._cuda: CudaCopier | None = None
 
@@ -173,11 +182,12 @@ class LocalPath:
             raise
         return cls(
             arena, channel, ttl_s=info.lease_ttl_s, block_limit=(info.max_block_bytes, info.max_block_reason),
-            namespace=namespace,
+            put_round_bytes=put_round_bytes(info), namespace=namespace,
         )
 
-    async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return await self.channel.call("Lookup", pb.LookupRequest(keys=keys, namespace=self.namespace), pb.LookupResponse)
+    async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        request = pb.LookupRequest(keys=keys, namespace=self.namespace)
+        return lookup_result(await self.channel.call("Lookup", request, pb.LookupResponse))
 
     async def _cuda_copier(self) -> CudaCopier:
         if self._cuda is None:  # page-locking the arena takes a while: off the event loop
@@ -185,11 +195,12 @@ class LocalPath:
         return self._cuda
 
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
-        """Put in rounds of at most a quarter of the arena, so that one round's reservations never
-        crowd out each other (earlier rounds are committed, so they can be demoted to make room)."""
+        """Put in rounds of at most ``put_round_bytes`` (a block larger than that is a round of its
+        own), so that one round's reservations never crowd out each other (earlier rounds are
+        committed, so they can be demoted to make room)."""
         check_sizes([s.nbytes for s in sources], *self.block_limit)  # the whole batch, before any round
         total = PutResult(0, 0, 0)
-        limit = max(self.arena.view.nbytes // 4, 1)
+        limit = self.put_round_bytes
         start = 0
         while start < len(sources):
             stop, size = start, 0

@@ -17,13 +17,13 @@ from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.client.buffers import Targets
 from kvstore.client.gpu import DeviceBuffer, host_views, staged_targets
-from kvstore.client.results import PutResult
+from kvstore.client.path import DataPath, lookup_result
+from kvstore.client.results import LookupResult, PutResult
 
 log = logging.getLogger("kvstore.client")
 
 
-
-class RemotePath:
+class RemotePath(DataPath):
     name = "remote"
 
     def __init__(self, stub: pb_grpc.KVStoreStub, *, chunk_bytes: int, timeout_s: float, namespace: bytes) -> None:
@@ -32,8 +32,9 @@ class RemotePath:
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
 
-    async def lookup(self, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return await self.stub.Lookup(pb.LookupRequest(keys=keys, namespace=self.namespace), timeout=self.timeout_s)
+    async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        request = pb.LookupRequest(keys=keys, namespace=self.namespace)
+        return lookup_result(await self.stub.Lookup(request, timeout=self.timeout_s))
 
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
         views = host_views(sources)

@@ -1,10 +1,14 @@
-"""What the client's calls return: plain dataclasses, no protobuf."""
+"""What the client's calls return: plain dataclasses, no protobuf.
+
+The counter fields of :class:`Stats` and :class:`TierStats` come from :data:`kvstore.stats.SCHEMA`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from kvstore.stats import DAEMON_FIELDS, TIER_FIELDS, Scope, schema_dataclass
 from kvstore.tier_kind import TierKind
 
 
@@ -33,42 +37,34 @@ class PutResult:
 
 
 @dataclass(frozen=True, slots=True)
-class TierStats:
+class TierStats(schema_dataclass(Scope.TIER, frozen=True)):
+    """One tier's usage, plus its counters: the per-tier fields of :data:`kvstore.stats.SCHEMA`."""
+
     tier: TierKind
-    capacity_bytes: int
+    name: str              # the tier's name in the daemon's stack ("dram", "nvme", "s3", or a plugin's)
+    capacity_bytes: int    # 0: unbounded (S3)
     used_bytes: int
     blocks: int
-    hits: int
-    evictions: int
-    evicted_bytes: int
-    promotions: int
-    demotions: int
-    integrity_failures: int
-    errors: int
-    uploads: int
 
 
 @dataclass(frozen=True, slots=True)
-class Stats:
+class Stats(schema_dataclass(Scope.DAEMON, frozen=True)):
+    """A daemon's counters (the per-daemon fields of :data:`kvstore.stats.SCHEMA`) and one row per tier."""
+
     version: str
     uptime_s: float
     tiers: list[TierStats]
-    lookup_hit_blocks: int
-    lookup_miss_blocks: int
-    get_hit_blocks: int
-    get_miss_blocks: int
-    put_stored_blocks: int
-    put_present_blocks: int
-    put_dropped_blocks: int
-    deleted_blocks: int
-    bytes_in: int
-    bytes_out: int
-    integrity_failures: int
 
     def tier(self, kind: TierKind) -> TierStats | None:
+        """The first tier of ``kind`` in the stack, or None."""
         return next((t for t in self.tiers if t.tier is kind), None)
 
+    def tier_named(self, name: str) -> TierStats | None:
+        """The tier called ``name``, or None."""
+        return next((t for t in self.tiers if t.name == name), None)
+
     def as_dict(self) -> dict:
+        """Plain JSON-ready values; a tier row's ``tier`` is its kind's label, ``name`` its name."""
         out = dataclasses.asdict(self)
         for t in out["tiers"]:
             t["tier"] = t["tier"].label
@@ -76,9 +72,15 @@ class Stats:
 
     @classmethod
     def from_proto(cls, msg) -> Stats:
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "tiers"]
         tiers = [
-            TierStats(tier=TierKind(t.tier), **{f.name: getattr(t, f.name) for f in dataclasses.fields(TierStats)[1:]})
+            TierStats(
+                tier=TierKind(t.tier), name=t.name,
+                capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, blocks=t.blocks,
+                **{f.name: getattr(t, f.name) for f in TIER_FIELDS},
+            )
             for t in msg.tiers
         ]
-        return cls(tiers=tiers, **{name: getattr(msg, name) for name in names})
+        return cls(
+            version=msg.version, uptime_s=msg.uptime_s, tiers=tiers,
+            **{f.name: getattr(msg, f.name) for f in DAEMON_FIELDS},
+        )

@@ -15,13 +15,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvstore.client.client import KVClient
+from kvstore.client.config import ClientConfig
 from kvstore.errors import UnavailableError
 from kvstore.client.results import LookupResult, PutResult, Stats
 
 
 class SyncKVClient:
-    def __init__(self, target: str, **options: Any) -> None:
-        self._client = KVClient(target, **options)
+    """A blocking :class:`KVClient`: the same arguments (``config=`` or its fields) and methods."""
+
+    def __init__(self, target: str, *, config: ClientConfig | None = None, **options: Any) -> None:
+        self._client = KVClient(target, config=config, **options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -50,6 +53,11 @@ class SyncKVClient:
                 self._run(self._client.close())
             finally:
                 self._stop_loop()
+
+    @property
+    def config(self) -> ClientConfig:
+        """The client's settings (:attr:`KVClient.config`)."""
+        return self._client.config
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

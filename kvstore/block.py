@@ -1,18 +1,24 @@
-"""Block records, their copies in the tiers, and their lifecycle.
+"""Block records, their copies in the tiers, and their lifecycles.
 
 A :class:`BlockRecord` is the daemon's knowledge of one block: its key, size, checksum and state.
-Its bytes live in one or more :class:`Copy` objects, at most one per tier (a block promoted from
-NVMe to DRAM keeps its persisted NVMe copy, for instance). Reads use the fastest filled copy.
+Its bytes live in one or more :class:`Copy` objects, at most one per level of the tier stack (a
+block promoted from NVMe to DRAM keeps its persisted NVMe copy, for instance). Reads use the
+fastest readable copy. Only the :class:`~kvstore.catalog.Catalog` changes these states.
 
 A record's state moves only forward::
 
     WRITING --commit--> READY --delete / last copy dropped--> GONE
        \\-------------abort-------------------------------------^
 
-Only READY records with a filled copy are visible to lookups and gets. A copy being read is
-pinned; a pinned copy is never evicted or moved, and one dropped while pinned keeps its bytes
-until the last pin is released. Each copy carries the links of its tier's eviction policy (an
-intrusive list), so policy operations are O(1) and allocate nothing.
+A copy's state moves only forward too::
+
+    FILLING --filled--> READY --dropped--> DROPPED --nothing holds it--> FREED
+       \\-----------------------------------^
+
+A copy is *held* (``holds > 0``) while anything reads it, copies it elsewhere or un-indexes it:
+a held copy is never chosen for eviction, and one dropped while held keeps its location until the
+last hold goes; then its location goes back to its tier, exactly once. Each copy carries the links
+of its tier's eviction policy (an intrusive list), so policy operations are O(1).
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.errors import BlockTooLargeError, InvalidArgumentError
-from kvstore.tier_kind import TierKind
 
 
 class BlockState(enum.Enum):
@@ -32,34 +37,61 @@ class BlockState(enum.Enum):
     GONE = "gone"
 
 
-_ALLOWED = {
+class CopyState(enum.Enum):
+    FILLING = "filling"   # reserved; its bytes are being written (a put or a move): not readable
+    READY = "ready"       # readable, and known to its tier's policy
+    DROPPED = "dropped"   # left its tier; its location is still held by someone
+    FREED = "freed"       # its location went back to the tier
+
+
+_BLOCK_NEXT = {
     BlockState.WRITING: {BlockState.READY, BlockState.GONE},
     BlockState.READY: {BlockState.GONE},
     BlockState.GONE: set(),
 }
+_COPY_NEXT = {
+    CopyState.FILLING: {CopyState.READY, CopyState.DROPPED},
+    CopyState.READY: {CopyState.DROPPED},
+    CopyState.DROPPED: {CopyState.FREED},
+    CopyState.FREED: set(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A lifecycle transition the state machine forbids (a bug in the caller)."""
 
 
 @dataclass(slots=True, eq=False)
 class Copy:
-    """The bytes of one block in one tier."""
+    """The bytes of one block in one level of the tier stack."""
 
     record: BlockRecord | None
-    tier: TierKind
-    extent: Any
-    filled: bool = False     # all bytes are in place (a copy being written or promoted is not)
-    pins: int = 0            # readers copying out of it right now
-    moving: bool = False     # being copied to another tier: not evictable meanwhile
-    dropped: bool = False    # left its tier; its extent is freed when the last pin goes...
-    forgetting: bool = False  # ...and, for a persistent tier, once its index entry is durably gone
-    freed: bool = False      # its extent went back to the tier (exactly once)
+    level: int
+    location: Any            # where the tier keeps it: an Extent, an ObjectRef, ...
+    state: CopyState = CopyState.FILLING
+    holds: int = 0           # readers, moves and un-indexings in progress
     freq: int = 0            # access count, saturating (scan-resistant policies)
     queue: int = 0           # which queue of the policy holds it (policy-defined)
     prev: Copy | None = None
     next: Copy | None = None
 
+    def advance(self, state: CopyState) -> None:
+        if state not in _COPY_NEXT[self.state]:
+            raise TransitionError(f"copy at level {self.level}: {self.state.name} -> {state.name}")
+        self.state = state
+
+    @property
+    def readable(self) -> bool:
+        return self.state is CopyState.READY
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this copy occupies in its tier."""
+        return self.location.length
+
     @property
     def evictable(self) -> bool:
-        return self.pins == 0 and not self.moving and self.filled and self.record.state is BlockState.READY
+        return self.holds == 0 and self.state is CopyState.READY and self.record.state is BlockState.READY
 
 
 @dataclass(slots=True, eq=False)
@@ -71,21 +103,38 @@ class BlockRecord:
     checksum: int | None = None   # computed when first needed for blocks put in place
     namespace: bytes = b""
     state: BlockState = BlockState.WRITING
-    copies: dict[TierKind, Copy] = field(default_factory=dict)
+    copies: dict[int, Copy] = field(default_factory=dict)  # level -> copy
 
     def advance(self, state: BlockState) -> None:
         """Move to ``state``; raises on a transition the lifecycle forbids."""
-        if state not in _ALLOWED[self.state]:
-            raise RuntimeError(f"block {self.key.hex()[:16]}: {self.state.name} -> {state.name}")
+        if state not in _BLOCK_NEXT[self.state]:
+            raise TransitionError(f"block {self.key.hex()[:16]}: {self.state.name} -> {state.name}")
         self.state = state
 
     def primary(self) -> Copy | None:
-        """The fastest filled copy, or None."""
+        """The fastest readable copy, or None."""
         best = None
-        for tier, copy in self.copies.items():
-            if copy.filled and (best is None or tier < best.tier):
+        for level, copy in self.copies.items():
+            if copy.state is CopyState.READY and (best is None or level < best.level):
                 best = copy
         return best
+
+    def readable_at(self, level: int) -> Copy | None:
+        """The readable copy at ``level``, or None."""
+        copy = self.copies.get(level)
+        return copy if copy is not None and copy.state is CopyState.READY else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlock:
+    """A block a persistent tier found at start-up (read from its index, not from the data)."""
+
+    key: bytes
+    size: int
+    checksum: int
+    namespace: bytes
+    location: Any
+    last_use: float
 
 
 def check_sizes(sizes: Sequence[int], limit: int, why: str) -> None:

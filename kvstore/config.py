@@ -7,6 +7,7 @@ given as ints or as strings with binary or decimal units (``"4GiB"``, ``"512MiB"
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 from kvstore.errors import ConfigError
 from kvstore.keys import MAX_KEY_BYTES
+from kvstore.policy import PolicyKind
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {
@@ -58,11 +60,57 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class IoEngine(enum.Enum):
+    """How the NVMe tier does file I/O."""
+
+    AUTO = "auto"       # kvikio when a CUDA driver answers, POSIX otherwise
+    KVIKIO = "kvikio"
+    POSIX = "posix"
+
+
+def coerce_enum(owner: object, name: str, enum_cls: type[enum.Enum], where: str) -> None:
+    """Accept a closed set's string at the edge: replace ``owner.name`` with its Enum member."""
+    value = getattr(owner, name)
+    if isinstance(value, enum_cls):
+        return
+    try:
+        member = enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ConfigError(f"{where} must be one of {allowed}, got {value!r}") from None
+    object.__setattr__(owner, name, member)
+
+
 def _check_watermarks(section: str, high: float, low: float) -> None:
     _check(
         0 < low < high <= 1,
         f"{section}.low_watermark ({low}) and high_watermark ({high}) must satisfy 0 < low < high <= 1",
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HbmConfig:
+    """The GPU-memory tier above DRAM: one CuPy pool. Off unless ``capacity_bytes`` is set, and
+    left out (with a log line) where no CUDA device answers."""
+
+    capacity_bytes: int = 0         # 0: no HBM tier
+    device: int = 0
+    alignment_bytes: int = 4 * KiB
+    high_watermark: float = 0.9     # above this fill the coldest blocks are demoted to DRAM...
+    low_watermark: float = 0.8      # ...until below this
+
+    def __post_init__(self) -> None:
+        _check(self.capacity_bytes >= 0, f"hbm.capacity_bytes must be >= 0, got {self.capacity_bytes}")
+        _check(self.device >= 0, f"hbm.device must be >= 0, got {self.device}")
+        _check(
+            self.alignment_bytes > 0 and self.alignment_bytes & (self.alignment_bytes - 1) == 0,
+            f"hbm.alignment_bytes must be a power of two, got {self.alignment_bytes}",
+        )
+        _check_watermarks("hbm", self.high_watermark, self.low_watermark)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_bytes > 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,7 +144,7 @@ class NvmeConfig:
     capacity_bytes: int = 8 * GiB
     alignment_bytes: int = 4 * KiB
     io_threads: int = 4
-    io_engine: str = "auto"         # "auto" (kvikio when a CUDA driver is present), "kvikio", "posix"
+    io_engine: IoEngine = IoEngine.AUTO  # "auto" (kvikio when a CUDA driver is present), "kvikio", "posix"
     direct_io: bool = True          # O_DIRECT where the filesystem allows it
     index_map_bytes: int = 1 * GiB  # LMDB map size (address space; grows on disk as needed)
     high_watermark: float = 0.95    # for a tier below NVMe: NVMe demotes its coldest blocks above this...
@@ -111,10 +159,7 @@ class NvmeConfig:
             f"nvme.alignment_bytes must be a power of two >= 4096 (direct I/O sectors), got {self.alignment_bytes}",
         )
         _check(1 <= self.io_threads <= 256, f"nvme.io_threads must be in [1, 256], got {self.io_threads}")
-        _check(
-            self.io_engine in ("auto", "kvikio", "posix"),
-            f'nvme.io_engine must be "auto", "kvikio" or "posix", got {self.io_engine!r}',
-        )
+        coerce_enum(self, "io_engine", IoEngine, "nvme.io_engine")
         _check(self.index_map_bytes >= 1 * MiB, f"nvme.index_map_bytes must be >= 1MiB, got {self.index_map_bytes}")
         _check_watermarks("nvme", self.high_watermark, self.low_watermark)
 
@@ -176,6 +221,47 @@ class S3Config:
         return bool(self.bucket)
 
 
+BUILTIN_TIERS = {
+    "hbm": "kvstore.tiers.hbm:HbmTier",
+    "dram": "kvstore.tiers.dram:DramTier",
+    "nvme": "kvstore.tiers.nvme:NvmeTier",
+    "s3": "kvstore.tiers.s3:S3Tier",
+}
+"""The built-in tiers, fastest first: config section -> the class implementing it."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PluginTierConfig:
+    """A tier implemented outside kvstore, placed in the stack by configuration::
+
+        [[plugin_tiers]]
+        name = "cxl"
+        class = "mypackage.cxl:CxlTier"     # a kvstore.tiers.Tier subclass
+        after = "dram"                      # the tier it sits below
+        options = { capacity_bytes = "64GiB" }  # given to its config_class
+    """
+
+    name: str
+    cls: str
+    after: str = "dram"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[a-z][a-z0-9_]{0,31}", self.name)),
+               f"plugin_tiers: name must be a short lower-case identifier, got {self.name!r}")
+        _check(bool(re.fullmatch(r"[\w.]+:\w+", self.cls)),
+               f"plugin_tiers.{self.name}.class must be 'module.path:ClassName', got {self.cls!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TierSpec:
+    """One entry of the stack to build: its name, the class (``module:Class``), its config."""
+
+    name: str
+    cls: str
+    config: Any
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServerConfig:
     """Everything ``kvstore serve`` needs. The defaults are the embedded configuration."""
@@ -192,12 +278,14 @@ class ServerConfig:
     local_socket: str = "auto"
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
-    policy: str = "lru"           # eviction policy of every tier: "lru" or "s3fifo" (scan-resistant)
+    policy: PolicyKind = PolicyKind.LRU  # eviction policy of every tier: "lru" or "s3fifo" (scan-resistant)
     write_through: bool = False   # persist every put on NVMe before acknowledging it
     demote_interval_s: float = 0.05
+    hbm: HbmConfig = field(default_factory=HbmConfig)
     dram: DramConfig = field(default_factory=DramConfig)
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
     s3: S3Config = field(default_factory=S3Config)
+    plugin_tiers: tuple[PluginTierConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must not be empty")
@@ -232,7 +320,7 @@ class ServerConfig:
             f"lease_ttl_s must be finite and > 0, got {self.lease_ttl_s}",
         )
         _check(bool(self.local_socket), 'local_socket must be "auto", "off" or a path')
-        _check(self.policy in ("lru", "s3fifo"), f'policy must be "lru" or "s3fifo", got {self.policy!r}')
+        coerce_enum(self, "policy", PolicyKind, "policy")
         _check(
             0 < self.demote_interval_s < math.inf,
             f"demote_interval_s must be finite and > 0, got {self.demote_interval_s}",
@@ -247,6 +335,34 @@ class ServerConfig:
             self.log_level.lower() in {"debug", "info", "warning", "error"},
             f"log_level must be debug, info, warning or error, got {self.log_level!r}",
         )
+        names = [p.name for p in self.plugin_tiers]
+        _check(len(set(names)) == len(names), f"plugin_tiers: names must be unique, got {names}")
+        for plugin in self.plugin_tiers:
+            _check(plugin.name not in BUILTIN_TIERS, f"plugin_tiers.{plugin.name}: the name of a built-in tier")
+            _check(
+                plugin.after in BUILTIN_TIERS or plugin.after in names,
+                f"plugin_tiers.{plugin.name}.after={plugin.after!r} names no tier",
+            )
+
+    def tier_specs(self) -> list[TierSpec]:
+        """The tier stack this configuration asks for, fastest first: the built-in tiers that are
+        enabled (hbm, dram, nvme, s3), each plugin tier right after the one it names."""
+        specs = [
+            TierSpec(name=name, cls=BUILTIN_TIERS[name], config=getattr(self, name))
+            for name in BUILTIN_TIERS
+            if name == "dram" or getattr(self, name).enabled
+        ]
+        pending = list(self.plugin_tiers)
+        while pending:
+            placed = [p for p in pending if any(s.name == p.after for s in specs)]
+            if not placed:
+                missing = ", ".join(f"{p.name} (after {p.after})" for p in pending)
+                raise ConfigError(f"plugin_tiers: no enabled tier to place {missing} after")
+            for plugin in placed:
+                at = next(i for i, s in enumerate(specs) if s.name == plugin.after)
+                specs.insert(at + 1, TierSpec(name=plugin.name, cls=plugin.cls, config=dict(plugin.options)))
+                pending.remove(plugin)
+        return specs
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ServerConfig:
@@ -262,8 +378,8 @@ class ServerConfig:
         return self.local_socket
 
     def replace(self, **changes: Any) -> ServerConfig:
-        """A copy with fields changed; ``dram_<field>=`` and ``nvme_<field>=`` reach into those tables."""
-        for section in ("dram", "nvme", "s3"):
+        """A copy with fields changed; ``dram_<field>=`` (and hbm_, nvme_, s3_) reach into those tables."""
+        for section in BUILTIN_TIERS:
             prefix = section + "_"
             sub = {name[len(prefix):]: changes.pop(name) for name in list(changes) if name.startswith(prefix)}
             if sub:
@@ -281,10 +397,14 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if f is None:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{prefix}{name}' (known: {known})")
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(section := type(f.default_factory())):
+        if name == "plugin_tiers":
+            kwargs[name] = _plugins(value)
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(section := type(f.default_factory())):
             kwargs[name] = _build(section, value, prefix=f"{prefix}{name}.")
         elif name.endswith("_bytes"):
             kwargs[name] = parse_bytes(value, name=f"{prefix}{name}")
+        elif isinstance(f.default, enum.Enum):
+            kwargs[name] = value  # coerced (and refused with the allowed values) by the dataclass
         else:
             expected = type(f.default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -298,3 +418,31 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _plugins(value: Any) -> tuple[PluginTierConfig, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"plugin_tiers must be an array of tables ([[plugin_tiers]]), got {value!r}")
+    out = []
+    for i, table in enumerate(value):
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"plugin_tiers[{i}]: expected a table, got {table!r}")
+        unknown = set(table) - {"name", "class", "after", "options"}
+        if unknown:
+            raise ConfigError(f"unknown config key 'plugin_tiers[{i}].{sorted(unknown)[0]}' (known: after, class, name, options)")
+        for required in ("name", "class"):
+            if not isinstance(table.get(required), str):
+                raise ConfigError(f"plugin_tiers[{i}].{required} must be a string")
+        options = table.get("options", {})
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"plugin_tiers[{i}].options must be a table")
+        out.append(PluginTierConfig(
+            name=table["name"], cls=table["class"], after=str(table.get("after", "dram")), options=dict(options),
+        ))
+    return tuple(out)
+
+
+def build_section(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """A config dataclass from a mapping, by the same rules as the config file (for plugin tiers'
+    ``options``): unknown keys and wrong types are errors naming ``prefix + key``."""
+    return _build(cls, data, prefix)

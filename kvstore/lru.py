@@ -11,15 +11,14 @@ from collections.abc import Callable
 
 from kvstore.block import Copy
 from kvstore.policy import EvictionPolicy
-from kvstore.tier_kind import TierKind
 
 
 class CopyList:
     """An intrusive doubly linked list of copies with sentinels; head is the oldest end."""
 
     def __init__(self) -> None:
-        self.head = Copy(record=None, tier=TierKind.DRAM, extent=None)
-        self.tail = Copy(record=None, tier=TierKind.DRAM, extent=None)
+        self.head = Copy(record=None, level=-1, location=None)
+        self.tail = Copy(record=None, level=-1, location=None)
         self.head.next = self.tail
         self.tail.prev = self.head
         self.count = 0
@@ -32,14 +31,14 @@ class CopyList:
         last.next = copy
         self.tail.prev = copy
         self.count += 1
-        self.nbytes += copy.extent.length
+        self.nbytes += copy.nbytes
 
     def unlink(self, copy: Copy) -> None:
         copy.prev.next = copy.next
         copy.next.prev = copy.prev
         copy.prev = copy.next = None
         self.count -= 1
-        self.nbytes -= copy.extent.length
+        self.nbytes -= copy.nbytes
 
     def oldest_first(self):
         node = self.head.next
@@ -77,7 +76,7 @@ class LRUPolicy(EvictionPolicy):
         for copy in self._list.oldest_first():
             if copy.evictable:
                 chosen.append(copy)
-                total += copy.extent.length
+                total += copy.nbytes
                 if total >= nbytes and (fits is None or fits(chosen)):
                     return chosen
         return []

@@ -4,6 +4,7 @@ A policy orders the copies held by one tier by how much they are worth keeping. 
 does not act: :meth:`EvictionPolicy.victims` returns exactly the copies to remove, or nothing,
 and the caller then moves bytes and reports back through :meth:`remove`. (A policy may reorder
 its own queues while choosing, as S3-FIFO does; it never removes anything itself.)
+:func:`kvstore.policies.make_policy` builds one by kind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from kvstore.block import Copy
 
 
 class PolicyKind(enum.Enum):
+    """The eviction policies by name (``policy = "lru"`` in config, ``--policy s3fifo``)."""
+
     LRU = "lru"
     S3FIFO = "s3fifo"
 
@@ -45,12 +48,3 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def __len__(self) -> int: ...
-
-
-def make_policy(kind: PolicyKind, capacity_bytes: int) -> EvictionPolicy:
-    from kvstore.lru import LRUPolicy
-    from kvstore.s3fifo import S3FIFOPolicy
-
-    if kind is PolicyKind.S3FIFO:
-        return S3FIFOPolicy(capacity_bytes)
-    return LRUPolicy()

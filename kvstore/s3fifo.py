@@ -78,7 +78,7 @@ class S3FIFOPolicy(EvictionPolicy):
                 self._small.unlink(copy)   # read again while small: it earned the main queue
                 copy.freq = 0
                 self._enter(copy, MAIN)
-                small_bytes -= copy.extent.length
+                small_bytes -= copy.nbytes
                 continue
             if copy.queue == MAIN and copy.freq > 0:
                 copy.freq -= 1             # one more round in the main queue
@@ -87,9 +87,9 @@ class S3FIFOPolicy(EvictionPolicy):
                 continue
             chosen.append(copy)
             chosen_ids.add(id(copy))
-            total += copy.extent.length
+            total += copy.nbytes
             if copy.queue == SMALL:
-                small_bytes -= copy.extent.length
+                small_bytes -= copy.nbytes
         return chosen if total >= nbytes and (fits is None or fits(chosen)) else []
 
     def _enter(self, copy: Copy, queue: int) -> None:

@@ -14,11 +14,15 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_bytes, parse_bytes
 from kvstore.errors import ConfigError, KVStoreError
+from kvstore.stats import DAEMON_FIELDS, TIER_FIELDS, Unit
+
+if TYPE_CHECKING:
+    from kvstore.client import Stats
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,40 +133,42 @@ def _print_stats(target: str, as_json: bool, timeout_s: float) -> None:
         return
     print(f"kvstore {stats.version} at {target}, up {stats.uptime_s:.0f}s")
     print()
-    header = (
-        f"{'tier':<6} {'used':>12} {'capacity':>12} {'use%':>6} {'blocks':>9} {'hits':>10}"
-        f" {'promoted':>9} {'demoted':>9} {'evicted':>9} {'corrupt':>8} {'uploads':>8} {'errors':>7}"
-    )
-    print(header)
-    print("-" * len(header))
+    for line in format_stats(stats):
+        print(line)
+
+
+def format_stats(stats: Stats) -> list[str]:
+    """The ``kvstore stats`` report: a table with a row per tier, then the daemon's counters.
+
+    The table's counter columns and the counter rows are the schema's fields, in its order.
+    """
+
+    def show(value: int, unit: Unit) -> str:
+        return format_bytes(value) if unit is Unit.BYTES else str(value)
+
+    counters = [(f, max(len(f.title), 10 if f.unit is Unit.BYTES else 9)) for f in TIER_FIELDS]
+    name_width = max([4, *(len(t.name) for t in stats.tiers)])
+    header = f"{'tier':<{name_width}} {'used':>12} {'capacity':>12} {'use%':>6} {'blocks':>9}"
+    header += "".join(f" {f.title:>{width}}" for f, width in counters)
+    lines = [header, "-" * len(header)]
     for t in stats.tiers:
-        # S3 has no capacity: its row counts what this daemon knows to be in the bucket.
+        # An unbounded tier (S3) has no capacity: its row counts what this daemon knows to be there.
         capacity = format_bytes(t.capacity_bytes) if t.capacity_bytes else "-"
         pct = f"{100.0 * t.used_bytes / t.capacity_bytes:>5.1f}%" if t.capacity_bytes else f"{'-':>6}"
-        print(
-            f"{t.tier.label:<6} {format_bytes(t.used_bytes):>12} {capacity:>12} "
-            f"{pct} {t.blocks:>9} {t.hits:>10} {t.promotions:>9} {t.demotions:>9} {t.evictions:>9}"
-            f" {t.integrity_failures:>8} {t.uploads:>8} {t.errors:>7}"
-        )
-    print()
-    looked = stats.lookup_hit_blocks + stats.lookup_miss_blocks
-    fetched = stats.get_hit_blocks + stats.get_miss_blocks
-    rows = [
-        ("lookup blocks hit / asked", f"{stats.lookup_hit_blocks} / {looked}", _ratio(stats.lookup_hit_blocks, looked)),
-        ("get blocks hit / asked", f"{stats.get_hit_blocks} / {fetched}", _ratio(stats.get_hit_blocks, fetched)),
-        ("put blocks stored", str(stats.put_stored_blocks), ""),
-        ("put blocks already present", str(stats.put_present_blocks), ""),
-        ("put blocks dropped (no room)", str(stats.put_dropped_blocks), ""),
-        ("blocks deleted", str(stats.deleted_blocks), ""),
-        ("bytes in / out", f"{format_bytes(stats.bytes_in)} / {format_bytes(stats.bytes_out)}", ""),
-        ("integrity failures", str(stats.integrity_failures), ""),
-    ]
-    for name, value, extra in rows:
-        print(f"{name:<30} {value:>24} {extra}")
+        row = f"{t.name:<{name_width}} {format_bytes(t.used_bytes):>12} {capacity:>12} {pct} {t.blocks:>9}"
+        row += "".join(f" {show(getattr(t, f.name), f.unit):>{width}}" for f, width in counters)
+        lines.append(row)
+    lines.append("")
+    for f in DAEMON_FIELDS:
+        lines.append(f"{f.title:<30} {show(getattr(stats, f.name), f.unit):>24}")
+    lines.append(f"{'lookup hit rate':<30} {_ratio(stats.lookup_hit_blocks, stats.lookup_miss_blocks):>24}")
+    lines.append(f"{'get hit rate':<30} {_ratio(stats.get_hit_blocks, stats.get_miss_blocks):>24}")
+    return lines
 
 
-def _ratio(a: int, b: int) -> str:
-    return f"({100.0 * a / b:.1f}%)" if b else ""
+def _ratio(hits: int, misses: int) -> str:
+    asked = hits + misses
+    return f"{100.0 * hits / asked:.1f}% of {asked}" if asked else "-"
 
 
 def build_parser() -> argparse.ArgumentParser:

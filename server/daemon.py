@@ -1,61 +1,62 @@
-"""The daemon: owns the block index, the tiers and their eviction policies, and applies policy.
+"""The daemon: the tier stack, the catalog, and the calls the servicer makes.
 
-Every method runs on the event-loop thread, which is the only thread that touches the index, so
+Every method runs on the event-loop thread, which is the only thread that touches the catalog, so
 nothing here takes a lock; methods that wait for a disk are coroutines and re-check what they hold
 after each ``await``. The servicer converts protobuf to the plain arguments these methods take.
 
-Tiers, fastest first: DRAM (where puts land and readers copy from) and, when configured, NVMe
-(persistent). Moving blocks between them is :class:`~kvstore.server.movement.Mover`'s job.
+The daemon wires components that only call downward: the :class:`~kvstore.tiers.stack.TierStack`
+(built from config), the :class:`~kvstore.catalog.Catalog` (the only writer of block state), the
+:class:`~kvstore.server.mover.Mover` (carries out :mod:`kvstore.placement`'s plans), and, when the
+stack has a shared level, a :class:`~kvstore.server.shared.SharedLookup` and the write-behind
+:class:`~kvstore.server.writeback.UploadQueue`. No code here names a medium: levels have roles
+(the landing level where puts land and same-host clients map, the bottom local level, the shared
+level) given by :class:`~kvstore.layout.Layout`.
 
-A put is two-phase: :meth:`Daemon.reserve` validates the whole batch and reserves DRAM space
-(records in WRITING state, invisible to readers), the bytes are written, then
-:meth:`Daemon.commit` or :meth:`Daemon.abort` finishes each block. A get pins the leading blocks'
-DRAM copies with :meth:`Daemon.acquire` (bringing NVMe-only blocks up first) so eviction cannot
-reuse their bytes mid-read, and :meth:`Daemon.release` unpins them.
+A put is two-phase: :meth:`Daemon.reserve` validates the whole batch and reserves landing space
+(records WRITING, invisible to readers), the bytes are written, then :meth:`Daemon.commit` or
+:meth:`Daemon.abort` finishes each block. A get holds the leading blocks' landing copies with
+:meth:`Daemon.acquire` (promoting them from slower levels first) so eviction cannot reuse their
+bytes mid-read, and :meth:`Daemon.release` lets them go.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from kvstore import __version__
-from kvstore.allocator import Extent
+from kvstore import __version__, placement
+from kvstore.backoff import Backoff
 from kvstore.block import BlockRecord, BlockState, Copy, check_sizes
+from kvstore.catalog import Catalog
 from kvstore.checksum import checksum
 from kvstore.config import ServerConfig
-from kvstore.errors import InvalidArgumentError
-from kvstore.index import BlockIndex
+from kvstore.errors import InvalidArgumentError, UnavailableError
 from kvstore.keys import check_keys, scoped
-from kvstore.lease import LeaseTable
-from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
+from kvstore.policies import make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
-from kvstore.server.movement import NO_ROOM, Mover
-
-PROMOTE_AHEAD = 8
-"""Blocks a get reads up from NVMe or S3 concurrently."""
-
-
-def _in_dram(record: BlockRecord) -> bool:
-    copy = record.copies.get(TierKind.DRAM)
-    return copy is not None and copy.filled and not copy.dropped
-
-if TYPE_CHECKING:
-    from kvstore.server.objects import ObjectStore
-from kvstore.tiers import MemoryTier, PersistentTier, Tier, create_tier
+from kvstore.tiers.base import MemoryTier
+from kvstore.tiers.stack import build_stack
+from kvstore.server.health import TierHealth
+from kvstore.server.mover import NO_ROOM, Mover
+from kvstore.server.shared import MissCache, SharedLookup
+from kvstore.server.writeback import UploadQueue
 
 log = logging.getLogger("kvstore.daemon")
+
+DEFAULT_BACKOFF_S = 2.0
+DEFAULT_LOOKUP_WINDOW = 16
+DEFAULT_MISS_TTL_S = 5.0
 
 
 @dataclass(slots=True)
 class PutSlot:
-    """One block of a put batch: its DRAM copy being written, or None when its bytes are skipped."""
+    """One block of a put batch: its landing copy being written, or None when its bytes are skipped."""
 
     size: int
     checksum: int | None
@@ -68,155 +69,155 @@ class PutSlot:
         return self.copy.record if self.copy is not None else None
 
 
+def _leading_ready(records: list[BlockRecord]) -> list[BlockRecord]:
+    """The records up to the first that went away during an await."""
+    return list(itertools.takewhile(lambda r: r.state is BlockState.READY and r.copies, records))
+
+
 class Daemon:
     def __init__(self, config: ServerConfig) -> None:
-        from kvstore.server.leasing import Leasing  # it builds on this module
-
         self.config = config
-        self.dram: MemoryTier = create_tier(TierKind.DRAM, config.dram)
-        self.tiers: dict[TierKind, Tier] = {TierKind.DRAM: self.dram}
-        try:
-            if config.nvme.enabled:
-                self.tiers[TierKind.NVME] = create_tier(TierKind.NVME, config.nvme)
-        except BaseException:
-            self.dram.unmap()
-            raise
-        kind = PolicyKind(config.policy)
-        self.policies: dict[TierKind, EvictionPolicy] = {
-            k: make_policy(kind, tier.capacity_bytes) for k, tier in self.tiers.items()
-        }
-        self.index = BlockIndex()
+        self.stack = build_stack(config)
+        layout = self.layout = self.stack.layout
+        self.arena: MemoryTier = self.stack.landing
         self.counters = Counters()
-        self.leases = LeaseTable(config.lease_ttl_s)
+        policy = config.policy
+        self.catalog = Catalog(
+            layout,
+            [make_policy(policy, tier.capacity_bytes) if level.capabilities.bounded else None
+             for level, tier in zip(layout.levels, self.stack.tiers)],
+            release=lambda level, location: self.stack.tiers[level].release(location),
+            counters=self.counters,
+        )
+        self.health: dict[int, TierHealth] = {}
+        self.shared: SharedLookup | None = None
+        self.uploads: UploadQueue | None = None
+        self.remembered_limit = 0
+        if layout.shared:
+            level = layout.shared[0]
+            tier = self.stack.tiers[level]
+            tier_config = getattr(tier, "config", None)
+            name = layout.levels[level].name
+            health = self.health[level] = TierHealth(
+                name, Backoff(getattr(tier_config, "backoff_s", DEFAULT_BACKOFF_S)), self.counters.tier(name)
+            )
+            self.misses = MissCache(getattr(tier_config, "negative_ttl_s", DEFAULT_MISS_TTL_S))
+            self.shared = SharedLookup(
+                level, tier, self.catalog, health, window=getattr(tier_config, "lookup_window", DEFAULT_LOOKUP_WINDOW),
+                misses=self.misses, max_block_bytes=self.block_limit()[0],
+            )
+            self.uploads = UploadQueue(level, getattr(tier_config, "queue_blocks", 4096), self.counters.tier(name))
+            self.remembered_limit = getattr(tier_config, "max_remembered_blocks", 1_000_000)
+        self.write_policy = placement.WritePolicy(
+            persist=config.write_through, share=bool(layout.shared) and config.s3.write_through
+        )
+        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads)
         self.arena_id = secrets.token_hex(8)
-        self.mover = Mover(self)
-        self.leasing = Leasing(self)
-        self.objects: ObjectStore | None = None
-        if config.s3.enabled:
-            from kvstore.server.objects import ObjectStore  # imports boto only when configured
-            from kvstore.tiers.s3 import S3Tier
-
-            self.objects = ObjectStore(self, S3Tier.from_config(config.s3))
         self.started_at = time.monotonic()
         self.version = __version__
-        self._recover()
-
-    @property
-    def nvme(self) -> PersistentTier | None:
-        return self.tiers.get(TierKind.NVME)
-
-    def _recover(self) -> None:
-        """Index every block a persistent tier kept from an earlier run (no data is read)."""
-        for kind, tier in self.tiers.items():
-            if not isinstance(tier, PersistentTier):
-                continue
-            for entry in sorted(tier.recovered, key=lambda e: e.last_use):
-                record = BlockRecord(
-                    key=entry.key, size=entry.size, checksum=entry.checksum, state=BlockState.READY,
-                    namespace=entry.namespace,
-                )
-                copy = Copy(record=record, tier=kind, extent=Extent(entry.offset, entry.length), filled=True)
-                record.copies[kind] = copy
-                self.index.add(record)
-                self.policies[kind].insert(copy)
-            if tier.recovered:
-                log.info("recovered %d blocks from %s", len(tier.recovered), kind.label)
-            tier.recovered = []
+        for level, tier in zip(layout.levels, self.stack.tiers):
+            blocks = tier.recover()
+            if blocks:
+                self.catalog.recover(level.index, blocks)
+                log.info("recovered %d blocks from %s", len(blocks), level.name)
 
     async def start(self) -> None:
-        """Open what needs the event loop (the S3 client). Does not wait for S3 to answer."""
-        if self.objects is not None:
-            await self.objects.open()
+        """Open what needs the event loop (a bucket's client). Does not wait for remote media."""
+        await self.stack.open()
 
     async def close(self) -> None:
-        if self.objects is not None:
-            await self.objects.close()
-        for tier in self.tiers.values():
-            await tier.close()
+        await self.stack.close()
 
-    @property
-    def bottom(self) -> TierKind:
-        """The slowest local tier: what it evicts goes to S3 (when configured) or is lost."""
-        return next(reversed(self.tiers))
+    # -- background steps (run by the server's Background group) -----------------------------------
 
-    async def _extend_from_s3(self, index_keys: list[bytes], keys: Sequence[bytes], namespace: bytes) -> None:
-        if self.objects is not None and len(self.index.prefix(index_keys)) < len(keys):
-            await self.objects.find(index_keys, keys, namespace)
+    async def rebalance(self) -> None:
+        await self.mover.rebalance()
+        self.catalog.trim_remote(self.remembered_limit) if self.shared is not None else None
+
+    async def write_behind(self) -> None:
+        """Upload one batch of queued blocks to the shared level (waits for one)."""
+        batch = await self.uploads.batch()
+        await asyncio.gather(*(self.mover.replicate(record, self.uploads.level) for record in batch))
+
+    # -- reads -----------------------------------------------------------------------------------
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
         check_keys(keys, max_keys=self.config.max_keys_per_request, max_key_bytes=self.config.max_key_bytes)
 
-    async def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[TierKind]:
-        """Tier of each leading present key (its fastest copy); stops at the first miss.
-
-        Past the last key held locally, asks S3 (when configured).
-        """
+    async def _prefix(self, keys: Sequence[bytes], namespace: bytes) -> list[BlockRecord]:
+        """One walk of the catalog, continued in the shared level past the local prefix."""
         self._check_keys(keys)
         index_keys = scoped(keys, namespace)
-        await self._extend_from_s3(index_keys, keys, namespace)
-        found = self.index.prefix(index_keys)
+        found = self.catalog.prefix(index_keys)
+        if len(found) < len(keys) and self.shared is not None:
+            found += await self.shared.extend(index_keys, keys, namespace, len(found))
+            found = _leading_ready(found)
+        return found
+
+    async def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[TierKind]:
+        """Tier of each leading present key (its fastest copy); stops at the first miss."""
+        found = await self._prefix(keys, namespace)
         self.counters.lookup_hit_blocks += len(found)
         self.counters.lookup_miss_blocks += len(keys) - len(found)
-        return [record.primary().tier for record in found]
+        levels = self.layout.levels
+        return [levels[record.primary().level].kind for record in found]
 
     async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
-        """Pin the DRAM copies of the leading present blocks, bringing NVMe-only ones up first.
+        """Hold the landing copies of the leading present blocks, promoting the others first.
 
-        Stops at the first block that is absent or failed verification, or that DRAM has no room
-        for while the earlier ones are pinned: then ``partial`` is True and the caller should
-        release these and ask again for the rest. The caller must :meth:`release` what it got.
+        Stops at the first block that is absent or failed verification, or that the landing level
+        has no room for while the earlier ones are held: then ``partial`` is True and the caller
+        should release these and ask again for the rest. The caller must :meth:`release` them.
         """
-        self._check_keys(keys)
-        index_keys = scoped(keys, namespace)
-        await self._extend_from_s3(index_keys, keys, namespace)
-        found = self.index.prefix(index_keys)
-        pinned: list[Copy] = []
+        found = await self._prefix(keys, namespace)
+        landing, catalog, names = self.layout.landing, self.catalog, [lv.name for lv in self.layout.levels]
+        held: list[Copy] = []
         partial = False
-        # Blocks to bring up from NVMe or S3 are read a few at a time ahead of the one being
-        # pinned, so their I/O overlaps; each is still pinned in order and re-checked.
+        # Blocks to bring up are read a few at a time ahead of the one being held, so their I/O
+        # overlaps; each is still held in order and re-checked.
         ahead: dict[int, asyncio.Future] = {}
         try:
             for i, record in enumerate(found):
-                for j in range(i, min(i + PROMOTE_AHEAD, len(found))):
-                    if j not in ahead and not _in_dram(found[j]):
+                for j in placement.read_ahead(found, i, landing):
+                    if j not in ahead:
                         ahead[j] = asyncio.ensure_future(self.mover.promote(found[j]))
                 source = record.primary()
-                for held in record.copies.values():  # a read is a use of every copy the block has
-                    if held.filled and held.tier in self.policies:
-                        self.policies[held.tier].touch(held)
-                copy = record.copies.get(TierKind.DRAM)
-                if copy is None or not copy.filled or copy.dropped:
+                catalog.touch(record)
+                copy = record.readable_at(landing)
+                if copy is None:
                     future = ahead.pop(i, None)
                     copy = await future if future is not None else await self.mover.promote(record)
-                    if isinstance(copy, Copy) and (copy.dropped or not copy.filled):
+                    if isinstance(copy, Copy) and not copy.readable:
                         copy = await self.mover.promote(record)  # evicted again before its turn
                     if copy is NO_ROOM:
-                        partial = bool(pinned)
+                        partial = bool(held)
                         break
                     if copy is None:
                         break
-                copy.pins += 1
-                pinned.append(copy)  # a fresh promotion is not touched: under S3-FIFO it must be read again
-                self.counters.tier(source.tier if source else TierKind.DRAM).hits += 1
+                catalog.hold(copy)
+                held.append(copy)  # a fresh promotion is not touched: under S3-FIFO it must be read again
+                self.counters.tier(names[source.level if source else landing]).hits += 1
         except BaseException:
-            self.release(pinned)
+            self.release(held)
             raise
         finally:
             for future in ahead.values():  # read ahead past where this get stopped
                 future.cancel()
-        self.counters.get_hit_blocks += len(pinned)
+        self.counters.get_hit_blocks += len(held)
         if not partial:
-            self.counters.get_miss_blocks += len(keys) - len(pinned)
-        return pinned, partial
+            self.counters.get_miss_blocks += len(keys) - len(held)
+        return held, partial
 
     def release(self, copies: Sequence[Copy]) -> None:
         for copy in copies:
-            self.mover.unpin(copy)
+            self.catalog.unhold(copy)
+
+    # -- puts ------------------------------------------------------------------------------------
 
     async def reserve(
         self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes = b""
     ) -> list[PutSlot]:
-        """Validate a put batch as a whole, then reserve DRAM space for each absent key.
+        """Validate a put batch as a whole, then reserve landing space for each absent key.
 
         Nothing is reserved when any part of the batch is invalid. A key already present (or
         being written by another put) gets a slot with no copy: its bytes are skipped. A block
@@ -245,69 +246,60 @@ class Daemon:
 
     def block_limit(self) -> tuple[int, str]:
         """The largest block accepted, and why it is that."""
-        limit = min(self.config.max_block_bytes, self.dram.capacity_bytes)
-        return limit, f"max_block_bytes={self.config.max_block_bytes}, dram capacity={self.dram.capacity_bytes}"
+        return placement.block_limit(self.layout, self.config.max_block_bytes, self.arena.capacity_bytes)
+
+    def put_round_bytes(self) -> int:
+        return placement.put_round_bytes(self.arena.capacity_bytes)
 
     async def reserve_one(self, key: bytes, size: int, checksum_: int | None, namespace: bytes) -> PutSlot:
-        """Reserve DRAM space for one block of a checked batch (see :meth:`reserve`); ``key`` is
+        """Reserve landing space for one block of a checked batch (see :meth:`reserve`); ``key`` is
         the index key (:func:`~kvstore.keys.scoped`)."""
         if self._present(key):
             return PutSlot(size, checksum_, None, present=True)
-        extent = await self.mover.make_room(TierKind.DRAM, size)
-        if extent is not None and self._present(key):  # stored by someone else meanwhile
-            self.dram.release(extent)
+        probe = BlockRecord(key=key, size=size, namespace=namespace)
+        location = await self.mover.make_room(self.layout.landing, probe)
+        if location is not None and self._present(key):  # stored by someone else meanwhile
+            self.arena.release(location)
             return PutSlot(size, checksum_, None, present=True)
-        if extent is None:
+        if location is None:
             self.counters.put_dropped_blocks += 1
             return PutSlot(size, checksum_, None)
-        record = BlockRecord(key=key, size=size, namespace=namespace)
-        copy = Copy(record=record, tier=TierKind.DRAM, extent=extent)
-        record.copies[TierKind.DRAM] = copy
-        self.index.add(record)
-        return PutSlot(size, checksum_, copy)
+        return PutSlot(size, checksum_, self.catalog.begin(key, size, namespace, self.layout.landing, location))
 
     def _present(self, key: bytes) -> bool:
-        existing = self.index.get(key)
+        existing = self.catalog.get(key)
         if existing is None:
             return False
-        copy = existing.copies.get(TierKind.DRAM)
-        if existing.state is BlockState.READY and copy is not None and copy.filled:
-            self.policies[TierKind.DRAM].touch(copy)
+        if existing.state is BlockState.READY:
+            self.catalog.touch(existing)
         self.counters.put_present_blocks += 1
         return True
 
     async def commit(self, slot: PutSlot, checksum_: int | None) -> bool:
-        """Make a fully written block visible (and persist it first under write-through).
+        """Make a fully written block visible (and copy it on first, as the write policy says).
 
         False if it was deleted while being written.
         """
         copy, record = slot.copy, slot.record
         if record.state is BlockState.GONE:
-            self.dram.release(copy.extent)
+            self.catalog.discard(copy)
             return False
-        record.checksum = checksum_
-        copy.filled = True
-        record.advance(BlockState.READY)
-        self.policies[TierKind.DRAM].insert(copy)
+        self.catalog.commit(copy, checksum_)
         self.counters.put_stored_blocks += 1
-        if self.config.write_through:
-            slot.persisted = await self.mover.persist(record)
-        if self.objects is not None:
-            if self.config.s3.write_through:
-                await self.objects.upload([record])
-                slot.persisted = slot.persisted or TierKind.S3 in record.copies
-            elif self.bottom is TierKind.DRAM:
-                self.objects.enqueue(record)
+        then = placement.after_put(self.layout, self.write_policy)
+        if then.persist_to is not None:
+            slot.persisted = await self.mover.replicate(record, then.persist_to)
+        if then.share_to is not None:
+            slot.persisted = await self.mover.replicate(record, then.share_to) or slot.persisted
+        if then.queue and self.uploads is not None:
+            self.uploads.put(record)
         return True
 
     def abort(self, slot: PutSlot) -> None:
         """Throw away a reservation whose bytes did not all arrive or did not verify."""
-        record = slot.record
-        if record.state is BlockState.WRITING:
-            record.advance(BlockState.GONE)
-            self.index.discard(record)
-            record.copies.clear()
-        self.dram.release(slot.copy.extent)
+        self.catalog.abort(slot.copy)
+
+    # -- deletes ---------------------------------------------------------------------------------
 
     async def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = (), namespace: bytes = b"") -> int:
         """Remove ``keys``; with ``if_checksums``, only blocks whose checksum is the one given."""
@@ -316,46 +308,58 @@ class Daemon:
             raise InvalidArgumentError(f"{len(keys)} keys but {len(if_checksums)} checksums")
         doomed: list[Copy] = []
         deleted = 0
-        # Unconditional deletes reach S3 for every key, known here or not; a conditional one only
-        # for the blocks it removed.
-        s3_keys = [] if if_checksums else list(keys)
-        for i, key in enumerate(scoped(keys, namespace)):
-            record = self.index.get(key)
+        # Unconditional deletes reach the shared level for every key, known here or not; a
+        # conditional one only for the blocks it removed.
+        shared_keys = [] if if_checksums else list(keys)
+        index_keys = scoped(keys, namespace)
+        for i, key in enumerate(index_keys):
+            record = self.catalog.get(key)
             if record is None:
                 continue
             if if_checksums and (record.state is not BlockState.READY or self.checksum_of(record) != if_checksums[i]):
                 continue
             if if_checksums:
-                s3_keys.append(keys[i])
-            if record.state is BlockState.WRITING:
-                # Its put still owns the DRAM reservation; commit sees GONE and frees it.
-                record.advance(BlockState.GONE)
-                self.index.discard(record)
-            else:
-                doomed += record.copies.values()
+                shared_keys.append(keys[i])
+            doomed += self.catalog.delete(record)
             deleted += 1
         await self.mover.drop(doomed)
         self.counters.deleted_blocks += deleted
-        if self.objects is not None and s3_keys:
-            await self.objects.delete(s3_keys, namespace)
+        if self.shared is not None and shared_keys:
+            await self._delete_shared(shared_keys, namespace)
         return deleted
 
-    def checksum_of(self, record: BlockRecord, dram_copy: Copy | None = None) -> int:
-        """The block's checksum, computed from its DRAM bytes on first need (same-host puts skip
-        it; every persisted copy has it)."""
+    async def _delete_shared(self, keys: list[bytes], namespace: bytes) -> None:
+        """Delete the objects of ``keys`` from the shared level; raises UnavailableError if it could
+        not be reached, so the caller learns the delete is incomplete."""
+        self.misses.remember(scoped(keys, namespace))
+        try:
+            await self.shared.tier.remove(keys, namespace)
+        except UnavailableError as exc:
+            self.shared.health.failed(exc)
+            raise UnavailableError(f"deleted locally, but not from {self.shared.health.name}: {exc}") from None
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    def checksum_of(self, record: BlockRecord, copy: Copy | None = None) -> int:
+        """The block's checksum, computed from its landing bytes on first need (same-host puts skip
+        it; every copy below the landing level has it)."""
         if record.checksum is None:
-            copy = dram_copy or record.copies[TierKind.DRAM]
-            record.checksum = checksum(self.dram.view(copy.extent, record.size))
+            copy = copy or record.copies[self.layout.landing]
+            record.checksum = checksum(self.arena.view(copy.location, record.size))
         return record.checksum
 
     def usage(self) -> list[TierUsage]:
-        rows = [
-            TierUsage(kind=k, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, blocks=len(self.policies[k]))
-            for k, t in self.tiers.items()
+        return [
+            TierUsage(
+                name=level.name, kind=level.kind, capacity_bytes=tier.capacity_bytes, used_bytes=tier.used_bytes,
+                blocks=self.catalog.blocks_at(level.index),
+            )
+            for level, tier in zip(self.layout.levels, self.stack.tiers)
         ]
-        if self.objects is not None:  # what this daemon knows to be in the bucket; no capacity
-            rows.append(TierUsage(TierKind.S3, 0, self.objects.known_bytes, self.objects.known_blocks))
-        return rows
+
+    def describe(self) -> str:
+        """The stack, one clause per tier, for the start-up log."""
+        return "; ".join(tier.description for tier in self.stack.tiers)
 
     @property
     def uptime_s(self) -> float:

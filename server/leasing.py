@@ -1,6 +1,6 @@
 """Leases of same-host clients: the daemon side of the shared-memory data path.
 
-A read lease pins the DRAM copies a client is copying out of; a write lease holds the DRAM
+A read lease holds the landing copies a client is copying out of; a write lease holds the landing
 reservations of a put the client is copying into. Leases belong to the client's session (its
 local-socket connection) and end when it closes or when they outlive ``lease_ttl_s``
 (:mod:`kvstore.lease` keeps the books).
@@ -11,23 +11,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from kvstore.allocator import Extent
-from kvstore.block import BlockState
+from kvstore.block import Copy
 from kvstore.checksum import checksum
 from kvstore.errors import IntegrityError, InvalidArgumentError, LeaseExpiredError
-from kvstore.lease import Lease
+from kvstore.lease import Lease, LeaseTable
 from kvstore.server.daemon import Daemon, PutSlot
 
 log = logging.getLogger("kvstore.daemon")
 
 
 class Leasing:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, table: LeaseTable) -> None:
         self.daemon = daemon
-        self.table = daemon.leases
-        # DRAM extents of expired write leases whose session is still alive: the client may still
-        # be copying into them, so they are reused only once that session ends.
-        self._quarantine: dict[str, list[Extent]] = {}
+        self.table = table
+        # Copies of expired write leases whose session is still alive: the client may still be
+        # copying into them, so they stay held (their bytes unused) until that session ends.
+        self._quarantine: dict[str, list[Copy]] = {}
+
+    def __len__(self) -> int:
+        """Leases held right now."""
+        return len(self.table)
 
     async def acquire(
         self, session: str, keys: Sequence[bytes], now: float, namespace: bytes = b""
@@ -85,7 +88,7 @@ class Leasing:
                     continue
                 actual = None
                 if checksums:
-                    actual = checksum(daemon.dram.view(slot.copy.extent, slot.size))
+                    actual = checksum(daemon.arena.view(slot.copy.location, slot.size))
                     if actual != checksums[i]:
                         corrupt.append(i)
                         daemon.abort(slot)
@@ -113,8 +116,8 @@ class Leasing:
         """A same-host client went away: end all of its leases and free what it held."""
         for lease in self.table.close_session(session):
             self._end(lease, session_alive=False)
-        for extent in self._quarantine.pop(session, ()):
-            self.daemon.dram.release(extent)
+        for copy in self._quarantine.pop(session, ()):
+            self.daemon.release([copy])
 
     def _end(self, lease: Lease, *, session_alive: bool) -> None:
         if not lease.writing:
@@ -128,8 +131,6 @@ class Leasing:
                 self.daemon.abort(slot)
                 continue
             # The writer may still be copying: hide the block now, reuse its bytes later.
-            if record.state is BlockState.WRITING:
-                record.advance(BlockState.GONE)
-                self.daemon.index.discard(record)
-                record.copies.clear()
-            self._quarantine.setdefault(lease.session, []).append(slot.copy.extent)
+            self.daemon.catalog.hold(slot.copy)
+            self.daemon.abort(slot)
+            self._quarantine.setdefault(lease.session, []).append(slot.copy)

@@ -1,4 +1,5 @@
-"""The local socket: how same-host clients map the daemon's DRAM arena and talk to it fast.
+"""The local socket: how same-host clients map the daemon's arena (its landing tier, host memory)
+and talk to it fast.
 
 A client connects to a Unix socket and receives a hello frame with the arena's memfd attached
 (SCM_RIGHTS), maps it, and keeps the connection open: the connection is its session, and when it
@@ -24,14 +25,16 @@ import grpc
 from kvstore.errors import ConfigError
 from kvstore.proto.local import MAX_FRAME_BYTES, METHODS, PROTOCOL_VERSION, frame
 from kvstore.server.daemon import Daemon
+from kvstore.server.leasing import Leasing
 from kvstore.server.servicer import KVStoreServicer
 
 log = logging.getLogger("kvstore.local")
 
 
 class LocalSocket:
-    def __init__(self, daemon: Daemon, servicer: KVStoreServicer, path: str) -> None:
+    def __init__(self, daemon: Daemon, leasing: Leasing, servicer: KVStoreServicer, path: str) -> None:
         self.daemon = daemon
+        self.leasing = leasing
         self.servicer = servicer
         self.path = path
         self._listener: socket.socket | None = None
@@ -39,7 +42,7 @@ class LocalSocket:
         self._sessions: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        if self.daemon.dram.fd < 0:
+        if self.daemon.arena.fd < 0:
             raise ConfigError('this system has no memfd: the same-host path needs Linux (set local_socket = "off")')
         self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -104,17 +107,17 @@ class LocalSocket:
 
     async def _serve(self, conn: socket.socket) -> None:
         daemon = self.daemon
-        token = daemon.leases.open_session()
+        token = self.leasing.table.open_session()
         writer = None
         try:
             hello = json.dumps({
                 "version": PROTOCOL_VERSION, "arena_id": daemon.arena_id, "session": token,
-                "arena_bytes": daemon.dram.capacity_bytes, "prefaulted": daemon.config.dram.prefault,
+                "arena_bytes": daemon.arena.capacity_bytes, "prefaulted": daemon.arena.prefaulted,
             }).encode()
             conn.setblocking(True)
             conn.sendmsg(
                 [len(hello).to_bytes(4, "little") + hello],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.dram.fd]))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.arena.fd]))],
             )
             conn.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=conn)
@@ -133,7 +136,7 @@ class LocalSocket:
                 writer.close()
             else:
                 conn.close()
-            daemon.leasing.close_session(token)
+            self.leasing.close_session(token)
 
     async def _answer(self, method_id: int, payload: bytes, token: str) -> bytes:
         if method_id >= len(METHODS):

@@ -8,7 +8,6 @@ tiers are closed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -16,10 +15,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from kvstore.config import ServerConfig, format_bytes
+from kvstore.config import ServerConfig
 from kvstore.errors import ConfigError
+from kvstore.lease import LeaseTable
 from kvstore.proto import CHANNEL_OPTIONS
+from kvstore.server.background import Background
 from kvstore.server.daemon import Daemon
+from kvstore.server.leasing import Leasing
 from kvstore.server.local import LocalSocket
 from kvstore.server.metrics import Metrics
 from kvstore.server.servicer import SERVICE, KVStoreServicer
@@ -31,14 +33,14 @@ class KVStoreServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.daemon: Daemon | None = None
+        self.leasing: Leasing | None = None
         self.metrics: Metrics | None = None
         self.port: int = 0
         self.metrics_port: int = 0
         self._grpc: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
         self._local: LocalSocket | None = None
-        self._sweeper: asyncio.Task | None = None
-        self._uploader: asyncio.Task | None = None
+        self._background: Background | None = None
 
     @property
     def address(self) -> str:
@@ -56,12 +58,13 @@ class KVStoreServer:
         if config.nvme.enabled and config.nvme.dir == "auto":
             config = config.replace(nvme_port=config.port)  # $XDG_CACHE_HOME/kvstore/<port>
         self.daemon = Daemon(config)
+        self.leasing = Leasing(self.daemon, LeaseTable(config.lease_ttl_s))
         try:
             await self.daemon.start()
             self.metrics = Metrics(self.daemon)
             # No SO_REUSEPORT: a second daemon on a busy port must fail, not silently share it.
             self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-            servicer = KVStoreServicer(self.daemon, self.metrics)
+            servicer = KVStoreServicer(self.daemon, self.leasing, self.metrics)
             self._grpc.add_generic_rpc_handlers((servicer.handler(),))
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -73,12 +76,11 @@ class KVStoreServer:
                 raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
             path = config.local_socket_path(self.port)
             if path is not None:
-                self._local = LocalSocket(self.daemon, servicer, path)
+                self._local = LocalSocket(self.daemon, self.leasing, servicer, path)
                 await self._local.start()
                 servicer.local_socket_path = path
-            self._sweeper = asyncio.create_task(self._background(), name="kvstore-background")
-            if self.daemon.objects is not None:
-                self._uploader = asyncio.create_task(self.daemon.objects.run(), name="kvstore-s3-write-behind")
+            self._background = self._background_work()
+            self._background.start()
             await self._grpc.start()
             if config.metrics_port:
                 try:
@@ -92,18 +94,12 @@ class KVStoreServer:
         except BaseException:
             await self.stop()
             raise
-        daemon = self.daemon
-        nvme = daemon.nvme
         log.info(
-            "kvstore %s listening on %s (metrics %s; same-host socket %s); policy %s; dram %s%s",
-            daemon.version, self.address,
+            "kvstore %s listening on %s (metrics %s; same-host socket %s); policy %s; %s%s",
+            self.daemon.version, self.address,
             f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
-            self._local.path if self._local else "off", config.policy,
-            format_bytes(daemon.dram.capacity_bytes),
-            (f"; nvme {format_bytes(nvme.capacity_bytes)} at {nvme.directory} via {nvme.io_description}"
-             + (", write-through" if config.write_through else "")
-             if nvme is not None else "; nvme off")
-            + (f"; s3 {daemon.objects.tier.description}" if daemon.objects is not None else "; s3 off"),
+            self._local.path if self._local else "off", config.policy.value, self.daemon.describe(),
+            ", write-through" if config.write_through else "",
         )
 
     async def stop(self) -> None:
@@ -118,11 +114,9 @@ class KVStoreServer:
                     grpc_server, self._grpc = self._grpc, None
                     await grpc_server.stop(self.config.shutdown_grace_s)
             finally:
-                for task in (self._sweeper, self._uploader):
-                    if task is not None:
-                        task.cancel()
-                        await asyncio.gather(task, return_exceptions=True)
-                self._sweeper = self._uploader = None
+                if self._background is not None:
+                    background, self._background = self._background, None
+                    await background.stop()
                 if self._local is not None:
                     local, self._local = self._local, None
                     await local.stop()
@@ -134,19 +128,17 @@ class KVStoreServer:
                     await daemon.close()
                     log.info("kvstore stopped")
 
-    async def _background(self) -> None:
-        """Demote from over-full tiers, and take back leases that outlived their TTL."""
-        config, daemon = self.config, self.daemon
-        lease_period = min(1.0, config.lease_ttl_s / 4)
-        next_sweep = time.monotonic() + lease_period
-        while True:
-            await asyncio.sleep(config.demote_interval_s)
-            try:
-                await daemon.mover.rebalance()
-                if daemon.objects is not None:
-                    daemon.objects.trim()
-            except Exception:
-                log.exception("background demotion failed; retrying")
-            if time.monotonic() >= next_sweep:
-                daemon.leasing.expire(time.monotonic())
-                next_sweep = time.monotonic() + lease_period
+    def _background_work(self) -> Background:
+        """Demotion on watermarks (and trimming what is remembered of the shared level), the
+        write-behind uploads, and taking back leases that outlived their TTL: one group."""
+        config, daemon, leasing = self.config, self.daemon, self.leasing
+        background = Background()
+        background.every("rebalance", config.demote_interval_s, daemon.rebalance)
+        if daemon.uploads is not None:
+            background.every("write-behind", 0, daemon.write_behind)
+
+        async def expire_leases() -> None:
+            leasing.expire(time.monotonic())
+
+        background.every("lease-expiry", min(1.0, config.lease_ttl_s / 4), expire_leases)
+        return background

@@ -22,7 +22,9 @@ from google.protobuf.message import DecodeError, Message
 from kvstore.errors import DeadlineExceededError, IntegrityError, InvalidArgumentError, KVStoreError
 from kvstore.proto.status import code_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.proto.stats import stats_to_proto
 from kvstore.server.daemon import Daemon
+from kvstore.server.leasing import Leasing
 from kvstore.server.metrics import Metrics
 from kvstore.framing import pack
 from kvstore.server.transfer import PutReceiver, block_views
@@ -68,8 +70,9 @@ async def _next_within(stream: AsyncIterator[bytes], timeout_s: float) -> bytes 
 
 
 class KVStoreServicer:
-    def __init__(self, daemon: Daemon, metrics: Metrics, local_socket_path: str | None = None) -> None:
+    def __init__(self, daemon: Daemon, leasing: Leasing, metrics: Metrics, local_socket_path: str | None = None) -> None:
         self.daemon = daemon
+        self.leasing = leasing
         self.metrics = metrics
         self.local_socket_path = local_socket_path
         self._methods = self.unary_methods()
@@ -193,7 +196,7 @@ class KVStoreServicer:
                         count=len(records),
                         sizes=[r.size for r in records],
                         checksums=[self.daemon.checksum_of(r) for r in records],
-                        tiers=[c.tier for c in copies],
+                        tiers=[self.daemon.layout.levels[c.level].kind for c in copies],
                         partial=partial,
                     )
                 )
@@ -210,52 +213,34 @@ class KVStoreServicer:
 
     def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         d = self.daemon
-        c = d.counters
-        tiers = [
-            pb.TierStats(
-                tier=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes, blocks=u.blocks,
-                hits=c.tier(u.kind).hits, evictions=c.tier(u.kind).evictions,
-                evicted_bytes=c.tier(u.kind).evicted_bytes, promotions=c.tier(u.kind).promotions,
-                demotions=c.tier(u.kind).demotions, integrity_failures=c.tier(u.kind).integrity_failures,
-                errors=c.tier(u.kind).errors, uploads=c.tier(u.kind).uploads,
-            )
-            for u in d.usage()
-        ]
-        return pb.StatsResponse(
-            version=d.version, uptime_s=d.uptime_s, tiers=tiers,
-            lookup_hit_blocks=c.lookup_hit_blocks, lookup_miss_blocks=c.lookup_miss_blocks,
-            get_hit_blocks=c.get_hit_blocks, get_miss_blocks=c.get_miss_blocks,
-            put_stored_blocks=c.put_stored_blocks, put_present_blocks=c.put_present_blocks,
-            put_dropped_blocks=c.put_dropped_blocks, deleted_blocks=c.deleted_blocks,
-            bytes_in=c.bytes_in, bytes_out=c.bytes_out, integrity_failures=c.integrity_failures,
-        )
+        return stats_to_proto(version=d.version, uptime_s=d.uptime_s, counters=d.counters, usage=d.usage())
 
     def attach(self, request: pb.AttachRequest) -> pb.AttachResponse:
         d = self.daemon
         limit, reason = d.block_limit()
         return pb.AttachResponse(
             arena_id=d.arena_id, socket_path=self.local_socket_path or "",
-            arena_bytes=d.dram.capacity_bytes, lease_ttl_s=d.leases.ttl_s,
-            max_block_bytes=limit, max_block_reason=reason,
+            arena_bytes=d.arena.capacity_bytes, lease_ttl_s=self.leasing.table.ttl_s,
+            max_block_bytes=limit, max_block_reason=reason, put_round_bytes=d.put_round_bytes(),
         )
 
     async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
-        lease, slots = await self.daemon.leasing.reserve(
+        lease, slots = await self.leasing.reserve(
             request.session, request.keys, request.sizes, time.monotonic(), request.namespace
         )
         return pb.ReserveResponse(
             lease=lease.id,
             states=[_slot_state(slot) for slot in slots],
-            offsets=[slot.copy.extent.offset if slot.copy else 0 for slot in slots],
+            offsets=[slot.copy.location.offset if slot.copy else 0 for slot in slots],
         )
 
     async def commit(self, request: pb.CommitRequest) -> pb.PutResponse:
-        stored, slots = await self.daemon.leasing.commit(request.session, request.lease, request.checksums, request.abort)
+        stored, slots = await self.leasing.commit(request.session, request.lease, request.checksums, request.abort)
         self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.copy is not None)
         return _put_response(stored, slots)
 
     async def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
-        lease, partial = await self.daemon.leasing.acquire(
+        lease, partial = await self.leasing.acquire(
             request.session, request.keys, time.monotonic(), request.namespace
         )
         if lease is None:
@@ -264,12 +249,12 @@ class KVStoreServicer:
         self.daemon.counters.bytes_out += sum(c.record.size for c in copies)
         return pb.AcquireResponse(
             lease=lease.id, count=len(copies),
-            offsets=[c.extent.offset for c in copies], sizes=[c.record.size for c in copies],
-            tiers=[c.tier for c in copies], partial=partial,
+            offsets=[c.location.offset for c in copies], sizes=[c.record.size for c in copies],
+            tiers=[self.daemon.layout.levels[c.level].kind for c in copies], partial=partial,
         )
 
     def release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
-        return pb.ReleaseResponse(released=self.daemon.leasing.release(request.session, request.leases))
+        return pb.ReleaseResponse(released=self.leasing.release(request.session, request.leases))
 
 
 def _put_response(stored: int, slots) -> pb.PutResponse:

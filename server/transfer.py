@@ -24,7 +24,7 @@ class PutReceiver:
 
     Space for a block is reserved when its first byte arrives, not when the header does: blocks
     earlier in the stream are committed by then and can be demoted or evicted to make room, so a
-    batch larger than DRAM still goes through, and a stalled stream holds at most one block.
+    batch larger than the landing tier still goes through, and a stalled stream holds at most one block.
     """
 
     def __init__(
@@ -43,7 +43,7 @@ class PutReceiver:
 
     async def feed(self, data: bytes) -> None:
         """Consume one data message."""
-        tier = self._daemon.dram
+        tier = self._daemon.arena
         for i, offset, piece in self._unpacker.feed(data):
             if offset == 0:
                 checksum_ = self._checksums[i] if self._checksums else None
@@ -53,7 +53,7 @@ class PutReceiver:
                 self.slots.append(self._open)
             slot = self._open
             if slot.copy is not None:
-                await tier.write(slot.copy.extent, offset, piece)
+                await tier.write(slot.copy.location, offset, piece)
                 self._hasher.update(piece)
             if offset + piece.nbytes == slot.size:
                 self._open = None
@@ -88,5 +88,5 @@ class PutReceiver:
 
 
 def block_views(daemon: Daemon, copies: Sequence[Copy]) -> list[memoryview]:
-    """The bytes of pinned DRAM copies, in order (zero-copy views)."""
-    return [daemon.dram.view(copy.extent, copy.record.size) for copy in copies]
+    """The bytes of held landing copies, in order (zero-copy views)."""
+    return [daemon.arena.view(copy.location, copy.record.size) for copy in copies]

@@ -32,8 +32,8 @@ def chain(n_blocks: int, *, seed: int = 0, block_size: int = 16) -> list[bytes]:
 
 
 def pins(record) -> int:
-    """Readers holding any copy of a block."""
-    return sum(copy.pins for copy in record.copies.values())
+    """Holds (readers, moves) on any copy of a block."""
+    return sum(copy.holds for copy in record.copies.values())
 
 
 def random_blocks(n: int, size: int) -> list[bytes]:

@@ -6,6 +6,7 @@ import pytest
 
 from kvstore import ConfigError, ServerConfig, parse_bytes
 from kvstore.config import GiB, MiB
+from kvstore.policy import PolicyKind
 from kvstore.server.cli import build_parser, load_config
 
 
@@ -59,7 +60,7 @@ def test_environment_sits_between_the_file_and_the_flags(tmp_path):
            "KVSTORE_POLICY": "s3fifo", "KVSTORE_WRITE_THROUGH": "1"}
     cfg = load_config(build_parser().parse_args(["serve", "--port", "9400"]), environ=env)
     assert (cfg.port, cfg.nvme.dir, cfg.nvme.capacity_bytes, cfg.policy, cfg.write_through) == (
-        9400, str(tmp_path), GiB, "s3fifo", True
+        9400, str(tmp_path), GiB, PolicyKind.S3FIFO, True
     )
     with pytest.raises(ConfigError, match="KVSTORE_PORT: cannot read 'many'"):
         load_config(build_parser().parse_args(["serve"]), environ={"KVSTORE_PORT": "many"})

@@ -43,7 +43,7 @@ async def test_eviction_under_fragmentation_evicts_nothing_when_it_cannot_help(d
     # Unpinned: coldest first, k0, k2, then k1 (which joins them into three free pages).
     assert await put_now(daemon, b"big", 2 * PAGE)
     assert [bool(await daemon.lookup([k])) for k in (b"k0", b"k1", b"k2", b"k3", b"big")] == [False, False, False, True, True]
-    assert daemon.dram.used_bytes == 3 * PAGE
+    assert daemon.arena.used_bytes == 3 * PAGE
 
 
 async def test_a_put_that_goes_quiet_times_out_and_gives_its_space_back():
@@ -59,7 +59,7 @@ async def test_a_put_that_goes_quiet_times_out_and_gives_its_space_back():
                 await put(header_then_silence())
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "sent nothing for 0.3s" in info.value.details()
-        assert srv.daemon.dram.used_bytes == 0 and len(srv.daemon.index) == 0
+        assert srv.daemon.arena.used_bytes == 0 and len(srv.daemon.catalog) == 0
 
 
 async def test_conditional_delete_keeps_a_block_whose_checksum_differs(daemon):
@@ -75,4 +75,4 @@ async def test_a_block_deleted_while_being_written_is_not_stored(daemon):
     (slot,) = await daemon.reserve([b"k"], [PAGE], [])
     assert await daemon.delete([b"k"]) == 1
     assert await daemon.commit(slot, 0) is False
-    assert not await daemon.lookup([b"k"]) and daemon.dram.used_bytes == 0
+    assert not await daemon.lookup([b"k"]) and daemon.arena.used_bytes == 0

@@ -119,7 +119,7 @@ async def test_a_cancelled_reader_releases_its_pins():
                 assert (await anext(aiter(call))).header.count == 3
                 call.cancel()
             for _ in range(50):  # the daemon notices the cancellation asynchronously
-                if all(not pins(r) for r in srv.daemon.index):
+                if all(not pins(r) for r in srv.daemon.catalog):
                     break
                 await asyncio.sleep(0.02)
             result = await kv.put(chain(4, seed=31), random_blocks(4, 4 * MiB))
@@ -134,8 +134,8 @@ async def test_bytes_corrupted_in_the_arena_are_a_miss_never_wrong_data(server, 
     keys = chain(4, seed=60)
     blocks = random_blocks(4, 64 * 1024)
     await kv.put(keys, blocks)
-    record = server.daemon.index.get(scoped(keys[2:3], b"")[0])
-    view = server.daemon.dram.view(record.primary().extent, record.size)
+    record = server.daemon.catalog.get(scoped(keys[2:3], b"")[0])
+    view = server.daemon.arena.view(record.primary().location, record.size)
     view[100] ^= 0xFF  # a bit flip in block 2, behind the daemon's back
 
     out = [bytearray(64 * 1024) for _ in keys]

@@ -68,13 +68,13 @@ async def test_a_client_killed_mid_put_leaves_nothing_readable_and_its_space_is_
         keys = chain(3, seed=70)
         child = await start_child(f"127.0.0.1:{srv.port}", "writer", keys)
         try:
-            assert daemon.dram.used_bytes == 3 * MiB  # reserved...
+            assert daemon.arena.used_bytes == 3 * MiB  # reserved...
             async with KVClient(f"127.0.0.1:{srv.port}") as kv:
                 assert (await kv.lookup(keys)).count == 0  # ...but nothing visible
                 child.send_signal(signal.SIGKILL)
                 child.wait()
-                await wait_until(lambda: daemon.dram.used_bytes == 0)
-                assert len(daemon.index) == 0 and len(daemon.leases) == 0
+                await wait_until(lambda: daemon.arena.used_bytes == 0)
+                assert len(daemon.catalog) == 0 and len(srv.leasing) == 0
                 blocks = random_blocks(3, MiB)
                 assert (await kv.put(keys, blocks)).stored == 3
                 assert [bytes(b) for b in await kv.get(keys)] == blocks
@@ -89,13 +89,13 @@ async def test_a_reader_killed_while_holding_a_lease_does_not_pin_memory():
             await kv.put(keys, random_blocks(4, MiB))
             child = await start_child(f"127.0.0.1:{srv.port}", "reader", keys)
             try:
-                assert all(pins(r) == 1 for r in srv.daemon.index)
+                assert all(pins(r) == 1 for r in srv.daemon.catalog)
                 flood = chain(8, seed=72)
                 assert (await kv.put(flood, random_blocks(8, MiB))).stored == 8  # evicting each other...
                 assert (await kv.lookup(keys)).count == 4                        # ...not the leased 4 MiB
                 child.send_signal(signal.SIGKILL)
                 child.wait()
-                await wait_until(lambda: len(srv.daemon.leases) == 0)
+                await wait_until(lambda: len(srv.leasing) == 0)
                 assert (await kv.put(chain(8, seed=73), random_blocks(8, MiB))).stored == 8
                 assert (await kv.lookup(keys)).count == 0  # unpinned, so evicted like any cold block
             finally:
@@ -130,16 +130,16 @@ async def test_leases_expire_after_their_ttl():
             await kv.stub.Acquire(pb.AcquireRequest(session=session, keys=keys))
             pending = chain(1, seed=77)
             r = await kv.stub.Reserve(pb.ReserveRequest(session=session, keys=pending, sizes=[MiB]))
-            assert all(pins(rec) == 1 for rec in daemon.index if rec.key in keys)
-            await wait_until(lambda: len(daemon.leases) == 0)
-            assert all(pins(rec) == 0 for rec in daemon.index)
+            assert all(pins(rec) == 1 for rec in daemon.catalog if rec.key in keys)
+            await wait_until(lambda: len(srv.leasing) == 0)
+            assert all(pins(rec) == 0 for rec in daemon.catalog)
             # The expired write lease is gone from the index, but its bytes stay reserved while
             # its session lives (the client might still be writing into them).
-            assert daemon.index.get(scoped(pending, b"")[0]) is None
-            assert daemon.dram.used_bytes == 3 * MiB
+            assert daemon.catalog.get(scoped(pending, b"")[0]) is None
+            assert daemon.arena.used_bytes == 3 * MiB
             with pytest.raises(LeaseExpiredError, match="expired"):
                 await _commit(kv, session, r.lease)
-        await wait_until(lambda: daemon.dram.used_bytes == 2 * MiB)  # session closed: quarantine freed
+        await wait_until(lambda: daemon.arena.used_bytes == 2 * MiB)  # session closed: quarantine freed
 
 
 async def _commit(kv: KVClient, session: str, lease: int) -> None:
@@ -241,7 +241,7 @@ async def test_bad_frames_on_the_local_socket_get_clear_errors_and_lose_nothing(
                 session=kv._local.arena.session, leases=[lease.lease]).SerializeToString()))
             status, body = await read_frame(reader)
             assert status == 0 and pb.ReleaseResponse.FromString(body).released == 0
-            assert all(pins(r) == 1 for r in srv.daemon.index)
+            assert all(pins(r) == 1 for r in srv.daemon.catalog)
             # A frame claiming more than the limit ends the session.
             writer.write((1 << 31).to_bytes(4, "little"))
             assert await reader.read() == b""
@@ -261,10 +261,10 @@ async def test_a_lease_id_of_the_wrong_kind_changes_nothing():
                 await _commit(kv, session, read.lease)      # a read lease is not committable...
             released = await kv.stub.Release(pb.ReleaseRequest(session=session, leases=[write.lease]))
             assert released.released == 0                  # ...and a write lease is not releasable
-            assert len(srv.daemon.leases) == 2             # both are still held, neither leaked
+            assert len(srv.leasing) == 2             # both are still held, neither leaked
             await _commit(kv, session, write.lease)
             assert (await kv.stub.Release(pb.ReleaseRequest(session=session, leases=[read.lease]))).released == 1
-            assert len(srv.daemon.leases) == 0 and all(pins(r) == 0 for r in srv.daemon.index)
+            assert len(srv.leasing) == 0 and all(pins(r) == 0 for r in srv.daemon.catalog)
 
 
 async def test_a_call_cancelled_mid_flight_never_hands_its_answer_to_the_next_call():
@@ -282,7 +282,7 @@ async def test_a_call_cancelled_mid_flight_never_hands_its_answer_to_the_next_ca
             got = await kv.get(b)         # must not receive A's answer
             assert [bytes(g) for g in got] == [block_b]
             assert kv._local.arena.session != first_session  # the session was replaced
-            await wait_until(lambda: all(pins(r) == 0 for r in srv.daemon.index))
+            await wait_until(lambda: all(pins(r) == 0 for r in srv.daemon.catalog))
 
 
 async def test_the_arena_fd_handed_to_clients_cannot_be_resized():

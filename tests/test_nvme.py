@@ -55,7 +55,7 @@ async def test_a_restarted_daemon_serves_what_it_persisted_without_reading_it(tm
         async with KVClient(f"127.0.0.1:{srv.port}") as kv:
             assert (await kv.put(keys, blocks)).persisted == 12
     async with KVStoreServer(tiered(tmp_path)) as srv:
-        assert srv.daemon.tiers[TierKind.NVME].used_bytes == 12 * MiB
+        assert next(u for u in srv.daemon.usage() if u.kind is TierKind.NVME).used_bytes == 12 * MiB
         async with KVClient(f"127.0.0.1:{srv.port}") as kv:
             hit = await kv.lookup(keys)
             assert hit.count == 12 and set(hit.tiers) == {TierKind.NVME}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from kvstore.allocator import Extent
-from kvstore.block import BlockRecord, BlockState, Copy
+from kvstore.block import BlockRecord, BlockState, Copy, CopyState
 from kvstore.lru import LRUPolicy
-from kvstore.policy import EvictionPolicy, PolicyKind, make_policy
+from kvstore.policies import make_policy
+from kvstore.policy import EvictionPolicy, PolicyKind
 from kvstore.s3fifo import S3FIFOPolicy
-from kvstore.tier_kind import TierKind
 
 PAGE = 4096
 
@@ -17,8 +17,8 @@ PAGE = 4096
 def copy_of(name: str, length: int = PAGE) -> Copy:
     record = BlockRecord(key=name.encode(), size=length)
     record.advance(BlockState.READY)
-    copy = Copy(record=record, tier=TierKind.DRAM, extent=Extent(0, length), filled=True)
-    record.copies[TierKind.DRAM] = copy
+    copy = Copy(record=record, level=0, location=Extent(0, length), state=CopyState.READY)
+    record.copies[0] = copy
     return copy
 
 
@@ -43,13 +43,13 @@ def test_lru_victims_decide_without_side_effects():
 
 
 @pytest.mark.parametrize("kind", list(PolicyKind))
-def test_pinned_and_moving_copies_are_never_victims_and_shortfall_returns_nothing(kind):
+def test_held_copies_are_never_victims_and_shortfall_returns_nothing(kind):
     policy = make_policy(kind, 100 * PAGE)
     a, b, c = copy_of("a"), copy_of("b"), copy_of("c")
     for x in (a, b, c):
         policy.insert(x)
-    a.pins = 1
-    c.moving = True
+    a.holds = 1   # a reader
+    c.holds = 1   # a move copying it elsewhere
     assert policy.victims(PAGE) == [b]
     assert policy.victims(2 * PAGE) == []
 

@@ -136,9 +136,9 @@ async def until(predicate, timeout_s: float = 10.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
-async def until_reachable(objects) -> None:
+async def until_reachable(daemon) -> None:
     for _ in range(200):
-        if objects.reachable:
+        if all(health.available() for health in daemon.health.values()):
             return
         await asyncio.sleep(0.05)
     raise AssertionError("S3 stayed in backoff")
@@ -235,7 +235,7 @@ async def test_s3_stopped_mid_run_degrades_to_misses_and_recovers_without_a_rest
 
                 server.start()                             # back, and empty (moto keeps nothing)
                 await make_bucket(server.url)
-                await until_reachable(srv.daemon.objects)  # the end of the backoff
+                await until_reachable(srv.daemon)  # the end of the backoff
                 fresh, fresh_blocks = chain(3, seed=205), random_blocks(3, 100_000)
                 assert (await kv.put(fresh, fresh_blocks)).persisted == 3   # uploaded again
         async with KVStoreServer(make_config(dram_bytes=4 << 20, s3=s3)) as other:
@@ -264,7 +264,7 @@ async def test_the_daemon_starts_while_s3_is_down_and_uses_it_once_it_is_up():
             server.start()
             try:
                 await make_bucket(server.url)
-                await until_reachable(srv.daemon.objects)
+                await until_reachable(srv.daemon)
                 later, later_blocks = chain(2, seed=212), random_blocks(2, 50_000)
                 assert (await kv.put(later, later_blocks)).persisted == 2
                 assert (await kv.stats()).tier(TierKind.S3).errors >= 1
@@ -349,7 +349,7 @@ async def test_the_index_forgets_the_oldest_s3_only_blocks_beyond_its_bound(moto
     async with KVStoreServer(make_config(s3=s3_settings(moto.url, prefix=s3.prefix, max_remembered_blocks=4))) as srv:
         async with KVClient(f"127.0.0.1:{srv.port}") as kv:
             assert (await kv.lookup(keys)).tiers == [TierKind.S3] * 6   # all found within one call
-            await until(lambda: _len_is(srv.daemon.index, 4))           # then the two oldest forgotten
+            await until(lambda: _len_is(srv.daemon.catalog, 4))           # then the two oldest forgotten
             assert [bytes(b) for b in await kv.get(keys)] == blocks      # and found again when needed
 
 

@@ -1,32 +1,89 @@
 """The tier contract: one medium, one class, one constructor shape.
 
-A tier owns bytes and nothing else: it reserves extents, moves bytes in and out of them and frees
-them. What to keep, where, and for how long is decided in :mod:`kvstore` (index and policy) and
-carried out by the daemon. Every tier is built with ``Tier.from_config(config)`` and closed with
-``await tier.close()``.
+A tier owns bytes and nothing else. It reserves a *location* for a block (an :class:`Extent` of
+its address space, or an :class:`ObjectRef` in a bucket), moves bytes in and out of it, and gives
+it back. What to keep, where, and for how long is decided in :mod:`kvstore` (catalog and
+placement) and carried out by the mover. Every tier:
+
+- declares ``name`` (its config section), ``kind`` (what the wire reports) and
+  ``capabilities`` (persistent, shared, addressed by extent or key, mappable, bounded);
+- is built with ``Tier.from_config(config)`` from its ``config_class`` and opened and closed with
+  ``await tier.open()`` / ``await tier.close()``;
+- raises :class:`~kvstore.errors.UnavailableError` when its medium cannot be reached right now,
+  and :class:`~kvstore.errors.IntegrityError` or :class:`OSError` when the bytes it holds for a
+  location are bad or gone (the block is then dropped from this tier, and read as a miss).
+
+Persistent tiers that keep an index (NVMe) also implement :meth:`Tier.persist`,
+:meth:`Tier.forget` and :meth:`Tier.recover`; key-addressed shared tiers (S3) implement
+:class:`KeyedTier`'s :meth:`~KeyedTier.probe` and :meth:`~KeyedTier.remove`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvstore.allocator import Extent, ExtentAllocator
+from kvstore.block import BlockRecord, StoredBlock
+from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """Where a key-addressed tier keeps one block: the block key (unscoped) and its namespace."""
+
+    key: bytes
+    namespace: bytes
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeInfo:
+    """What a key-addressed tier says it holds for a key."""
+
+    size: int
+    checksum: int
+    namespace: bytes
+
+
+Location = Extent | ObjectRef
+
+
 class Tier(ABC):
+    name: ClassVar[str]
     kind: ClassVar[TierKind]
+    capabilities: ClassVar[Capabilities]
+    config_class: ClassVar[type]
 
     @classmethod
     @abstractmethod
     def from_config(cls, config: Any) -> Tier:
-        """Build the tier from its config dataclass."""
+        """Build the tier from its config dataclass (an instance of ``config_class``)."""
+
+    @classmethod
+    def unavailable(cls, config: Any) -> str | None:
+        """Why this tier cannot run on this machine (no GPU, say), or None when it can."""
+        return None
+
+    @property
+    def description(self) -> str:
+        """One line for the start-up log."""
+        return self.name
+
+    async def open(self) -> None:
+        """Connect to what needs the event loop. Must not wait for a remote medium to answer."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the medium. The tier is unusable afterwards."""
 
     @property
     @abstractmethod
-    def capacity_bytes(self) -> int: ...
+    def capacity_bytes(self) -> int:
+        """Bytes it can hold (0 for an unbounded tier)."""
 
     @property
     @abstractmethod
@@ -36,48 +93,72 @@ class Tier(ABC):
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.used_bytes
 
-    @abstractmethod
     def footprint(self, nbytes: int) -> int:
         """Bytes a block of ``nbytes`` occupies once reserved (alignment included)."""
+        return nbytes
 
     @abstractmethod
-    def reserve(self, nbytes: int) -> Extent | None:
-        """Reserve room for a block of ``nbytes``; None when there is no room right now."""
+    def reserve(self, record: BlockRecord) -> Location | None:
+        """Reserve room for ``record``'s bytes; None when there is no room right now."""
 
     @abstractmethod
-    def release(self, extent: Extent) -> None:
-        """Give a reserved extent back."""
+    def release(self, location: Location) -> None:
+        """Give a reserved location back."""
+
+    def largest_free_after(self, locations: list[Location]) -> int:
+        """The largest block that would fit if ``locations`` were released (changes nothing)."""
+        return self.free_bytes
 
     @abstractmethod
-    def largest_free_after(self, extents: list[Extent]) -> int:
-        """The largest block that would fit if ``extents`` were released (changes nothing)."""
+    async def write(self, location: Location, offset: int, data: memoryview) -> None:
+        """Copy ``data`` into the location at ``offset`` (bytes from its start)."""
 
     @abstractmethod
-    async def write(self, extent: Extent, offset: int, data: memoryview) -> None:
-        """Copy ``data`` into the extent at ``offset`` (bytes from the extent's start)."""
+    async def read_into(self, location: Location, offset: int, out: memoryview) -> None:
+        """Fill ``out`` from the location, starting ``offset`` bytes in."""
 
-    @abstractmethod
-    async def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
-        """Fill ``out`` from the extent, starting ``offset`` bytes in."""
-
-    async def read(self, extent: Extent, offset: int, nbytes: int) -> memoryview:
-        """``nbytes`` from the extent at ``offset``, valid while the block stays reserved."""
+    async def read(self, location: Location, offset: int, nbytes: int) -> memoryview:
+        """``nbytes`` from the location at ``offset``, valid while the location stays reserved."""
         out = memoryview(bytearray(nbytes))
-        await self.read_into(extent, offset, out)
+        await self.read_into(location, offset, out)
         return out
 
-    @abstractmethod
-    async def close(self) -> None:
-        """Release the medium. The tier is unusable afterwards."""
+    async def persist(self, written: Sequence[tuple[BlockRecord, Location]]) -> None:
+        """Make written blocks durable and findable after a restart; done when this returns.
+        (Tiers without an index of their own have nothing to do.)"""
+
+    async def forget(self, dropped: Sequence[tuple[bytes, Location]]) -> None:
+        """Durably drop the index entries of ``(key, location)`` before the locations are reused.
+        An entry is dropped only if it still names that location."""
+
+    def recover(self) -> list[StoredBlock]:
+        """The blocks an earlier run left (from the tier's index; no data is read). Called once."""
+        return []
 
     @staticmethod
-    def _check_range(extent: Extent, offset: int, nbytes: int) -> None:
-        if offset < 0 or offset + nbytes > extent.length:
-            raise ValueError(f"[{offset}, {offset + nbytes}) is outside an extent of {extent.length} bytes")
+    def _check_range(location: Location, offset: int, nbytes: int) -> None:
+        if offset < 0 or offset + nbytes > location.length:
+            raise ValueError(f"[{offset}, {offset + nbytes}) is outside a location of {location.length} bytes")
 
 
-class ExtentTier:
-    """Space accounting of a tier that is one linear address space under an ExtentAllocator."""
+class KeyedTier(Tier):
+    """A tier that stores objects by key, so it can be asked about blocks this daemon never saw."""
+
+    @abstractmethod
+    async def probe(self, keys: Sequence[bytes], namespace: bytes) -> list[ProbeInfo | None]:
+        """What the tier holds for each of ``keys`` (block keys, not index keys)."""
+
+    @abstractmethod
+    async def remove(self, keys: Sequence[bytes], namespace: bytes) -> None:
+        """Delete the objects of ``keys`` (held or not). Raises UnavailableError."""
+
+    def locate(self, key: bytes, namespace: bytes, size: int) -> ObjectRef:
+        """The location of a block found by :meth:`probe`; counted like a reservation."""
+        raise NotImplementedError
+
+
+class ExtentTier(Tier):
+    """A tier that is one linear address space under an ExtentAllocator."""
 
     _allocator: ExtentAllocator
 
@@ -92,36 +173,25 @@ class ExtentTier:
     def footprint(self, nbytes: int) -> int:
         return self._allocator.round_up(nbytes)
 
-    def reserve(self, nbytes: int) -> Extent | None:
-        return self._allocator.allocate(nbytes)
+    def reserve(self, record: BlockRecord) -> Extent | None:
+        return self._allocator.allocate(record.size)
 
-    def release(self, extent: Extent) -> None:
-        self._allocator.free(extent)
+    def release(self, location: Extent) -> None:
+        self._allocator.free(location)
 
-    def largest_free_after(self, extents: list[Extent]) -> int:
-        return self._allocator.largest_free_after(extents)
-
-
-class PersistentTier(Tier):
-    """A tier whose blocks survive a restart: it keeps an index of what it holds."""
-
-    recovered: list
-    """Index entries found at start-up (``key``, ``offset``, ``length``, ``size``, ``checksum``)."""
-
-    @abstractmethod
-    async def persist(self, entries: Sequence[Any]) -> None:
-        """Make written blocks durable and indexed; done when this returns."""
-
-    @abstractmethod
-    async def forget(self, entries: Sequence[tuple[bytes, int]]) -> None:
-        """Durably drop ``(key, offset)`` entries from the index, before their extents are reused.
-
-        An entry is dropped only if it still names that offset: a newer copy of the same key
-        written elsewhere keeps its entry."""
+    def largest_free_after(self, locations: list[Extent]) -> int:
+        return self._allocator.largest_free_after(locations)
 
 
-class MemoryTier(Tier):
-    """A tier whose bytes are addressable memory: reads and writes are slices of one view."""
+class MemoryTier(ExtentTier):
+    """A tier whose bytes are addressable host memory: reads and writes are slices of one view.
+
+    A mappable one (``capabilities.mappable``) also hands same-host clients ``fd``, a file
+    descriptor of the whole arena to map, and says whether its pages are already ``prefaulted``.
+    """
+
+    fd: int = -1
+    prefaulted: bool = False
 
     @abstractmethod
     def view(self, extent: Extent, nbytes: int) -> memoryview:

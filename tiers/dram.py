@@ -15,10 +15,11 @@ import mmap
 import os
 
 from kvstore.allocator import Extent, ExtentAllocator
-from kvstore.config import DramConfig
+from kvstore.config import DramConfig, format_bytes
 from kvstore.errors import ConfigError
+from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import ExtentTier, MemoryTier
+from kvstore.tiers.base import MemoryTier
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -38,8 +39,11 @@ def _map_arena(size: int, flags: int) -> tuple[mmap.mmap, int]:
         raise
 
 
-class DramTier(ExtentTier, MemoryTier):
+class DramTier(MemoryTier):
+    name = "dram"
     kind = TierKind.DRAM
+    capabilities = Capabilities(mappable=True)
+    config_class = DramConfig
 
     def __init__(self, config: DramConfig) -> None:
         self.config = config
@@ -55,10 +59,15 @@ class DramTier(ExtentTier, MemoryTier):
                 f"dram.capacity_bytes={size}: cannot map a host-memory arena that large ({exc.strerror})"
             ) from None
         self._view = memoryview(self._mmap)
+        self.prefaulted = config.prefault
 
     @classmethod
     def from_config(cls, config: DramConfig) -> DramTier:
         return cls(config)
+
+    @property
+    def description(self) -> str:
+        return f"dram {format_bytes(self.capacity_bytes)}" + (" (prefaulted)" if self.config.prefault else "")
 
     def view(self, extent: Extent, nbytes: int) -> memoryview:
         return self._view[extent.offset : extent.offset + nbytes]

@@ -4,35 +4,34 @@ Blocks move between host buffers and the pool with ``cudaMemcpyAsync`` on a stre
 own. ``ipc_handle()`` exports the pool for same-GPU clients (CUDA IPC), who will copy device to
 device without a host hop.
 
-Status: this tier runs through the common tier contract suite (``tests/test_tiers.py``) wherever
-a GPU is present; it is not yet placed in the daemon's hierarchy, nor is the CUDA IPC client
-path written (both need a session with a GPU to build and verify).
+It is a stack entry above DRAM when ``hbm.capacity_bytes`` (``--hbm-bytes``) is set and a CUDA
+device answers: puts land in DRAM as before, HBM copies demote to DRAM on its watermarks, and
+reads copy them into DRAM. The CUDA IPC client path for same-GPU clients is not written yet (it
+needs a session with a GPU to build and verify); the tier runs through the tier contract suite
+(``tests/test_tiers.py``) wherever a GPU is present.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import numpy as np
 
 from kvstore.allocator import Extent, ExtentAllocator
+from kvstore.config import HbmConfig, format_bytes
 from kvstore.errors import ConfigError
+from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import ExtentTier, Tier
+from kvstore.tiers.base import ExtentTier
 
 _H2D, _D2H = 1, 2
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class HbmConfig:
-    capacity_bytes: int
-    device: int = 0
-    alignment_bytes: int = 4096
-
-
-class HbmTier(ExtentTier, Tier):
+class HbmTier(ExtentTier):
+    name = "hbm"
     kind = TierKind.HBM
+    capabilities = Capabilities()
+    config_class = HbmConfig
 
     def __init__(self, config: HbmConfig) -> None:
         try:
@@ -53,6 +52,23 @@ class HbmTier(ExtentTier, Tier):
     @classmethod
     def from_config(cls, config: HbmConfig) -> HbmTier:
         return cls(config)
+
+    @classmethod
+    def unavailable(cls, config: HbmConfig) -> str | None:
+        try:
+            import cupy
+        except ImportError:
+            return "CuPy is not installed (pip install -e '.[gpu]')"
+        try:
+            if cupy.cuda.is_available() and config.device < cupy.cuda.runtime.getDeviceCount():
+                return None
+        except Exception:  # no driver: CUDARuntimeError
+            pass
+        return f"no CUDA device {config.device} answers here"
+
+    @property
+    def description(self) -> str:
+        return f"hbm {format_bytes(self.capacity_bytes)} on GPU {self.config.device}"
 
     def device_pointer(self, extent: Extent) -> int:
         return self._base + extent.offset

@@ -19,15 +19,18 @@ import asyncio
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import lmdb
 
 from kvstore.allocator import Extent, ExtentAllocator
-from kvstore.config import NvmeConfig
+from kvstore.block import BlockRecord, StoredBlock
+from kvstore.config import NvmeConfig, format_bytes
 from kvstore.errors import ConfigError
+from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import ExtentTier, PersistentTier
+from kvstore.tiers.base import ExtentTier
 from kvstore.tiers.file_io import open_file_io
 from kvstore.tiers.nvme_index import IndexEntry, NvmeIndex
 
@@ -37,8 +40,11 @@ DATA_FILE = "blocks.dat"
 INDEX_DIR = "index"
 
 
-class NvmeTier(ExtentTier, PersistentTier):
+class NvmeTier(ExtentTier):
+    name = "nvme"
     kind = TierKind.NVME
+    capabilities = Capabilities(persistent=True)
+    config_class = NvmeConfig
 
     def __init__(self, config: NvmeConfig) -> None:
         self.config = config
@@ -63,7 +69,7 @@ class NvmeTier(ExtentTier, PersistentTier):
             self._close_partial()
             raise
         self.directory = directory
-        self.recovered = self._recover()
+        self._recovered = self._recover()
 
     @classmethod
     def from_config(cls, config: NvmeConfig) -> NvmeTier:
@@ -72,6 +78,16 @@ class NvmeTier(ExtentTier, PersistentTier):
     @property
     def io_description(self) -> str:
         return self._io.description
+
+    @property
+    def description(self) -> str:
+        return f"nvme {format_bytes(self.capacity_bytes)} at {self.directory} via {self.io_description}"
+
+    def recover(self) -> list[StoredBlock]:
+        kept, self._recovered = self._recovered, []
+        return [
+            StoredBlock(e.key, e.size, e.checksum, e.namespace, Extent(e.offset, e.length), e.last_use) for e in kept
+        ]
 
     def _recover(self) -> list[IndexEntry]:
         """Entries of a previous run whose extents fit this tier; their extents are re-reserved."""
@@ -99,13 +115,18 @@ class NvmeTier(ExtentTier, PersistentTier):
         self._check_range(extent, offset, out.nbytes)
         await self._io.read_into(extent.offset + offset, out)
 
-    async def persist(self, entries: Sequence[IndexEntry]) -> None:
+    async def persist(self, written: Sequence[tuple[BlockRecord, Extent]]) -> None:
         """Make written blocks durable: flush the data, then commit their index entries."""
+        if not written:
+            return
         await self._io.sync()
-        await self._index.put(entries)
+        now = time.time()
+        await self._index.put([
+            IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written
+        ])
 
-    async def forget(self, entries: Sequence[tuple[bytes, int]]) -> None:
-        await self._index.delete(entries)
+    async def forget(self, dropped: Sequence[tuple[bytes, Extent]]) -> None:
+        await self._index.delete([(key, extent.offset) for key, extent in dropped])
 
     async def close(self) -> None:
         await asyncio.to_thread(self._io.close)  # waits for in-flight I/O

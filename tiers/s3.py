@@ -21,25 +21,27 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvstore.block import BlockRecord
 from kvstore.checksum import checksum
 from kvstore.config import S3Config
-from kvstore.errors import ConfigError, UnavailableError
+from kvstore.errors import ConfigError, IntegrityError, UnavailableError
+from kvstore.keys import unscoped
+from kvstore.layout import Addressing, Capabilities
 from kvstore.tier_kind import TierKind
+from kvstore.tiers.base import KeyedTier, ObjectRef, ProbeInfo
 
 log = logging.getLogger("kvstore.tiers.s3")
 
 _META_SIZE, _META_SUM, _META_NS = "kvstore-size", "kvstore-xxh3", "kvstore-namespace"
 
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    size: int
-    checksum: int
-    namespace: bytes
+ObjectInfo = ProbeInfo
 
 
-class S3Tier:
+class S3Tier(KeyedTier):
+    name = "s3"
     kind = TierKind.S3
+    capabilities = Capabilities(persistent=True, shared=True, addressing=Addressing.KEY, bounded=False)
+    config_class = S3Config
 
     def __init__(self, config: S3Config) -> None:
         if not config.bucket:
@@ -51,6 +53,7 @@ class S3Tier:
         # A hard bound on one request, retries included: an endpoint that accepts connections and
         # never answers must not hold a call (botocore's read timeout does not cover every wait).
         self.request_timeout_s = config.max_attempts * (config.connect_timeout_s + config.read_timeout_s) + 1.0
+        self._used = 0   # bytes of the blocks this daemon knows to be in the bucket
 
     @classmethod
     def from_config(cls, config: S3Config) -> S3Tier:
@@ -74,7 +77,54 @@ class S3Tier:
     @property
     def description(self) -> str:
         where = self.config.endpoint_url or f"AWS {self.config.region}"
-        return f"s3://{self.config.bucket}/{self.config.prefix} at {where}"
+        return f"s3 s3://{self.config.bucket}/{self.config.prefix} at {where}"
+
+    # -- the tier contract -------------------------------------------------------------------------
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0  # unbounded: the bucket's owner decides
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def reserve(self, record: BlockRecord) -> ObjectRef:
+        return self.locate(unscoped(record.key), record.namespace, record.size)
+
+    def locate(self, key: bytes, namespace: bytes, size: int) -> ObjectRef:
+        self._used += size
+        return ObjectRef(key, namespace, size)
+
+    def release(self, location: ObjectRef) -> None:
+        self._used -= location.length  # the object stays in the bucket for other daemons
+
+    def largest_free_after(self, locations: list) -> int:
+        return 1 << 62
+
+    async def write(self, location: ObjectRef, offset: int, data: memoryview) -> None:
+        if offset != 0 or data.nbytes != location.length:
+            raise ValueError("an S3 object is written whole, in one call")
+        await self.put(location.key, data, checksum(data), location.namespace)
+
+    async def read_into(self, location: ObjectRef, offset: int, out: memoryview) -> None:
+        """Read and verify the whole object; IntegrityError when it is absent, foreign or corrupt
+        (the object is deleted then, so a put can replace it)."""
+        if offset != 0:
+            raise ValueError("an S3 object is read whole")
+        size = await self.get_into(location.key, out, location.namespace)
+        if size != location.length:
+            with contextlib.suppress(UnavailableError):
+                await self.delete([location.key], location.namespace)
+            raise IntegrityError(f"S3 has no valid object for {self.object_name(location.key, location.namespace)}")
+
+    async def probe(self, keys: Sequence[bytes], namespace: bytes) -> list[ProbeInfo | None]:
+        return await self.head_many(keys, namespace)
+
+    async def remove(self, keys: Sequence[bytes], namespace: bytes) -> None:
+        await self.delete(keys, namespace)
+
+    # -- S3 requests -------------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Create the client. Does not touch the network: a daemon starts even when S3 is down."""

@@ -130,7 +130,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "evictions", "evicted_bytes", "promotions", "demotions", "integrity_failures", "errors", "uploads")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "evictions", "evicted_bytes", "promotions", "demotions", "integrity_failures", "errors", "uploads", "dropped_uploads", "name")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class TierStats(_message.Message):
     INTEGRITY_FAILURES_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     capacity_bytes: int
     used_bytes: int
@@ -155,7 +157,9 @@ class TierStats(_message.Message):
     integrity_failures: int
     errors: int
     uploads: int
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., errors: _Optional[int] = ..., uploads: _Optional[int] = ...) -> None: ...
+    dropped_uploads: int
+    name: str
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., errors: _Optional[int] = ..., uploads: _Optional[int] = ..., dropped_uploads: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures")
@@ -194,20 +198,22 @@ class AttachRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s", "max_block_bytes", "max_block_reason")
+    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s", "max_block_bytes", "max_block_reason", "put_round_bytes")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_REASON_FIELD_NUMBER: _ClassVar[int]
+    PUT_ROUND_BYTES_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     socket_path: str
     arena_bytes: int
     lease_ttl_s: float
     max_block_bytes: int
     max_block_reason: str
-    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ..., max_block_bytes: _Optional[int] = ..., max_block_reason: _Optional[str] = ...) -> None: ...
+    put_round_bytes: int
+    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ..., max_block_bytes: _Optional[int] = ..., max_block_reason: _Optional[str] = ..., put_round_bytes: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("namespace", "session", "keys", "sizes")

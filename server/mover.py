@@ -1,0 +1,327 @@
+"""The mover: carries out placement plans, moving bytes between the tiers of the stack.
+
+It knows tiers only through the :class:`~kvstore.tiers.Tier` contract and levels only through
+the :class:`~kvstore.layout.Layout`; every state change goes through the catalog. A copy that is
+being read or copied elsewhere is *held* (the one way to hold a copy): it is never chosen as a
+victim, and if it is dropped meanwhile its location is freed when the last hold goes.
+
+- :meth:`Mover.make_room` reserves a location in a level, evicting its coldest copies first
+  (:func:`kvstore.placement.room_victims`, then :meth:`Mover.execute`).
+- :meth:`Mover.execute` runs one eviction plan: demote, upload, then drop.
+- :meth:`Mover.promote` gives a block a readable copy in the landing level for a reader, verified
+  against its checksum: a copy that fails is dropped and the read is a miss.
+- :meth:`Mover.replicate` gives a block a copy in another level now (write-through, uploads).
+- :meth:`Mover.drop` takes copies out; persistent index entries are durably forgotten before
+  their extents can be reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from kvstore import placement
+from kvstore.block import BlockRecord, BlockState, Copy, CopyState
+from kvstore.catalog import Catalog
+from kvstore.checksum import checksum
+from kvstore.errors import IntegrityError, UnavailableError
+from kvstore.stats import Counters
+from kvstore.tiers.base import Location
+from kvstore.tiers.stack import TierStack
+from kvstore.server.health import TierHealth
+from kvstore.server.writeback import UploadQueue
+
+log = logging.getLogger("kvstore.mover")
+
+BUSY_WAIT_S = 2.0
+NO_ROOM = object()
+"""What :meth:`Mover.promote` returns when the landing level has no room (everything in use)."""
+
+
+class Mover:
+    def __init__(
+        self,
+        stack: TierStack,
+        catalog: Catalog,
+        counters: Counters,
+        health: dict[int, TierHealth],
+        uploads: UploadQueue | None,
+    ) -> None:
+        self.layout = stack.layout
+        self.tiers = stack.tiers
+        self.catalog = catalog
+        self.counters = counters
+        self.health = health
+        self.uploads = uploads
+        self._names = [level.name for level in self.layout.levels]
+        self._promoting: dict[bytes, asyncio.Future] = {}
+        self.busy = 0  # moves in flight that hold copies they will let go of
+
+    def available(self, level: int) -> bool:
+        health = self.health.get(level)
+        return health is None or health.available()
+
+    # -- room ------------------------------------------------------------------------------------
+
+    async def make_room(self, level: int, record: BlockRecord) -> Location | None:
+        """Reserve a location for ``record`` in ``level``, evicting its coldest copies as needed."""
+        tier = self.tiers[level]
+        waited = 0.0
+        for _ in range(3):  # others may take freed room while evictions wait for a disk
+            location = tier.reserve(record)
+            if location is not None:
+                return location
+            length = tier.footprint(record.size)
+
+            def choose() -> list[Copy]:
+                return placement.room_victims(self.catalog, level, length, tier.free_bytes, tier.largest_free_after)
+
+            victims = choose()
+            # Copies held by moves in flight come free in a moment: wait (briefly) rather than drop.
+            while not victims and self.busy and waited < BUSY_WAIT_S:
+                await asyncio.sleep(0.01)
+                waited += 0.01
+                location = tier.reserve(record)
+                if location is not None:
+                    return location
+                victims = choose()
+            if not victims:
+                return None
+            await self.execute(placement.evict(self.layout, victims, self.available))
+        return tier.reserve(record)
+
+    async def execute(self, plan: placement.Plan) -> None:
+        """Evict ``plan.victims``: demote or upload what the plan says, then drop them all."""
+        if not plan.victims:
+            return
+        moving = plan.demote or [c for c in plan.victims if c.record in plan.upload]
+        for copy in moving:
+            self.catalog.hold(copy)
+        self.busy += 1
+        try:
+            if plan.demote:
+                await self._demote(plan.demote, plan.to)
+            if plan.upload:
+                await asyncio.gather(*(self.replicate(record, plan.share) for record in plan.upload))
+        finally:
+            self.busy -= 1
+            for copy in moving:
+                self.catalog.unhold(copy)
+        await self.drop(plan.victims, evicted=True)
+
+    async def rebalance(self) -> int:
+        """One background step: demote from every level past its high watermark."""
+        fills = [placement.Fill(t.used_bytes, t.capacity_bytes) for t in self.tiers]
+        moved = 0
+        for plan in placement.rebalance(self.layout, fills, self.catalog, self.available):
+            await self.execute(plan)
+            moved += len(plan.victims)
+        return moved
+
+    # -- moves -----------------------------------------------------------------------------------
+
+    async def _demote(self, copies: Sequence[Copy], to: int) -> None:
+        targets: list[tuple[Copy, Location]] = []
+        for copy in copies:
+            if copy.record.state is BlockState.READY and copy.readable:
+                location = await self.make_room(to, copy.record)
+                if location is not None:
+                    targets.append((copy, location))
+        live = []
+        for copy, location in targets:
+            if copy.record.state is BlockState.READY:
+                live.append((copy, location))
+            else:
+                self.tiers[to].release(location)  # deleted while room was being made
+        try:
+            await asyncio.gather(*(self._copy(copy, location, to) for copy, location in live))
+            await self.tiers[to].persist([(copy.record, location) for copy, location in live])
+        except BaseException:
+            for _, location in live:
+                self.tiers[to].release(location)
+            raise
+        for copy, location in live:
+            if await self._adopt(copy.record, to, location):
+                self.counters.tier(self._names[copy.level]).demotions += 1
+
+    async def replicate(self, record: BlockRecord, to: int) -> bool:
+        """Give ``record`` a copy in level ``to`` now, from its fastest copy; False when that cannot
+        be done (no room, the medium unreachable, the block gone)."""
+        if to in record.copies:
+            return True
+        source = record.primary()
+        if source is None or record.state is not BlockState.READY or not self.available(to):
+            return False
+        health = self.health.get(to)
+        self.catalog.hold(source)
+        self.busy += 1
+        try:
+            location = await self.make_room(to, record)
+            if location is None:
+                return False
+            try:
+                await self._copy(source, location, to)
+                await self.tiers[to].persist([(record, location)])
+            except UnavailableError as exc:
+                self.tiers[to].release(location)
+                if health is not None:
+                    health.failed(exc)
+                return False
+            except (OSError, IntegrityError) as exc:
+                self.tiers[to].release(location)
+                log.warning("cannot copy block %s to %s: %s", record.key.hex()[:16], self._names[to], exc)
+                self.counters.tier(self._names[to]).errors += 1
+                return False
+            except BaseException:
+                self.tiers[to].release(location)
+                raise
+            if health is not None:
+                health.succeeded()
+            adopted = await self._adopt(record, to, location)
+            if adopted and self.layout.levels[to].shared:
+                self.counters.tier(self._names[to]).uploads += 1
+            return adopted
+        finally:
+            self.busy -= 1
+            self.catalog.unhold(source)
+
+    async def _copy(self, source: Copy, location: Location, to: int) -> None:
+        """Copy ``source``'s bytes into ``location`` of level ``to``. Bytes read from a persistent
+        level are verified first, so bad bytes never travel on; blocks put without a checksum get
+        theirs here (every copy below the landing level carries one)."""
+        record = source.record
+        n = min(source.nbytes, location.length)
+        data = await self.tiers[source.level].read(source.location, 0, n)
+        if record.checksum is None:
+            record.checksum = checksum(data[: record.size])
+        elif self.layout.levels[source.level].capabilities.persistent and checksum(data[: record.size]) != record.checksum:
+            raise IntegrityError(f"the {self._names[source.level]} copy failed verification")
+        await self.tiers[to].write(location, 0, data)
+
+    async def _adopt(self, record: BlockRecord, level: int, location: Location) -> bool:
+        """Attach a freshly written (and persisted) copy, unless the block went away meanwhile."""
+        if record.state is not BlockState.READY or level in record.copies:
+            if record.state is not BlockState.READY and self.layout.levels[level].shared:
+                await self._unpublish(record, level)
+            await self.drop([self.catalog.orphan(record, level, location)])  # un-index exactly this copy
+            return False
+        self.catalog.fill(self.catalog.attach(record, level, location))
+        if self.uploads is not None and placement.after_adopt(self.layout, level):
+            self.uploads.put(record)
+        return True
+
+    async def _unpublish(self, record: BlockRecord, level: int) -> None:
+        """A block deleted while it was uploaded: its object must not outlive the delete."""
+        from kvstore.keys import unscoped
+
+        try:
+            await self.tiers[level].remove([unscoped(record.key)], record.namespace)
+        except UnavailableError as exc:
+            log.warning("cannot remove block %s from %s after its delete: %s", record.key.hex()[:16], self._names[level], exc)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def promote(self, record: BlockRecord) -> Copy | object | None:
+        """A readable landing-level copy of ``record``, read up from its fastest copy; None if the
+        block is gone or failed verification, :data:`NO_ROOM` if the landing level is full of
+        blocks in use."""
+        waiting = self._promoting.get(record.key)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        future = asyncio.get_running_loop().create_future()
+        self._promoting[record.key] = future
+        copy = None
+        try:
+            copy = await self._promote(record)
+            return copy
+        finally:
+            del self._promoting[record.key]
+            future.set_result(copy)
+
+    async def _promote(self, record: BlockRecord) -> Copy | object | None:
+        landing = self.layout.landing
+        source = record.primary()
+        if source is None or source.level == landing:
+            return source
+        self.catalog.hold(source)
+        try:
+            location = await self.make_room(landing, record)
+            if location is None:
+                return NO_ROOM
+            if record.state is not BlockState.READY or landing in record.copies:
+                self.tiers[landing].release(location)
+                return record.readable_at(landing)
+            copy = self.catalog.attach(record, landing, location)
+            self.catalog.hold(copy)  # held by the read until it stops
+            read = asyncio.ensure_future(self._fetch(source, copy))
+            try:
+                fetched = await asyncio.shield(read)
+            except asyncio.CancelledError:
+                # The read may still be filling the location: free it only once the read stopped.
+                if copy.state is CopyState.FILLING:
+                    self.catalog.discard(copy)
+                read.add_done_callback(lambda _: self.catalog.unhold(copy))
+                raise
+            self.catalog.unhold(copy)
+            if copy.state is not CopyState.FILLING:
+                return None  # dropped meanwhile (deleted)
+            if fetched is None or record.state is not BlockState.READY:
+                self.catalog.discard(copy)  # unreachable (a miss this time), or deleted meanwhile
+                return None
+            view = self.tiers[landing].view(location, record.size)
+            if not fetched or checksum(view) != record.checksum:
+                name = self._names[source.level]
+                log.warning("block %s failed verification on %s: dropped", record.key.hex()[:16], name)
+                self.counters.integrity_failures += 1
+                self.counters.tier(name).integrity_failures += 1
+                self.catalog.discard(copy)
+                await self.drop([source])
+                return None
+            self.catalog.fill(copy)
+            self.counters.tier(self._names[source.level]).promotions += 1
+            return copy
+        finally:
+            self.catalog.unhold(source)
+
+    async def _fetch(self, source: Copy, copy: Copy) -> bool | None:
+        """Read ``source``'s bytes into the new copy: True, False (they are bad or gone), or None
+        (the medium is unreachable right now)."""
+        if not self.available(source.level):
+            return None
+        health = self.health.get(source.level)
+        n = min(source.nbytes, copy.location.length)
+        out = self.tiers[copy.level].view(copy.location, copy.location.length)[:n]
+        try:
+            await self.tiers[source.level].read_into(source.location, 0, out)
+        except UnavailableError as exc:
+            if health is not None:
+                health.failed(exc)
+            return None
+        except IntegrityError as exc:
+            log.warning("block %s: %s", copy.record.key.hex()[:16], exc)
+            return False
+        except OSError as exc:
+            name = self._names[source.level]
+            log.warning("reading block %s from %s failed: %s", copy.record.key.hex()[:16], name, exc)
+            self.counters.tier(name).errors += 1
+            return False
+        if health is not None:
+            health.succeeded()
+        return True
+
+    # -- drops -----------------------------------------------------------------------------------
+
+    async def drop(self, copies: Sequence[Copy], *, evicted: bool = False) -> None:
+        """Take copies out of their levels (see :meth:`Catalog.drop`), forgetting persistent index
+        entries durably before their locations can be reused."""
+        forget = self.catalog.drop(copies, evicted=evicted)
+        by_level: dict[int, list[Copy]] = {}
+        for copy in forget:
+            by_level.setdefault(copy.level, []).append(copy)
+        for level, held in by_level.items():
+            try:
+                await self.tiers[level].forget([(c.record.key, c.location) for c in held])
+            finally:
+                for copy in held:
+                    self.catalog.unhold(copy)
