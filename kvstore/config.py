@@ -344,6 +344,11 @@ class ServerConfig:
                 f"plugin_tiers.{plugin.name}.after={plugin.after!r} names no tier",
             )
 
+    @property
+    def share_write_through(self) -> bool:
+        """Upload every put to the shared tier before acknowledging it (``s3.write_through``)."""
+        return self.s3.enabled and self.s3.write_through
+
     def tier_specs(self) -> list[TierSpec]:
         """The tier stack this configuration asks for, fastest first: the built-in tiers that are
         enabled (hbm, dram, nvme, s3), each plugin tier right after the one it names."""
@@ -352,6 +357,10 @@ class ServerConfig:
             for name in BUILTIN_TIERS
             if name == "dram" or getattr(self, name).enabled
         ]
+        if self.nvme.enabled and self.nvme.dir == "auto" and self.nvme.port == 0:
+            # "auto" is $XDG_CACHE_HOME/kvstore/<port>: named after the daemon's port.
+            at = next(i for i, spec in enumerate(specs) if spec.name == "nvme")
+            specs[at] = dataclasses.replace(specs[at], config=dataclasses.replace(self.nvme, port=self.port))
         pending = list(self.plugin_tiers)
         while pending:
             placed = [p for p in pending if any(s.name == p.after for s in specs)]

@@ -109,7 +109,7 @@ class Daemon:
             self.uploads = UploadQueue(level, getattr(tier_config, "queue_blocks", 4096), self.counters.tier(name))
             self.remembered_limit = getattr(tier_config, "max_remembered_blocks", 1_000_000)
         self.write_policy = placement.WritePolicy(
-            persist=config.write_through, share=bool(layout.shared) and config.s3.write_through
+            persist=config.write_through, share=bool(layout.shared) and config.share_write_through
         )
         self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads)
         self.arena_id = secrets.token_hex(8)
@@ -132,7 +132,8 @@ class Daemon:
 
     async def rebalance(self) -> None:
         await self.mover.rebalance()
-        self.catalog.trim_remote(self.remembered_limit) if self.shared is not None else None
+        if self.shared is not None:
+            self.catalog.trim_remote(self.remembered_limit)
 
     async def write_behind(self) -> None:
         """Upload one batch of queued blocks to the shared level (waits for one)."""

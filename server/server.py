@@ -55,8 +55,6 @@ class KVStoreServer:
 
     async def start(self) -> None:
         config = self.config
-        if config.nvme.enabled and config.nvme.dir == "auto":
-            config = config.replace(nvme_port=config.port)  # $XDG_CACHE_HOME/kvstore/<port>
         self.daemon = Daemon(config)
         self.leasing = Leasing(self.daemon, LeaseTable(config.lease_ttl_s))
         try:

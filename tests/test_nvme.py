@@ -140,3 +140,39 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged_as_persisted(tmp_pat
             for key, block in sent.items():  # nothing, acknowledged or not, comes back wrong
                 got = await kv.get([key])
                 assert got == [] or bytes(got[0]) == block
+
+
+async def test_an_nvme_directory_written_by_version_0_1_is_read_as_it_is(tmp_path):
+    """The on-disk format, built here byte by byte as 0.1 wrote it (no tier code): ``blocks.dat``
+    with blocks at 4 KiB-aligned offsets, and an LMDB ``index/`` mapping each index key
+    (namespace tag + block key) to ``<QQQQd`` (offset, length, size, XXH3-64, last use) followed
+    by the namespace. This version serves those blocks without rewriting anything."""
+    import struct
+
+    import lmdb
+
+    from kvstore.checksum import checksum
+    from kvstore.keys import scoped
+
+    from conftest import NS
+
+    directory = tmp_path / "nvme"
+    (directory / INDEX_DIR).mkdir(parents=True)
+    keys, blocks = chain(3, seed=130), random_blocks(3, 40_000)
+    namespace = NS.digest
+    with open(directory / DATA_FILE, "wb") as data:
+        data.truncate(64 * MiB)
+    env = lmdb.open(str(directory / INDEX_DIR), map_size=1 << 30, subdir=True)
+    with env.begin(write=True) as txn, open(directory / DATA_FILE, "r+b") as data:
+        for i, (key, block) in enumerate(zip(scoped(keys, namespace), blocks)):
+            offset, length = i * 40_960, 40_960
+            data.seek(offset)
+            data.write(block)
+            txn.put(key, struct.pack("<QQQQd", offset, length, len(block), checksum(block), 1000.0 + i) + namespace)
+    env.close()
+
+    async with KVStoreServer(tiered(tmp_path)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", namespace=NS) as kv:
+            hit = await kv.lookup(keys)
+            assert hit.count == 3 and set(hit.tiers) == {TierKind.NVME}
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
