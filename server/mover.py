@@ -134,8 +134,27 @@ class Mover:
                 live.append((copy, location))
             else:
                 self.tiers[to].release(location)  # deleted while room was being made
+        expected = (OSError, IntegrityError, UnavailableError)
         try:
-            await asyncio.gather(*(self._copy(copy, location, to) for copy, location in live))
+            copied = await asyncio.gather(*(self._copy(c, loc, to) for c, loc in live), return_exceptions=True)
+            unexpected = [o for o in copied if isinstance(o, BaseException) and not isinstance(o, expected)]
+            if unexpected:
+                raise unexpected[0]
+        except BaseException:
+            for _, location in live:
+                self.tiers[to].release(location)
+            raise
+        written = []
+        for (copy, location), outcome in zip(live, copied):
+            if isinstance(outcome, BaseException):
+                # Bad bytes or a failed write: not demoted (the victim is dropped all the same).
+                self.tiers[to].release(location)
+                log.warning("cannot demote block %s to %s: %s", copy.record.key.hex()[:16], self._names[to], outcome)
+                self.counters.tier(self._names[to]).errors += 1
+            else:
+                written.append((copy, location))
+        live = written
+        try:
             await self.tiers[to].persist([(copy.record, location) for copy, location in live])
         except BaseException:
             for _, location in live:
