@@ -414,6 +414,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[name] = parse_bytes(value, name=f"{prefix}{name}")
         elif isinstance(f.default, enum.Enum):
             kwargs[name] = value  # coerced (and refused with the allowed values) by the dataclass
+        elif f.default is dataclasses.MISSING or f.default is None:
+            kwargs[name] = value  # no default to take the type from: the dataclass checks it
         else:
             expected = type(f.default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -426,7 +428,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
 def _plugins(value: Any) -> tuple[PluginTierConfig, ...]:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvstore.config import ServerConfig, build_section
+from kvstore.errors import ConfigError
 from kvstore.layout import Layout, Level, Watermarks
 from kvstore.tiers import tier_class
 from kvstore.tiers.base import KeyedTier, MemoryTier, Tier
@@ -57,8 +58,13 @@ def build_stack(config: ServerConfig) -> TierStack:
     tiers: list[Tier] = []
     levels: list[Level] = []
     try:
+        plugins = {plugin.name for plugin in config.plugin_tiers}
         for spec in config.tier_specs():
-            cls = tier_class(spec.cls)
+            try:
+                cls = tier_class(spec.cls)
+            except ConfigError as exc:
+                setting = f"plugin_tiers.{spec.name}.class" if spec.name in plugins else f"tier {spec.name}"
+                raise ConfigError(f"{setting}: {exc}") from None
             tier_config = spec.config
             if isinstance(tier_config, Mapping):  # a plugin's options
                 tier_config = build_section(cls.config_class, tier_config, f"plugin_tiers.{spec.name}.options.")
