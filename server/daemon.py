@@ -86,7 +86,7 @@ class Daemon:
             layout,
             [make_policy(policy, tier.capacity_bytes) if level.capabilities.bounded else None
              for level, tier in zip(layout.levels, self.stack.tiers)],
-            release=lambda level, location: self.stack.tiers[level].release(location),
+            release=self.stack.release,
             counters=self.counters,
         )
         self.health: dict[int, TierHealth] = {}

@@ -176,3 +176,16 @@ async def test_an_nvme_directory_written_by_version_0_1_is_read_as_it_is(tmp_pat
             hit = await kv.lookup(keys)
             assert hit.count == 3 and set(hit.tiers) == {TierKind.NVME}
             assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+
+def test_asking_for_kvikio_where_it_is_not_installed_is_a_config_error(tmp_path):
+    import importlib.util
+
+    from kvstore import ConfigError
+    from kvstore.tiers import create_tier
+
+    if importlib.util.find_spec("kvikio") is not None:
+        pytest.skip("kvikio is installed here")
+    with pytest.raises(ConfigError, match=r"^nvme\.io_engine=kvikio: kvikio is not installed"):
+        create_tier("nvme", NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=MiB, io_engine="kvikio"))
+    create_tier("nvme", NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=MiB, io_engine="posix"))  # lock released

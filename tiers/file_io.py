@@ -21,6 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from kvstore.config import IoEngine
+from kvstore.errors import ConfigError
+
 DIRECT_ALIGN = 4096
 SPLIT_BYTES = 4 << 20
 
@@ -190,12 +193,17 @@ def cuda_driver_present() -> bool:
         return False
 
 
-def open_file_io(path: str, *, threads: int, direct: bool, engine: str = "auto") -> PosixFileIO | KvikioFileIO:
+def open_file_io(
+    path: str, *, threads: int, direct: bool, engine: IoEngine = IoEngine.AUTO
+) -> PosixFileIO | KvikioFileIO:
     """kvikio when asked for, or on ``auto`` when it is installed and a CUDA driver is present."""
-    if engine == "kvikio" or (engine == "auto" and cuda_driver_present()):
+    engine = IoEngine(engine)
+    if engine is IoEngine.KVIKIO or (engine is IoEngine.AUTO and cuda_driver_present()):
         try:
             return KvikioFileIO(path, threads=threads)
         except ImportError:
-            if engine == "kvikio":
-                raise
+            if engine is IoEngine.KVIKIO:
+                raise ConfigError(
+                    "nvme.io_engine=kvikio: kvikio is not installed (pip install -e '.[gpu]'), or use auto/posix"
+                ) from None
     return PosixFileIO(path, threads=threads, direct=direct)

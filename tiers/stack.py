@@ -18,7 +18,7 @@ from kvstore.config import ServerConfig, build_section
 from kvstore.errors import ConfigError
 from kvstore.layout import Layout, Level, Watermarks
 from kvstore.tiers import tier_class
-from kvstore.tiers.base import KeyedTier, MemoryTier, Tier
+from kvstore.tiers.base import MemoryTier, Tier
 
 log = logging.getLogger("kvstore.tiers")
 
@@ -33,8 +33,10 @@ class TierStack:
         """The tier puts land in and same-host clients map."""
         return self.tiers[self.layout.landing]
 
-    def keyed(self, level: int) -> KeyedTier:
-        return self.tiers[level]
+    def release(self, level: int, location) -> None:
+        """Give ``location`` back to the tier at ``level`` (what the catalog calls when a dropped
+        copy's last hold goes)."""
+        self.tiers[level].release(location)
 
     async def open(self) -> None:
         for tier in self.tiers:
