@@ -52,3 +52,28 @@ async def test_non_contiguous_gpu_arrays_are_refused(server):
     async with KVClient(f"127.0.0.1:{server.port}") as kv:
         with pytest.raises(InvalidArgumentError, match="not C-contiguous on the GPU"):
             await kv.put(chain(1, seed=92), [cupy.zeros((64, 64))[:, ::2]])
+
+
+async def test_the_hbm_tier_sits_above_dram_and_its_blocks_are_read_through_dram():
+    """HBM is a stack entry above DRAM: puts still land in DRAM (the mapped tier); a block whose
+    only copy is in HBM is promoted into DRAM for a reader, verified, byte-exact."""
+    from kvstore import TierKind
+    from kvstore.config import HbmConfig
+    from kvstore.keys import scoped
+    from kvstore.server import KVStoreServer
+
+    from conftest import make_config, random_blocks
+
+    async with KVStoreServer(make_config(dram_bytes=8 << 20, hbm=HbmConfig(capacity_bytes=8 << 20))) as srv:
+        daemon = srv.daemon
+        assert [level.name for level in daemon.layout.levels] == ["hbm", "dram"] and daemon.layout.landing == 1
+        async with KVClient(f"127.0.0.1:{srv.port}", local="off") as kv:
+            keys, blocks = chain(4, seed=93), random_blocks(4, 256 * 1024)
+            assert (await kv.put(keys, blocks)).stored == 4
+            records = daemon.catalog.prefix(scoped(keys, b""))
+            for record in records:
+                assert await daemon.mover.replicate(record, 0)     # a copy into the GPU pool
+            await daemon.mover.drop([record.copies[1] for record in records])  # only HBM holds them now
+            assert (await kv.lookup(keys)).tiers == [TierKind.HBM] * 4
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+            assert (await kv.stats()).tier_named("hbm").promotions == 4
