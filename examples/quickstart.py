@@ -28,7 +28,8 @@ async def main() -> None:
         print(f"loaded {loaded} blocks byte-exact")
 
         stats = await kv.stats()
-        print(f"dram: {stats.tiers[0].blocks} blocks, {stats.tiers[0].used_bytes} bytes")
+        dram = stats.tier_named("dram")
+        print(f"dram: {dram.blocks} blocks, {dram.used_bytes} bytes")
 
 
 asyncio.run(main())

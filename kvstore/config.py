@@ -171,7 +171,10 @@ class NvmeConfig:
         if self.dir != "auto":
             return os.path.expanduser(self.dir)
         if self.port == 0:
-            raise ConfigError('nvme.dir "auto" needs a fixed port (it is named after it); set nvme.dir')
+            raise ConfigError(
+                'nvme.dir "auto" is named after the port, and port 0 picks one at random: '
+                "set nvme.dir (--nvme-dir DIR, or --nvme-dir off)"
+            )
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return os.path.join(cache, "kvstore", str(self.port))
 
