@@ -189,11 +189,19 @@ class Catalog:
         """Forget the oldest records whose only copies are shared, beyond ``limit`` (a later lookup
         finds them again). Returns how many were forgotten."""
         forgotten = 0
+        busy: list[BlockRecord] = []
         while len(self._remote_only) > limit:
             _, record = self._remote_only.popitem(last=False)
-            if record.state is BlockState.READY and self._only_shared(record):
-                self.drop(list(record.copies.values()))
-                forgotten += 1
+            if record.state is not BlockState.READY or not self._only_shared(record):
+                continue
+            if any(copy.holds for copy in record.copies.values()):
+                busy.append(record)  # a get is promoting it: kept, tried again next time
+                limit -= 1
+                continue
+            self.drop(list(record.copies.values()))
+            forgotten += 1
+        for record in busy:
+            self._remote_only[record.key] = record
         return forgotten
 
     # -- internals -------------------------------------------------------------------------------

@@ -129,6 +129,12 @@ def rebalance(
     return plans
 
 
+def read_window(landing_capacity: int, block_bytes: int) -> int:
+    """How many blocks a get reads ahead: :data:`PROMOTE_AHEAD`, but at most a quarter of what the
+    landing level holds, so read-ahead never crowds out the block the get needs now."""
+    return max(1, min(PROMOTE_AHEAD, landing_capacity // (4 * max(block_bytes, 1))))
+
+
 def read_ahead(records: Sequence[BlockRecord], start: int, landing: int, window: int = PROMOTE_AHEAD) -> list[int]:
     """Indexes in ``records[start:start+window]`` with no readable copy in the landing level."""
     stop = min(start + window, len(records))

@@ -52,6 +52,8 @@ log = logging.getLogger("kvstore.daemon")
 DEFAULT_BACKOFF_S = 2.0
 DEFAULT_LOOKUP_WINDOW = 16
 DEFAULT_MISS_TTL_S = 5.0
+PROMOTE_TRIES = 3
+"""A block evicted again between its promotion and its turn is promoted again, this many times."""
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ class Daemon:
             counters=self.counters,
         )
         self.health: dict[int, TierHealth] = {}
+        self.misses: MissCache | None = None
         self.shared: SharedLookup | None = None
         self.uploads: UploadQueue | None = None
         self.remembered_limit = 0
@@ -111,7 +114,7 @@ class Daemon:
         self.write_policy = placement.WritePolicy(
             persist=config.write_through, share=bool(layout.shared) and config.share_write_through
         )
-        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads)
+        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads, self.misses)
         self.arena_id = secrets.token_hex(8)
         self.started_at = time.monotonic()
         self.version = __version__
@@ -126,6 +129,7 @@ class Daemon:
         await self.stack.open()
 
     async def close(self) -> None:
+        await self.mover.settle()
         await self.stack.close()
 
     # -- background steps (run by the server's Background group) -----------------------------------
@@ -179,7 +183,8 @@ class Daemon:
         ahead: dict[int, asyncio.Future] = {}
         try:
             for i, record in enumerate(found):
-                for j in placement.read_ahead(found, i, landing):
+                window = placement.read_window(self.arena.capacity_bytes, record.size)
+                for j in placement.read_ahead(found, i, landing, window):
                     if j not in ahead:
                         ahead[j] = asyncio.ensure_future(self.mover.promote(found[j]))
                 source = record.primary()
@@ -188,8 +193,12 @@ class Daemon:
                 if copy is None:
                     future = ahead.pop(i, None)
                     copy = await future if future is not None else await self.mover.promote(record)
+                    for _ in range(PROMOTE_TRIES):  # evicted again before its turn: once more
+                        if not (isinstance(copy, Copy) and not copy.readable):
+                            break
+                        copy = await self.mover.promote(record)
                     if isinstance(copy, Copy) and not copy.readable:
-                        copy = await self.mover.promote(record)  # evicted again before its turn
+                        copy = None
                     if copy is NO_ROOM:
                         partial = bool(held)
                         break

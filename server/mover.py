@@ -13,6 +13,11 @@ victim, and if it is dropped meanwhile its location is freed when the last hold 
 - :meth:`Mover.replicate` gives a block a copy in another level now (write-through, uploads).
 - :meth:`Mover.drop` takes copies out; persistent index entries are durably forgotten before
   their extents can be reused.
+
+A move that has started runs to its end even when the call that asked for it is cancelled (a
+client gone, a get that stopped early): its I/O may be in a thread that cannot be stopped, so its
+locations are adopted or given back only once that I/O is over, never while a thread still writes
+them. :meth:`Mover.settle` waits for such moves before the tiers close.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ from kvstore.stats import Counters
 from kvstore.tiers.base import Location
 from kvstore.tiers.stack import TierStack
 from kvstore.server.health import TierHealth
+from kvstore.server.shared import MissCache
 from kvstore.server.writeback import UploadQueue
 
 log = logging.getLogger("kvstore.mover")
 
 BUSY_WAIT_S = 2.0
+ROOM_ROUNDS = 8
+"""Evictions :meth:`Mover.make_room` tries before giving up (concurrent moves may take the room
+one eviction freed while it waited for a disk)."""
 NO_ROOM = object()
 """What :meth:`Mover.promote` returns when the landing level has no room (everything in use)."""
 
@@ -47,6 +56,7 @@ class Mover:
         counters: Counters,
         health: dict[int, TierHealth],
         uploads: UploadQueue | None,
+        misses: MissCache | None = None,
     ) -> None:
         self.layout = stack.layout
         self.tiers = stack.tiers
@@ -54,9 +64,27 @@ class Mover:
         self.counters = counters
         self.health = health
         self.uploads = uploads
+        self.misses = misses
         self._names = [level.name for level in self.layout.levels]
         self._promoting: dict[bytes, asyncio.Future] = {}
+        self._running: set[asyncio.Task] = set()
         self.busy = 0  # moves in flight that hold copies they will let go of
+
+    async def _finish(self, coro):
+        """Run ``coro`` to its end even if the caller is cancelled (see the module docstring)."""
+        task = asyncio.ensure_future(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure)  # nobody is left to see its outcome
+            raise
+
+    async def settle(self) -> None:
+        """Wait for every move in flight (before the tiers close)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     def available(self, level: int) -> bool:
         health = self.health.get(level)
@@ -68,7 +96,7 @@ class Mover:
         """Reserve a location for ``record`` in ``level``, evicting its coldest copies as needed."""
         tier = self.tiers[level]
         waited = 0.0
-        for _ in range(3):  # others may take freed room while evictions wait for a disk
+        for _ in range(ROOM_ROUNDS):  # others may take freed room while evictions wait for a disk
             location = tier.reserve(record)
             if location is not None:
                 return location
@@ -92,23 +120,28 @@ class Mover:
         return tier.reserve(record)
 
     async def execute(self, plan: placement.Plan) -> None:
-        """Evict ``plan.victims``: demote or upload what the plan says, then drop them all."""
-        if not plan.victims:
-            return
+        """Evict ``plan.victims``: demote or upload what the plan says, then drop them. A victim
+        whose demotion failed (bad bytes aside: a write error) is kept: no acknowledged block is
+        lost to a failing disk; the room it would have freed is not freed."""
+        if plan.victims:
+            await self._execute(plan)
+
+    async def _execute(self, plan: placement.Plan) -> None:
         moving = plan.demote or [c for c in plan.victims if c.record in plan.upload]
         for copy in moving:
             self.catalog.hold(copy)
         self.busy += 1
+        kept: set[int] = set()
         try:
             if plan.demote:
-                await self._demote(plan.demote, plan.to)
+                kept = await self._demote(plan.demote, plan.to)
             if plan.upload:
-                await asyncio.gather(*(self.replicate(record, plan.share) for record in plan.upload))
+                await asyncio.gather(*(self._replicate(record, plan.share) for record in plan.upload))
         finally:
             self.busy -= 1
             for copy in moving:
                 self.catalog.unhold(copy)
-        await self.drop(plan.victims, evicted=True)
+        await self._drop([c for c in plan.victims if id(c) not in kept], evicted=True)
 
     async def rebalance(self) -> int:
         """One background step: demote from every level past its high watermark."""
@@ -121,52 +154,55 @@ class Mover:
 
     # -- moves -----------------------------------------------------------------------------------
 
-    async def _demote(self, copies: Sequence[Copy], to: int) -> None:
+    async def _demote(self, copies: Sequence[Copy], to: int) -> set[int]:
+        """Copy ``copies`` into level ``to``; returns the ids of those that must be kept where they
+        are (their copy could not be written)."""
+        kept: set[int] = set()
         targets: list[tuple[Copy, Location]] = []
         for copy in copies:
             if copy.record.state is BlockState.READY and copy.readable:
                 location = await self.make_room(to, copy.record)
                 if location is not None:
                     targets.append((copy, location))
+                else:
+                    kept.add(id(copy))  # no room below right now: it stays where it is
         live = []
         for copy, location in targets:
             if copy.record.state is BlockState.READY:
                 live.append((copy, location))
             else:
                 self.tiers[to].release(location)  # deleted while room was being made
-        expected = (OSError, IntegrityError, UnavailableError)
-        try:
-            copied = await asyncio.gather(*(self._copy(c, loc, to) for c, loc in live), return_exceptions=True)
-            unexpected = [o for o in copied if isinstance(o, BaseException) and not isinstance(o, expected)]
-            if unexpected:
-                raise unexpected[0]
-        except BaseException:
-            for _, location in live:
-                self.tiers[to].release(location)
-            raise
-        written = []
-        for (copy, location), outcome in zip(live, copied):
-            if isinstance(outcome, BaseException):
-                # Bad bytes or a failed write: not demoted (the victim is dropped all the same).
-                self.tiers[to].release(location)
-                log.warning("cannot demote block %s to %s: %s", copy.record.key.hex()[:16], self._names[to], outcome)
-                self.counters.tier(self._names[to]).errors += 1
-            else:
+        outcomes = await self._write(live, to)
+        written, unexpected = [], None
+        for (copy, location), outcome in zip(live, outcomes):
+            if outcome is None:
                 written.append((copy, location))
-        live = written
-        try:
-            await self.tiers[to].persist([(copy.record, location) for copy, location in live])
-        except BaseException:
-            for _, location in live:
+                continue
+            self.tiers[to].release(location)
+            if not isinstance(outcome, (OSError, IntegrityError, UnavailableError)):
+                unexpected = unexpected or outcome
+                continue
+            log.warning("cannot demote block %s to %s: %s", copy.record.key.hex()[:16], self._names[to], outcome)
+            if isinstance(outcome, IntegrityError):
+                continue  # bad bytes: not worth keeping either (the victim is dropped)
+            self.counters.tier(self._names[to]).errors += 1
+            kept.add(id(copy))
+        if unexpected is not None:
+            for _, location in written:
                 self.tiers[to].release(location)
-            raise
+            raise unexpected
+        live = written
         for copy, location in live:
             if await self._adopt(copy.record, to, location):
                 self.counters.tier(self._names[copy.level]).demotions += 1
+        return kept
 
     async def replicate(self, record: BlockRecord, to: int) -> bool:
         """Give ``record`` a copy in level ``to`` now, from its fastest copy; False when that cannot
         be done (no room, the medium unreachable, the block gone)."""
+        return await self._replicate(record, to)
+
+    async def _replicate(self, record: BlockRecord, to: int) -> bool:
         if to in record.copies:
             return True
         source = record.primary()
@@ -179,22 +215,18 @@ class Mover:
             location = await self.make_room(to, record)
             if location is None:
                 return False
-            try:
-                await self._copy(source, location, to)
-                await self.tiers[to].persist([(record, location)])
-            except UnavailableError as exc:
+            (outcome,) = await self._write([(source, location)], to)
+            if outcome is not None:
                 self.tiers[to].release(location)
-                if health is not None:
-                    health.failed(exc)
-                return False
-            except (OSError, IntegrityError) as exc:
-                self.tiers[to].release(location)
-                log.warning("cannot copy block %s to %s: %s", record.key.hex()[:16], self._names[to], exc)
+                if isinstance(outcome, UnavailableError):
+                    if health is not None:
+                        health.failed(outcome)
+                    return False
+                if not isinstance(outcome, (OSError, IntegrityError)):
+                    raise outcome
+                log.warning("cannot copy block %s to %s: %s", record.key.hex()[:16], self._names[to], outcome)
                 self.counters.tier(self._names[to]).errors += 1
                 return False
-            except BaseException:
-                self.tiers[to].release(location)
-                raise
             if health is not None:
                 health.succeeded()
             adopted = await self._adopt(record, to, location)
@@ -205,16 +237,65 @@ class Mover:
             self.busy -= 1
             self.catalog.unhold(source)
 
+    async def _write(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:
+        """Copy each source into its location in level ``to``, then persist those written: the
+        outcome of each (None, or what went wrong). Cancelled, it stops waiting but not the I/O,
+        which may be in a thread: once that is over, what it persisted is forgotten again and its
+        locations are released, never before."""
+        io = asyncio.ensure_future(self._write_io(pairs, to))
+        try:
+            return await asyncio.shield(io)
+        except asyncio.CancelledError:
+            io.add_done_callback(lambda done: self._abandon(done, pairs, to))
+            raise
+
+    async def _write_io(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:
+        copied = await asyncio.gather(*(self._copy(c, loc, to) for c, loc in pairs), return_exceptions=True)
+        written = [(c.record, loc) for (c, loc), outcome in zip(pairs, copied) if outcome is None]
+        try:
+            await self.tiers[to].persist(written)
+        except Exception as exc:  # nothing of the batch is indexed: all of it failed
+            return [outcome if outcome is not None else exc for outcome in copied]
+        return copied
+
+    def _abandon(self, io: asyncio.Task, pairs: Sequence[tuple[Copy, Location]], to: int) -> None:
+        persisted = []
+        if not io.cancelled() and io.exception() is None:
+            persisted = [(c.record.key, loc) for (c, loc), outcome in zip(pairs, io.result()) if outcome is None]
+
+        async def undo() -> None:
+            if persisted:
+                try:
+                    await self.tiers[to].forget(persisted)
+                except Exception as exc:
+                    log.error("cannot forget %d abandoned copies in %s (%s): their space is kept until restart",
+                              len(persisted), self._names[to], exc)
+                    kept = {id(loc) for _, loc in persisted}
+                    for _, location in pairs:
+                        if id(location) not in kept:
+                            self.tiers[to].release(location)
+                    return
+            for _, location in pairs:
+                self.tiers[to].release(location)
+
+        task = asyncio.ensure_future(undo())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
     async def _copy(self, source: Copy, location: Location, to: int) -> None:
         """Copy ``source``'s bytes into ``location`` of level ``to``. Bytes read from a persistent
-        level are verified first, so bad bytes never travel on; blocks put without a checksum get
-        theirs here (every copy below the landing level carries one)."""
+        level, and bytes going to a shared one (other daemons trust what they find there), are
+        verified first, so bad bytes never travel on; blocks put without a checksum get theirs
+        here (every copy below the landing level carries one)."""
         record = source.record
         n = min(source.nbytes, location.length)
         data = await self.tiers[source.level].read(source.location, 0, n)
+        levels = self.layout.levels
         if record.checksum is None:
             record.checksum = checksum(data[: record.size])
-        elif self.layout.levels[source.level].capabilities.persistent and checksum(data[: record.size]) != record.checksum:
+        elif (levels[source.level].capabilities.persistent or levels[to].shared) and checksum(
+            data[: record.size]
+        ) != record.checksum:
             raise IntegrityError(f"the {self._names[source.level]} copy failed verification")
         await self.tiers[to].write(location, 0, data)
 
@@ -223,7 +304,7 @@ class Mover:
         if record.state is not BlockState.READY or level in record.copies:
             if record.state is not BlockState.READY and self.layout.levels[level].shared:
                 await self._unpublish(record, level)
-            await self.drop([self.catalog.orphan(record, level, location)])  # un-index exactly this copy
+            await self._drop([self.catalog.orphan(record, level, location)])  # un-index exactly this copy
             return False
         self.catalog.fill(self.catalog.attach(record, level, location))
         if self.uploads is not None and placement.after_adopt(self.layout, level):
@@ -243,8 +324,10 @@ class Mover:
 
     async def promote(self, record: BlockRecord) -> Copy | object | None:
         """A readable landing-level copy of ``record``, read up from its fastest copy; None if the
-        block is gone or failed verification, :data:`NO_ROOM` if the landing level is full of
-        blocks in use."""
+        block is gone, failed verification or is only in a medium that does not answer now;
+        :data:`NO_ROOM` if the landing level is full of blocks in use. Concurrent readers of one
+        block share one promotion. Cancelled while it makes room, it stops; once its read has
+        begun, the read and its verification run to their end."""
         waiting = self._promoting.get(record.key)
         if waiting is not None:
             return await asyncio.shield(waiting)
@@ -263,7 +346,10 @@ class Mover:
         source = record.primary()
         if source is None or source.level == landing:
             return source
+        if not self.available(source.level):
+            return None  # a miss now, without evicting anything for it
         self.catalog.hold(source)
+        handed_over = False
         try:
             location = await self.make_room(landing, record)
             if location is None:
@@ -272,34 +358,44 @@ class Mover:
                 self.tiers[landing].release(location)
                 return record.readable_at(landing)
             copy = self.catalog.attach(record, landing, location)
-            self.catalog.hold(copy)  # held by the read until it stops
-            read = asyncio.ensure_future(self._fetch(source, copy))
+            handed_over = True  # _fill lets go of the source
+            return await self._finish(self._fill(source, copy))
+        finally:
+            if not handed_over:
+                self.catalog.unhold(source)
+
+    async def _fill(self, source: Copy, copy: Copy) -> Copy | None:
+        """Read ``source`` into the new landing ``copy``, verify it, make it readable."""
+        record, landing = copy.record, copy.level
+        try:
+            self.catalog.hold(copy)  # a delete meanwhile must not free what the read fills
             try:
-                fetched = await asyncio.shield(read)
-            except asyncio.CancelledError:
-                # The read may still be filling the location: free it only once the read stopped.
-                if copy.state is CopyState.FILLING:
-                    self.catalog.discard(copy)
-                read.add_done_callback(lambda _: self.catalog.unhold(copy))
-                raise
-            self.catalog.unhold(copy)
+                fetched = await self._fetch(source, copy)
+            finally:
+                self.catalog.unhold(copy)
             if copy.state is not CopyState.FILLING:
                 return None  # dropped meanwhile (deleted)
             if fetched is None or record.state is not BlockState.READY:
                 self.catalog.discard(copy)  # unreachable (a miss this time), or deleted meanwhile
                 return None
-            view = self.tiers[landing].view(location, record.size)
+            view = self.tiers[landing].view(copy.location, record.size)
             if not fetched or checksum(view) != record.checksum:
                 name = self._names[source.level]
                 log.warning("block %s failed verification on %s: dropped", record.key.hex()[:16], name)
                 self.counters.integrity_failures += 1
                 self.counters.tier(name).integrity_failures += 1
                 self.catalog.discard(copy)
-                await self.drop([source])
+                if self.misses is not None and self.layout.levels[source.level].shared:
+                    self.misses.remember([record.key])
+                await self._drop([source])
                 return None
             self.catalog.fill(copy)
             self.counters.tier(self._names[source.level]).promotions += 1
             return copy
+        except BaseException:
+            if copy.state is CopyState.FILLING:
+                self.catalog.discard(copy)
+            raise
         finally:
             self.catalog.unhold(source)
 
@@ -334,6 +430,9 @@ class Mover:
     async def drop(self, copies: Sequence[Copy], *, evicted: bool = False) -> None:
         """Take copies out of their levels (see :meth:`Catalog.drop`), forgetting persistent index
         entries durably before their locations can be reused."""
+        await self._finish(self._drop(copies, evicted=evicted))
+
+    async def _drop(self, copies: Sequence[Copy], *, evicted: bool = False) -> None:
         forget = self.catalog.drop(copies, evicted=evicted)
         by_level: dict[int, list[Copy]] = {}
         for copy in forget:
@@ -341,6 +440,17 @@ class Mover:
         for level, held in by_level.items():
             try:
                 await self.tiers[level].forget([(c.record.key, c.location) for c in held])
-            finally:
-                for copy in held:
-                    self.catalog.unhold(copy)
+            except Exception as exc:
+                # The entries may still be there: their locations stay held (unused) until a
+                # restart, rather than be reused under a key that names them.
+                log.error("cannot forget %d blocks from %s (%s): their space is kept until restart",
+                          len(held), self._names[level], exc)
+                self.counters.tier(self._names[level]).errors += 1
+                continue
+            for copy in held:
+                self.catalog.unhold(copy)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a move whose caller was cancelled failed", exc_info=task.exception())

@@ -89,9 +89,22 @@ class PosixFileIO:
             bounce.drain()
 
     async def _run_parts(self, op, offset: int, view: memoryview) -> None:
+        """Every part in the pool; returns (or raises the first error) only once no thread touches
+        ``view`` or the file range any more, even when cancelled."""
         loop = asyncio.get_running_loop()
         parts = [(offset + start, view[start : start + SPLIT_BYTES]) for start in range(0, view.nbytes, SPLIT_BYTES)]
-        await asyncio.gather(*(loop.run_in_executor(self._pool, _all, op, self._fd, part, at) for at, part in parts))
+        running = asyncio.gather(
+            *(loop.run_in_executor(self._pool, _all, op, self._fd, part, at) for at, part in parts),
+            return_exceptions=True,
+        )
+        try:
+            outcomes = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait([running])
+            raise
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def sync(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, os.fdatasync, self._fd)
