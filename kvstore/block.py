@@ -44,6 +44,8 @@ class CopyState(enum.Enum):
     FREED = "freed"       # its location went back to the tier
 
 
+_READY = CopyState.READY  # hot paths compare against a module constant
+
 _BLOCK_NEXT = {
     BlockState.WRITING: {BlockState.READY, BlockState.GONE},
     BlockState.READY: {BlockState.GONE},
@@ -114,8 +116,8 @@ class BlockRecord:
     def primary(self) -> Copy | None:
         """The fastest readable copy, or None."""
         best = None
-        for level, copy in self.copies.items():
-            if copy.state is CopyState.READY and (best is None or level < best.level):
+        for copy in self.copies.values():
+            if copy.state is _READY and (best is None or copy.level < best.level):
                 best = copy
         return best
 

@@ -115,6 +115,7 @@ class Daemon:
             persist=config.write_through, share=bool(layout.shared) and config.share_write_through
         )
         self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads, self.misses)
+        self._kinds = [level.kind for level in layout.levels]
         self.arena_id = secrets.token_hex(8)
         self.started_at = time.monotonic()
         self.version = __version__
@@ -164,8 +165,8 @@ class Daemon:
         found = await self._prefix(keys, namespace)
         self.counters.lookup_hit_blocks += len(found)
         self.counters.lookup_miss_blocks += len(keys) - len(found)
-        levels = self.layout.levels
-        return [levels[record.primary().level].kind for record in found]
+        kinds = self._kinds
+        return [kinds[record.primary().level] for record in found]
 
     async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
         """Hold the landing copies of the leading present blocks, promoting the others first.

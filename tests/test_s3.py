@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kvstore import UnavailableError
+from kvstore import TierKind, UnavailableError
 from kvstore.checksum import checksum
 from kvstore.config import S3Config
 from kvstore.tiers.s3 import S3Tier
@@ -355,3 +355,30 @@ async def test_the_index_forgets_the_oldest_s3_only_blocks_beyond_its_bound(moto
 
 async def _len_is(index, n: int) -> bool:
     return len(index) == n
+
+
+async def test_objects_laid_out_as_version_0_1_wrote_them_are_served(moto):
+    """The bucket layout, written here with plain aiobotocore as 0.1 wrote it (no tier code):
+    ``<prefix><namespace hex, or _>/<key hex>``, with ``kvstore-size``, ``kvstore-xxh3`` (16 hex
+    digits) and ``kvstore-namespace`` metadata. This version finds and serves those objects."""
+    from aiobotocore.session import get_session
+
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import NS, chain, make_config, random_blocks
+
+    await make_bucket(moto.url)
+    s3 = s3_settings(moto.url, prefix="v01/")
+    keys, blocks = chain(3, seed=230), random_blocks(3, 30_000)
+    async with get_session().create_client("s3", endpoint_url=moto.url, region_name="us-east-1") as raw:
+        for key, block in zip(keys, blocks):
+            await raw.put_object(
+                Bucket=BUCKET, Key=f"v01/{NS.digest.hex()}/{key.hex()}", Body=block,
+                Metadata={"kvstore-size": str(len(block)), "kvstore-xxh3": f"{checksum(block):016x}",
+                          "kvstore-namespace": NS.digest.hex()},
+            )
+    async with KVStoreServer(make_config(s3=s3)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", namespace=NS) as kv:
+            assert (await kv.lookup(keys)).tiers == [TierKind.S3] * 3
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
