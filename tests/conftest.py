@@ -40,6 +40,23 @@ def random_blocks(n: int, size: int) -> list[bytes]:
     return [os.urandom(size) for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def moto(request):
+    """A real S3-compatible server (moto) on loopback for one test module, with the module's
+    ``BUCKET`` created when it names one."""
+    from s3server import MotoServer, use_test_credentials
+
+    use_test_credentials()
+    server = MotoServer().start()
+    bucket = getattr(request.module, "BUCKET", None)
+    if bucket:
+        import boto3
+
+        boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 async def server():
     async with KVStoreServer(make_config()) as srv:

@@ -19,6 +19,12 @@ from conftest import make_config
 BLOCK = 64 * 1024
 
 
+def nvme_daemon(tmp_path, *, dram_blocks: int, **overrides) -> Daemon:
+    """A daemon (no server around it) with a DRAM tier of ``dram_blocks`` over a small NVMe tier."""
+    nvme = NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=8 * BLOCK, direct_io=False)
+    return Daemon(make_config(dram_bytes=dram_blocks * BLOCK, nvme=nvme, **overrides))
+
+
 async def put_bytes(d: Daemon, key: bytes, data: bytes) -> bool:
     (slot,) = await d.reserve([key], [len(data)], [])
     if slot.copy is None:
@@ -43,133 +49,89 @@ async def wait_for(flag: threading.Event, timeout_s: float = 5.0) -> None:
     raise AssertionError("not reached")
 
 
+class StalledDisk:
+    """An NVMe tier's writes stand for a slow disk: each pwrite (the first only, with
+    ``first_only``) runs in a worker thread that waits for ``gate``, and cancelling the task
+    awaiting it does not stop the thread (as in ``PosixFileIO._run_parts``)."""
+
+    def __init__(self, io, *, first_only: bool = True) -> None:
+        self.io, self.first_only = io, first_only
+        self.started, self.gate, self.finished = threading.Event(), threading.Event(), threading.Event()
+        self._real, self._stalled = io.write, False
+        io.write = self.write
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        if self._stalled and self.first_only:
+            await self._real(offset, data)
+            return
+        self._stalled = True
+        payload = bytes(data)
+
+        def blocking() -> None:
+            self.started.set()
+            self.gate.wait(10)
+            os.pwrite(self.io._fd, payload, offset)
+            self.finished.set()
+
+        await asyncio.get_running_loop().run_in_executor(None, blocking)
+
+
 # -- a cancelled demotion must not give its NVMe extent back while the write is in flight ---------
 
 
+async def cancel_a_demotion(d: Daemon, disk: StalledDisk) -> tuple[bytes, bytes, bytes]:
+    """Put A and D (DRAM full, A the coldest), then a put of C that evicts A: A's demotion write
+    stalls on the disk and the client gives up on its put. Returns the three blocks' bytes."""
+    a, dd, c = os.urandom(BLOCK), os.urandom(BLOCK), os.urandom(BLOCK)
+    assert await put_bytes(d, b"A" * 16, a)
+    assert await put_bytes(d, b"D" * 16, dd)
+    put_c = asyncio.ensure_future(put_bytes(d, b"C" * 16, c))
+    await wait_for(disk.started)
+    put_c.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put_c
+    return a, dd, c
+
+
 async def test_cancelled_demotion_does_not_release_an_nvme_extent_still_being_written(tmp_path):
-    d = Daemon(make_config(
-        dram_bytes=2 * BLOCK,
-        nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=8 * BLOCK, direct_io=False),
-    ))
+    d = nvme_daemon(tmp_path, dram_blocks=2)
+    nvme = d.stack.tiers[1]
+    disk = StalledDisk(nvme._io)
     try:
-        nvme = d.stack.tiers[1]
-        io = nvme._io
-        real_write = io.write
-        started, gate, finished = threading.Event(), threading.Event(), threading.Event()
-        stalled: list[int] = []
-
-        async def slow_disk_write(offset: int, data: memoryview) -> None:
-            # The first NVMe write stands for a slow disk: the pwrite runs in a worker thread, and
-            # cancelling the task awaiting it does not stop the thread (as in PosixFileIO._run_parts).
-            if not stalled:
-                stalled.append(offset)
-                payload = bytes(data)
-
-                def blocking() -> None:
-                    started.set()
-                    gate.wait(10)
-                    os.pwrite(io._fd, payload, offset)
-                    finished.set()
-
-                await asyncio.get_running_loop().run_in_executor(None, blocking)
-                return
-            await real_write(offset, data)
-
-        io.write = slow_disk_write
-
-        a, dd, c = os.urandom(BLOCK), os.urandom(BLOCK), os.urandom(BLOCK)
-        assert await put_bytes(d, b"A" * 16, a)
-        assert await put_bytes(d, b"D" * 16, dd)  # DRAM full; A is the coldest
-
-        put_c = asyncio.ensure_future(put_bytes(d, b"C" * 16, c))  # evicts A: A is demoted to NVMe...
-        await wait_for(started)                                   # ...and its write is on the disk
-        put_c.cancel()                                             # the client gives up on its put
-        with pytest.raises(asyncio.CancelledError):
-            await put_c
-
-        # The write of A into NVMe is still running in its thread, yet its extent is already free.
-        assert not finished.is_set()
+        await cancel_a_demotion(d, disk)
+        # The write of A into NVMe is still running in its thread: its extent must still be taken.
+        assert not disk.finished.is_set()
         assert nvme.used_bytes == BLOCK, "the NVMe extent went back while a write into it was in flight"
     finally:
-        gate.set()
+        disk.gate.set()
         await asyncio.sleep(0.05)
         await d.close()
 
 
 async def test_a_block_demoted_after_a_cancelled_demotion_keeps_its_bytes(tmp_path):
-    d = Daemon(make_config(
-        dram_bytes=2 * BLOCK,
-        nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=8 * BLOCK, direct_io=False),
-    ))
+    d = nvme_daemon(tmp_path, dram_blocks=2)
+    disk = StalledDisk(d.stack.tiers[1]._io)
     try:
-        nvme = d.stack.tiers[1]
-        io = nvme._io
-        real_write = io.write
-        started, gate, finished = threading.Event(), threading.Event(), threading.Event()
-        stalled: list[int] = []
-
-        async def slow_disk_write(offset: int, data: memoryview) -> None:
-            if not stalled:
-                stalled.append(offset)
-                payload = bytes(data)
-
-                def blocking() -> None:
-                    started.set()
-                    gate.wait(10)
-                    os.pwrite(io._fd, payload, offset)
-                    finished.set()
-
-                await asyncio.get_running_loop().run_in_executor(None, blocking)
-                return
-            await real_write(offset, data)
-
-        io.write = slow_disk_write
-
-        a, dd, c = os.urandom(BLOCK), os.urandom(BLOCK), os.urandom(BLOCK)
-        assert await put_bytes(d, b"A" * 16, a)
-        assert await put_bytes(d, b"D" * 16, dd)
-
-        put_c = asyncio.ensure_future(put_bytes(d, b"C" * 16, c))
-        await wait_for(started)
-        put_c.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await put_c
-
+        a, dd, c = await cancel_a_demotion(d, disk)
         assert await get_bytes(d, b"A" * 16) == [a]   # A is still in DRAM; now D is the coldest
-        assert await put_bytes(d, b"C" * 16, c)       # evicts D: demoted into the extent A's write holds
-        gate.set()
-        await wait_for(finished)                      # the stale write of A lands
-
+        assert await put_bytes(d, b"C" * 16, c)       # evicts D: demoted while A's stale write is pending
+        disk.gate.set()
+        await wait_for(disk.finished)                 # the stale write of A lands
         assert await get_bytes(d, b"D" * 16) == [dd], "D was acknowledged and demoted, then lost"
         assert d.counters.integrity_failures == 0
     finally:
-        gate.set()
+        disk.gate.set()
         await asyncio.sleep(0.05)
         await d.close()
 
 
 async def test_cancelled_write_through_does_not_release_an_nvme_extent_still_being_written(tmp_path):
-    d = Daemon(make_config(
-        dram_bytes=4 * BLOCK, write_through=True,
-        nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=8 * BLOCK, direct_io=False),
-    ))
+    d = nvme_daemon(tmp_path, dram_blocks=4, write_through=True)
     try:
         nvme = d.stack.tiers[1]
         io = nvme._io
-        started, gate, finished = threading.Event(), threading.Event(), threading.Event()
-
-        async def slow_disk_write(offset: int, data: memoryview) -> None:
-            payload = bytes(data)
-
-            def blocking() -> None:
-                started.set()
-                gate.wait(10)
-                os.pwrite(io._fd, payload, offset)
-                finished.set()
-
-            await asyncio.get_running_loop().run_in_executor(None, blocking)
-
-        io.write = slow_disk_write
+        disk = StalledDisk(io, first_only=False)
+        started, gate, finished = disk.started, disk.gate, disk.finished
         put_a = asyncio.ensure_future(put_bytes(d, b"A" * 16, os.urandom(BLOCK)))  # commit writes through
         await wait_for(started)
         put_a.cancel()
@@ -185,26 +147,13 @@ async def test_cancelled_write_through_does_not_release_an_nvme_extent_still_bei
 
 # -- S3 ----------------------------------------------------------------------------------------
 
-S3_BUCKET = "kvstore-review"
-
-
-@pytest.fixture(scope="module")
-def moto():
-    from s3server import MotoServer, use_test_credentials
-
-    use_test_credentials()
-    server = MotoServer().start()
-    import boto3
-
-    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
-    yield server
-    server.stop()
+BUCKET = "kvstore-review"
 
 
 def s3_config(url: str, **overrides):
     from kvstore.config import S3Config
 
-    base = dict(bucket=S3_BUCKET, endpoint_url=url, prefix=f"r-{os.urandom(4).hex()}/", connect_timeout_s=0.5,
+    base = dict(bucket=BUCKET, endpoint_url=url, prefix=f"r-{os.urandom(4).hex()}/", connect_timeout_s=0.5,
                 read_timeout_s=2, max_attempts=1, negative_ttl_s=30, backoff_s=0.2)
     base.update(overrides)
     return S3Config(**base)
@@ -274,10 +223,7 @@ async def test_s3_usage_counts_what_the_bucket_holds_for_this_daemon(moto):
 
 
 async def test_a_cancelled_then_deleted_promotion_frees_each_extent_once_after_the_read(tmp_path):
-    d = Daemon(make_config(
-        dram_bytes=2 * BLOCK,
-        nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=8 * BLOCK, direct_io=False),
-    ))
+    d = nvme_daemon(tmp_path, dram_blocks=2)
     try:
         nvme = d.stack.tiers[1]
         io = nvme._io
@@ -357,10 +303,7 @@ async def test_an_upload_that_lands_after_a_delete_is_removed(moto):
 
 
 async def test_a_failed_demotion_write_does_not_lose_the_victim(tmp_path):
-    d = Daemon(make_config(
-        dram_bytes=2 * BLOCK,
-        nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=8 * BLOCK, direct_io=False),
-    ))
+    d = nvme_daemon(tmp_path, dram_blocks=2)
     try:
         nvme = d.stack.tiers[1]
         io = nvme._io

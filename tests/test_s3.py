@@ -19,14 +19,6 @@ MiB = 1 << 20
 BUCKET = "kvstore-test"
 
 
-@pytest.fixture(scope="module")
-def moto():
-    use_test_credentials()
-    server = MotoServer().start()
-    yield server
-    server.stop()
-
-
 async def make_bucket(url: str) -> None:
     from aiobotocore.session import get_session
 

@@ -23,7 +23,6 @@ from kvstore.server import KVStoreServer
 from kvstore.tiers.stack import build_stack
 
 from conftest import chain, make_config, random_blocks
-from s3server import MotoServer, use_test_credentials
 from slow_memory_tier import SlowMemoryConfig, SlowMemoryTier
 
 try:
@@ -35,17 +34,6 @@ KiB, MiB = 1 << 10, 1 << 20
 BUCKET = "kvstore-stack"
 SLOWMEM = "slow_memory_tier:SlowMemoryTier"
 NAMES = ["dram", "slowmem", "nvme", "s3"]
-
-
-@pytest.fixture(scope="module")
-def moto():
-    import boto3
-
-    use_test_credentials()
-    server = MotoServer().start()
-    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
 
 
 def four_tiers(tmp_path, s3_url: str) -> ServerConfig:

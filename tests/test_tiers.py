@@ -29,7 +29,6 @@ from kvstore.layout import Addressing, Capabilities
 from kvstore.tier_kind import TierKind
 from kvstore.tiers import ExtentTier, KeyedTier, Location, MemoryTier, ObjectRef, ProbeInfo, Tier, create_tier, tier_class
 
-from s3server import MotoServer, use_test_credentials
 from slow_memory_tier import SlowMemoryConfig
 
 MiB = 1 << 20
@@ -138,18 +137,6 @@ class Tiers:
     async def close_all(self) -> None:
         while self._open:
             await self.close(self._open[-1])
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """One S3-compatible server with the suite's bucket; every test gets a prefix of its own."""
-    import boto3
-
-    use_test_credentials()
-    server = MotoServer().start()
-    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=cases())
