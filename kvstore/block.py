@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.errors import BlockTooLargeError, InvalidArgumentError
+from kvstore.keys import key_label
 
 
 class BlockState(enum.Enum):
@@ -110,7 +111,7 @@ class BlockRecord:
     def advance(self, state: BlockState) -> None:
         """Move to ``state``; raises on a transition the lifecycle forbids."""
         if state not in _BLOCK_NEXT[self.state]:
-            raise TransitionError(f"block {self.key.hex()[:16]}: {self.state.name} -> {state.name}")
+            raise TransitionError(f"block {key_label(self.key)}: {self.state.name} -> {state.name}")
         self.state = state
 
     def primary(self) -> Copy | None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kvstore.block import BlockRecord, BlockState, Copy, CopyState, StoredBlock
+from kvstore.keys import key_label
 from kvstore.layout import Layout
 from kvstore.policy import EvictionPolicy
 from kvstore.stats import Counters
@@ -79,7 +80,7 @@ class Catalog:
         """A new WRITING record with one FILLING copy: invisible until :meth:`commit`."""
         record = BlockRecord(key=key, size=size, namespace=namespace)
         if key in self._records:
-            raise RuntimeError(f"block {key.hex()[:16]} is already indexed")
+            raise RuntimeError(f"block {key_label(key)} is already indexed")
         self._records[key] = record
         return self.attach(record, level, location)
 
@@ -94,7 +95,7 @@ class Catalog:
         """A READY record for a block found in a shared or persistent level (copies attached next)."""
         record = BlockRecord(key=key, size=size, checksum=checksum, namespace=namespace, state=BlockState.READY)
         if key in self._records:
-            raise RuntimeError(f"block {key.hex()[:16]} is already indexed")
+            raise RuntimeError(f"block {key_label(key)} is already indexed")
         self._records[key] = record
         return record
 
@@ -107,7 +108,7 @@ class Catalog:
     def attach(self, record: BlockRecord, level: int, location: Any) -> Copy:
         """A FILLING copy of ``record`` at ``level``: its bytes are on their way."""
         if level in record.copies:
-            raise RuntimeError(f"block {record.key.hex()[:16]} already has a copy at level {level}")
+            raise RuntimeError(f"block {key_label(record.key)} already has a copy at level {level}")
         copy = Copy(record=record, level=level, location=location)
         record.copies[level] = copy
         return copy

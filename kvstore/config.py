@@ -218,6 +218,10 @@ class S3Config:
         _check(1 <= self.lookup_window <= 1024, f"s3.lookup_window must be in [1, 1024], got {self.lookup_window}")
         _check(0 < self.backoff_s < math.inf, f"s3.backoff_s must be finite and > 0, got {self.backoff_s}")
         _check(self.max_remembered_blocks >= 1, f"s3.max_remembered_blocks must be >= 1, got {self.max_remembered_blocks}")
+        _check(
+            not self.endpoint_url or re.match(r"^https?://[^/\s]+", self.endpoint_url) is not None,
+            f"s3.endpoint_url must be an http:// or https:// URL (e.g. http://minio:9000), got {self.endpoint_url!r}",
+        )
 
     @property
     def enabled(self) -> bool:

@@ -175,6 +175,11 @@ def _namespace_tag(namespace: bytes) -> bytes:
     return hashlib.blake2b(b"kvstore.namespace-tag\0" + namespace, digest_size=NAMESPACE_TAG_BYTES).digest()
 
 
+def key_label(index_key: bytes) -> str:
+    """How logs name a block: the start of its block key (not of the namespace tag before it)."""
+    return index_key[NAMESPACE_TAG_BYTES : NAMESPACE_TAG_BYTES + 8].hex()
+
+
 def unscoped(index_key: bytes) -> bytes:
     """The block key inside an index key made by :func:`scoped`."""
     return index_key[NAMESPACE_TAG_BYTES:]

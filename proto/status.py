@@ -12,6 +12,7 @@ from kvstore import errors
 
 _CODES: list[tuple[type[errors.KVStoreError], grpc.StatusCode]] = [
     # Most specific first: code_for walks this list in order.
+    (errors.BlockTooLargeError, grpc.StatusCode.OUT_OF_RANGE),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.StaleSessionError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -23,7 +24,6 @@ _CODES: list[tuple[type[errors.KVStoreError], grpc.StatusCode]] = [
 ]
 _ERRORS = {code: cls for cls, code in _CODES}
 _ERRORS[grpc.StatusCode.CANCELLED] = errors.UnavailableError
-_ERRORS[grpc.StatusCode.OUT_OF_RANGE] = errors.InvalidArgumentError
 
 
 def code_for(exc: errors.KVStoreError) -> grpc.StatusCode:

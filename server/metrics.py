@@ -23,7 +23,7 @@ _LATENCY_BUCKETS = (
 )
 
 _USAGE = (  # TierUsage attribute, gauge, help
-    ("capacity_bytes", "kvstore_tier_capacity_bytes", "Tier capacity (0: unbounded)"),
+    ("capacity_bytes", "kvstore_tier_capacity_bytes", "Tier capacity (no sample for unbounded tiers)"),
     ("used_bytes", "kvstore_tier_used_bytes", "Tier bytes in use"),
     ("blocks", "kvstore_tier_blocks", "Blocks resident"),
 )
@@ -68,6 +68,8 @@ class DaemonCollector(Collector):
         for attr, name, help_text in _USAGE:
             gauge = GaugeMetricFamily(name, help_text, labels=["tier"])
             for u in usage:
+                if attr == "capacity_bytes" and not u.capacity_bytes:
+                    continue  # a bucket has no capacity: no 0 for dashboards to divide by
                 gauge.add_metric([u.name], getattr(u, attr))
             yield gauge
         build = GaugeMetricFamily("kvstore_build_info", "The daemon's version", labels=["version"])

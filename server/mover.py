@@ -31,6 +31,7 @@ from kvstore.block import BlockRecord, BlockState, Copy, CopyState
 from kvstore.catalog import Catalog
 from kvstore.checksum import checksum
 from kvstore.errors import IntegrityError, UnavailableError
+from kvstore.keys import key_label, unscoped
 from kvstore.stats import Counters
 from kvstore.tiers.base import Location
 from kvstore.tiers.stack import TierStack
@@ -182,7 +183,7 @@ class Mover:
             if not isinstance(outcome, (OSError, IntegrityError, UnavailableError)):
                 unexpected = unexpected or outcome
                 continue
-            log.warning("cannot demote block %s to %s: %s", copy.record.key.hex()[:16], self._names[to], outcome)
+            log.warning("cannot demote block %s to %s: %s", key_label(copy.record.key), self._names[to], outcome)
             if isinstance(outcome, IntegrityError):
                 continue  # bad bytes: not worth keeping either (the victim is dropped)
             self.counters.tier(self._names[to]).errors += 1
@@ -224,7 +225,7 @@ class Mover:
                     return False
                 if not isinstance(outcome, (OSError, IntegrityError)):
                     raise outcome
-                log.warning("cannot copy block %s to %s: %s", record.key.hex()[:16], self._names[to], outcome)
+                log.warning("cannot copy block %s to %s: %s", key_label(record.key), self._names[to], outcome)
                 self.counters.tier(self._names[to]).errors += 1
                 return False
             if health is not None:
@@ -313,12 +314,10 @@ class Mover:
 
     async def _unpublish(self, record: BlockRecord, level: int) -> None:
         """A block deleted while it was uploaded: its object must not outlive the delete."""
-        from kvstore.keys import unscoped
-
         try:
             await self.tiers[level].remove([unscoped(record.key)], record.namespace)
         except UnavailableError as exc:
-            log.warning("cannot remove block %s from %s after its delete: %s", record.key.hex()[:16], self._names[level], exc)
+            log.warning("cannot remove block %s from %s after its delete: %s", key_label(record.key), self._names[level], exc)
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -381,7 +380,7 @@ class Mover:
             view = self.tiers[landing].view(copy.location, record.size)
             if not fetched or checksum(view) != record.checksum:
                 name = self._names[source.level]
-                log.warning("block %s failed verification on %s: dropped", record.key.hex()[:16], name)
+                log.warning("block %s failed verification on %s: dropped", key_label(record.key), name)
                 self.counters.integrity_failures += 1
                 self.counters.tier(name).integrity_failures += 1
                 self.catalog.discard(copy)
@@ -414,11 +413,11 @@ class Mover:
                 health.failed(exc)
             return None
         except IntegrityError as exc:
-            log.warning("block %s: %s", copy.record.key.hex()[:16], exc)
+            log.warning("block %s: %s", key_label(copy.record.key), exc)
             return False
         except OSError as exc:
             name = self._names[source.level]
-            log.warning("reading block %s from %s failed: %s", copy.record.key.hex()[:16], name, exc)
+            log.warning("reading block %s from %s failed: %s", key_label(copy.record.key), name, exc)
             self.counters.tier(name).errors += 1
             return False
         if health is not None:

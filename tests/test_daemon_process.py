@@ -152,3 +152,69 @@ def test_a_second_daemon_on_the_same_port_is_refused(daemon):
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{daemon.port}" in result.stderr
+
+
+def serve_refused(*args: str) -> str:
+    """Run ``kvstore serve`` with ``args``: it must refuse with exit status 2 and one line."""
+    result = subprocess.run(
+        [*KVSTORE, "serve", "--port", "0", "--metrics-port", "0", *args], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvstore: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--nvme-dir", "off", "--s3-bucket", "b", "--s3-endpoint-url", "minio:9000"], "s3.endpoint_url"),
+    (["--nvme-dir", "off", "--dram-bytes", "64TiB"], "dram.capacity_bytes=64.0 TiB is more than this machine"),
+    (["--nvme-dir", "off", "--nvme-io", "bogus"], "nvme.io_engine must be one of"),
+    (["--nvme-dir", "off", "--policy", "bogus"], "policy must be one of 'lru', 's3fifo'"),
+    (["--dram-bytes", "16MiB"], 'nvme.dir "auto" is named after the port'),
+])
+def test_a_bad_setting_is_one_line_naming_it(args, named):
+    assert named in serve_refused(*args)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 MiB tmpfs (needs root; skipped where it cannot be mounted)."""
+    import os
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_nvme_space_the_filesystem_cannot_hold_is_refused_at_start(tiny_filesystem):
+    line = serve_refused("--dram-bytes", "16MiB", "--nvme-dir", str(tiny_filesystem / "nvme"), "--nvme-bytes", "256MiB")
+    assert "nvme.capacity_bytes=256.0 MiB does not fit" in line
+    with open(tiny_filesystem / "filler", "wb") as filler:  # now the filesystem is full
+        try:
+            while True:
+                filler.write(b"\0" * (1 << 20))
+                filler.flush()
+        except OSError:
+            pass
+    line = serve_refused("--dram-bytes", "16MiB", "--nvme-dir", str(tiny_filesystem / "nvme2"), "--nvme-bytes", "1MiB")
+    assert "does not fit in nvme.dir=" in line or "cannot set up the NVMe tier" in line
+
+
+async def test_a_block_too_large_is_the_same_error_on_both_paths():
+    from kvstore import BlockTooLargeError
+    from kvstore.server import KVStoreServer
+
+    from conftest import make_config
+
+    async with KVStoreServer(make_config(max_block_bytes=1 << 20)) as srv:
+        for mode in ("require", "off"):
+            async with KVClient(f"127.0.0.1:{srv.port}", local=mode) as kv:
+                with pytest.raises(BlockTooLargeError, match="largest block this daemon stores is 1048576"):
+                    await kv.put(chain(1, seed=400), [b"x" * ((1 << 20) + 1)])

@@ -115,3 +115,10 @@ def test_check_keys_names_the_bad_key():
         check_keys([b"a", b"b", b"c" * 129], max_keys=4)
     with pytest.raises(InvalidArgumentError, match="at most 4"):
         check_keys([b"a"] * 5, max_keys=4)
+
+
+def test_logs_name_a_block_by_its_key_not_its_namespace_tag():
+    from kvstore.keys import key_label, scoped
+
+    key = bytes(range(32))
+    assert key_label(scoped([key], b"tenant-a")[0]) == key[:8].hex() == key_label(scoped([key], b"")[0])

@@ -39,6 +39,29 @@ def _map_arena(size: int, flags: int) -> tuple[mmap.mmap, int]:
         raise
 
 
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: the machine's, or its cgroup's limit if lower (None when
+    neither can be read)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    limits.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:  # "max", or v1's "no limit" near 2**63
+            limits.append(int(value))
+    return min(limits) if limits else None
+
+
 class DramTier(MemoryTier):
     name = "dram"
     kind = TierKind.DRAM
@@ -49,6 +72,12 @@ class DramTier(MemoryTier):
         self.config = config
         self._allocator = ExtentAllocator(config.capacity_bytes, config.alignment_bytes)
         size = self._allocator.capacity_bytes
+        limit = memory_limit_bytes()
+        if limit is not None and size > limit:
+            raise ConfigError(
+                f"dram.capacity_bytes={format_bytes(size)} is more than this machine can hold "
+                f"({format_bytes(limit)} of memory for this process); lower --dram-bytes"
+            )
         flags = mmap.MAP_SHARED
         if config.prefault and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE

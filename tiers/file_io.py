@@ -15,6 +15,7 @@ blocking calls in a bounded pool of threads of their own, so the event loop neve
 from __future__ import annotations
 
 import asyncio
+import errno
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from kvstore.config import IoEngine
 from kvstore.errors import ConfigError
 
 DIRECT_ALIGN = 4096
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 SPLIT_BYTES = 4 << 20
 
 
@@ -65,7 +67,9 @@ class PosixFileIO:
             return
         try:
             os.posix_fallocate(self._fd, 0, nbytes)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _NO_FALLOCATE:
+                raise  # out of space: refused, not a sparse file that fails later
             os.ftruncate(self._fd, nbytes)  # filesystems without fallocate: sparse
 
     async def write(self, offset: int, data: memoryview) -> None:
@@ -171,7 +175,9 @@ class KvikioFileIO:
             with open(self._path, "r+b") as f:
                 try:
                     os.posix_fallocate(f.fileno(), 0, nbytes)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno not in _NO_FALLOCATE:
+                        raise
                     f.truncate(nbytes)
 
     async def write(self, offset: int, data: memoryview) -> None:

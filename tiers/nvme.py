@@ -59,6 +59,7 @@ class NvmeTier(ExtentTier):
                 os.path.join(directory, DATA_FILE), threads=config.io_threads, direct=config.direct_io,
                 engine=config.io_engine,
             )
+            _check_space(directory, os.path.join(directory, DATA_FILE), self._allocator.capacity_bytes)
             self._io.preallocate(self._allocator.capacity_bytes)
             self._index = NvmeIndex(os.path.join(directory, INDEX_DIR), config.index_map_bytes)
         except (OSError, lmdb.Error) as exc:
@@ -138,6 +139,27 @@ class NvmeTier(ExtentTier):
             self._io.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
+
+
+INDEX_RESERVE_BYTES = 8 << 20
+"""Free space the LMDB index needs beside the data file to open and grow a little (on a full
+filesystem LMDB dies of SIGBUS instead of failing)."""
+
+
+def _check_space(directory: str, data_path: str, capacity: int) -> None:
+    """Refuse, naming the setting, a data file the filesystem cannot hold."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    try:
+        allocated = os.stat(data_path).st_blocks * 512
+    except FileNotFoundError:
+        allocated = 0
+    need = max(capacity - allocated, 0) + INDEX_RESERVE_BYTES
+    if need > free:
+        raise ConfigError(
+            f"nvme.capacity_bytes={format_bytes(capacity)} does not fit in nvme.dir={directory}: "
+            f"{format_bytes(free)} free there, {format_bytes(need)} needed (lower --nvme-bytes or move --nvme-dir)"
+        )
 
 
 def _lock(directory: str) -> int:
