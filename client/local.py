@@ -47,11 +47,12 @@ TRUSTED_FRACTION = 0.8
 class LocalArena:
     """The daemon's arena mapped into this process, and the session connection that keeps it valid."""
 
-    def __init__(self, conn: socket.socket, arena: mmap.mmap, session: str) -> None:
+    def __init__(self, conn: socket.socket, arena: mmap.mmap, session: str, *, prefaulted: bool = False) -> None:
         self.conn = conn
         self.mapping = arena
         self.view = memoryview(arena)
         self.session = session
+        self.prefaulted = prefaulted  # the daemon had the pages in: this mapping was faulted in too
 
     @classmethod
     def open(cls, path: str, arena_id: str, arena_bytes: int, *, timeout_s: float = 5.0) -> LocalArena:
@@ -78,7 +79,7 @@ class LocalArena:
                 # to this process's memory cgroup, so pages fault in as they are used instead.
                 _populate_for_writing(arena)
             conn.setblocking(False)
-            return cls(conn, arena, hello["session"])
+            return cls(conn, arena, hello["session"], prefaulted=bool(hello.get("prefaulted")))
         except BaseException:
             conn.close()
             raise

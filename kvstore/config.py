@@ -119,7 +119,8 @@ class DramConfig:
 
     capacity_bytes: int = 4 * GiB
     alignment_bytes: int = 4 * KiB
-    prefault: bool = False  # touch every page at start-up (slower start, no first-touch stalls)
+    prefault: bool = False  # touch every page before serving (slower start, no first-touch stalls)
+    populate: bool = True   # fault the arena in, in the background, once the daemon serves
     high_watermark: float = 0.9   # above this fill, the coldest blocks are demoted...
     low_watermark: float = 0.8    # ...until the fill is below this
 

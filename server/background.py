@@ -26,6 +26,10 @@ class Background:
         """Run ``step`` every ``interval_s`` (0: again as soon as it returns, for steps that wait)."""
         self._loops.append((name, step, interval_s))
 
+    def once(self, name: str, step: Step) -> None:
+        """Run ``step`` once, when the group starts (an error is logged)."""
+        self._loops.append((name, step, -1.0))
+
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="kvstore-background")
 
@@ -45,6 +49,12 @@ class Background:
 
 
 async def _loop(name: str, step: Step, interval_s: float) -> None:
+    if interval_s < 0:
+        try:
+            await step()
+        except Exception:
+            log.exception("background %s failed", name)
+        return
     while True:
         if interval_s:
             await asyncio.sleep(interval_s)

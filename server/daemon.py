@@ -129,6 +129,11 @@ class Daemon:
         """Open what needs the event loop (a bucket's client). Does not wait for remote media."""
         await self.stack.open()
 
+    async def warm(self) -> None:
+        """Let every tier prepare its medium (in a thread each); the server runs this once it serves."""
+        for tier in self.stack.tiers:
+            await asyncio.to_thread(tier.warm)
+
     async def close(self) -> None:
         await self.mover.settle()
         await self.stack.close()

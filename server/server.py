@@ -131,6 +131,7 @@ class KVStoreServer:
         write-behind uploads, and taking back leases that outlived their TTL: one group."""
         config, daemon, leasing = self.config, self.daemon, self.leasing
         background = Background()
+        background.once("warm", daemon.warm)
         background.every("rebalance", config.demote_interval_s, daemon.rebalance)
         if daemon.uploads is not None:
             background.every("write-behind", 0, daemon.write_behind)

@@ -306,3 +306,17 @@ async def test_the_arena_fd_handed_to_clients_cannot_be_resized():
         assert isinstance(error, PermissionError)
         async with KVClient(f"127.0.0.1:{srv.port}") as kv:
             await kv.put(chain(1, seed=85), [b"still fine"])
+
+
+async def test_the_arena_is_populated_in_the_background_without_touching_stored_bytes():
+    from conftest import make_config as config_of
+
+    async with KVStoreServer(config_of(dram_bytes=512 * MiB)) as srv:
+        arena = srv.daemon.arena
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            keys, blocks = chain(8, seed=410), random_blocks(8, MiB)
+            assert (await kv.put(keys, blocks)).stored == 8     # while the arena is being populated
+            await wait_until(lambda: arena.prefaulted, timeout_s=30)
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as later:
+            assert later._local.arena.prefaulted                   # told to map it populated

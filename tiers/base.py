@@ -76,6 +76,10 @@ class Tier(ABC):
     async def open(self) -> None:
         """Connect to what needs the event loop. Must not wait for a remote medium to answer."""
 
+    def warm(self) -> None:
+        """Blocking preparation the daemon runs in a thread once it serves (populating memory, say),
+        so that first writes run at full speed. Must be safe while the tier is in use."""
+
     @abstractmethod
     async def close(self) -> None:
         """Release the medium. The tier is unusable afterwards."""
