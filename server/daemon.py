@@ -52,6 +52,8 @@ log = logging.getLogger("kvstore.daemon")
 DEFAULT_BACKOFF_S = 2.0
 DEFAULT_LOOKUP_WINDOW = 16
 DEFAULT_MISS_TTL_S = 5.0
+SETTLE_BATCH = 256
+"""Blocks of one put written through at once (one group commit each, at most)."""
 PROMOTE_TRIES = 3
 """A block evicted again between its promotion and its turn is promoted again, this many times."""
 
@@ -114,6 +116,7 @@ class Daemon:
         self.write_policy = placement.WritePolicy(
             persist=config.write_through, share=bool(layout.shared) and config.share_write_through
         )
+        self.after_put = placement.after_put(layout, self.write_policy)
         self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads, self.misses)
         self._kinds = [level.kind for level in layout.levels]
         self.arena_id = secrets.token_hex(8)
@@ -291,8 +294,10 @@ class Daemon:
         self.counters.put_present_blocks += 1
         return True
 
-    async def commit(self, slot: PutSlot, checksum_: int | None) -> bool:
-        """Make a fully written block visible (and copy it on first, as the write policy says).
+    async def commit(self, slot: PutSlot, checksum_: int | None, *, settle: bool = True) -> bool:
+        """Make a fully written block visible, and (with ``settle``) copy it on as the write policy
+        says before returning. Puts of many blocks pass ``settle=False`` and call :meth:`settle`
+        once for all of them, so their flushes and index commits are shared.
 
         False if it was deleted while being written.
         """
@@ -302,14 +307,29 @@ class Daemon:
             return False
         self.catalog.commit(copy, checksum_)
         self.counters.put_stored_blocks += 1
-        then = placement.after_put(self.layout, self.write_policy)
-        if then.persist_to is not None:
-            slot.persisted = await self.mover.replicate(record, then.persist_to)
-        if then.share_to is not None:
-            slot.persisted = await self.mover.replicate(record, then.share_to) or slot.persisted
-        if then.queue and self.uploads is not None:
+        if self.after_put.queue and self.uploads is not None:
             self.uploads.put(record)
+        if settle:
+            await self.settle([slot])
         return True
+
+    async def settle(self, slots: Sequence[PutSlot]) -> None:
+        """Write committed blocks through, as the write policy says (``slot.persisted`` when durable
+        there), all at once: the persistent tier groups their flushes and index commits."""
+        then = self.after_put
+        if then.persist_to is None and then.share_to is None:
+            return
+        live = [s for s in slots if s.copy is not None and s.record.state is BlockState.READY]
+        for start in range(0, len(live), SETTLE_BATCH):
+            batch = live[start : start + SETTLE_BATCH]
+            if then.persist_to is not None:
+                done = await asyncio.gather(*(self.mover.replicate(s.record, then.persist_to) for s in batch))
+                for slot, ok in zip(batch, done):
+                    slot.persisted = ok
+            if then.share_to is not None:
+                done = await asyncio.gather(*(self.mover.replicate(s.record, then.share_to) for s in batch))
+                for slot, ok in zip(batch, done):
+                    slot.persisted = ok or slot.persisted
 
     def abort(self, slot: PutSlot) -> None:
         """Throw away a reservation whose bytes did not all arrive or did not verify."""

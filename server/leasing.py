@@ -93,12 +93,13 @@ class Leasing:
                         corrupt.append(i)
                         daemon.abort(slot)
                         continue
-                stored += await daemon.commit(slot, actual)
+                stored += await daemon.commit(slot, actual, settle=False)
         except BaseException:
             for slot in slots[done:]:  # cut short: nothing may stay WRITING for ever
                 if slot.copy is not None:
                     daemon.abort(slot)
             raise
+        await daemon.settle(slots)
         if corrupt:
             daemon.counters.integrity_failures += len(corrupt)
             raise IntegrityError(f"blocks {corrupt} did not match their checksums and were not stored")

@@ -180,7 +180,7 @@ class KVStoreServicer:
                 if message.WhichOneof("part") != "data":
                     raise InvalidArgumentError("only the first message of a put stream may be a header")
                 await receiver.feed(message.data)
-            receiver.close()
+            await receiver.close()
         finally:
             receiver.abort()
         return _put_response(receiver.stored, receiver.slots)

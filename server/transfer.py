@@ -59,9 +59,11 @@ class PutReceiver:
                 self._open = None
                 await self._finish(i, slot)
 
-    def close(self) -> None:
-        """End of stream: every byte must have arrived and every checksum matched."""
+    async def close(self) -> None:
+        """End of stream: every byte must have arrived and every checksum matched; blocks are
+        written through (as the write policy says) before this returns."""
         self._unpacker.check_complete()
+        await self._daemon.settle(self.slots)
         if self.corrupt:
             self._daemon.counters.integrity_failures += len(self.corrupt)
             raise IntegrityError(
@@ -80,7 +82,7 @@ class PutReceiver:
             actual = self._hasher.intdigest()
             self._hasher.reset()
             if slot.checksum is None or slot.checksum == actual:
-                self.stored += await self._daemon.commit(slot, actual)
+                self.stored += await self._daemon.commit(slot, actual, settle=False)
             else:
                 self.corrupt.append(i)
                 self._daemon.abort(slot)

@@ -189,3 +189,31 @@ def test_asking_for_kvikio_where_it_is_not_installed_is_a_config_error(tmp_path)
     with pytest.raises(ConfigError, match=r"^nvme\.io_engine=kvikio: kvikio is not installed"):
         create_tier("nvme", NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=MiB, io_engine="kvikio"))
     create_tier("nvme", NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=MiB, io_engine="posix"))  # lock released
+
+
+async def test_concurrent_persists_share_flushes_and_every_one_is_durable_when_it_returns(tmp_path):
+    from kvstore.block import BlockRecord
+    from kvstore.tiers import create_tier
+
+    config = NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=64 * MiB, direct_io=False)
+    tier = create_tier("nvme", config)
+    syncs = 0
+    real_sync = tier._io.sync
+
+    async def counted_sync() -> None:
+        nonlocal syncs
+        syncs += 1
+        await real_sync()
+
+    tier._io.sync = counted_sync
+    records = [BlockRecord(key=os.urandom(16), size=4096, checksum=i, namespace=b"ns") for i in range(64)]
+    extents = [tier.reserve(r) for r in records]
+    await asyncio.gather(*(tier.write(e, 0, memoryview(os.urandom(4096))) for e in extents))
+    await asyncio.gather(*(tier.persist([(r, e)]) for r, e in zip(records, extents)))
+    assert syncs < 64 // 4  # grouped: a flush and an index commit per batch, not per block
+    await tier.close()
+    again = create_tier("nvme", config)
+    try:
+        assert {(b.key, b.checksum) for b in again.recover()} == {(r.key, r.checksum) for r in records}
+    finally:
+        await again.close()

@@ -70,6 +70,7 @@ class NvmeTier(ExtentTier):
             self._close_partial()
             raise
         self.directory = directory
+        self._commits = GroupCommit(self._commit)
         self._recovered = self._recover()
 
     @classmethod
@@ -117,14 +118,19 @@ class NvmeTier(ExtentTier):
         await self._io.read_into(extent.offset + offset, out)
 
     async def persist(self, written: Sequence[tuple[BlockRecord, Extent]]) -> None:
-        """Make written blocks durable: flush the data, then commit their index entries."""
+        """Make written blocks durable: flush the data, then commit their index entries. Concurrent
+        calls share one flush and one index transaction (group commit); each returns once its
+        own blocks are durable."""
         if not written:
             return
-        await self._io.sync()
         now = time.time()
-        await self._index.put([
+        await self._commits.add([
             IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written
         ])
+
+    async def _commit(self, entries: list[IndexEntry]) -> None:
+        await self._io.sync()
+        await self._index.put(entries)
 
     async def forget(self, dropped: Sequence[tuple[bytes, Extent]]) -> None:
         await self._index.delete([(key, extent.offset) for key, extent in dropped])
@@ -139,6 +145,48 @@ class NvmeTier(ExtentTier):
             self._io.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
+
+
+class GroupCommit:
+    """Batches of work that callers join while one is in flight: a caller's entries go into the
+    batch that starts after it arrived, so one flush covers every byte written before it."""
+
+    def __init__(self, run) -> None:
+        self._run_batch = run
+        self._pending: list = []
+        self._done: asyncio.Future | None = None
+        self._runner: asyncio.Task | None = None
+
+    async def add(self, entries: list) -> None:
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            self._done.add_done_callback(_retrieve)
+        self._pending.extend(entries)
+        done = self._done
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._drain())
+        await asyncio.shield(done)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, done = self._pending, self._done
+                self._pending, self._done = [], None
+                try:
+                    await self._run_batch(batch)
+                except BaseException as exc:
+                    done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    done.set_result(None)
+        finally:
+            self._runner = None
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # seen by its callers; never "never retrieved" when they all went away
 
 
 INDEX_RESERVE_BYTES = 8 << 20
