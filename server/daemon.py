@@ -323,11 +323,11 @@ class Daemon:
         for start in range(0, len(live), SETTLE_BATCH):
             batch = live[start : start + SETTLE_BATCH]
             if then.persist_to is not None:
-                done = await asyncio.gather(*(self.mover.replicate(s.record, then.persist_to) for s in batch))
+                done = await self.mover.replicate_many([s.record for s in batch], then.persist_to)
                 for slot, ok in zip(batch, done):
                     slot.persisted = ok
             if then.share_to is not None:
-                done = await asyncio.gather(*(self.mover.replicate(s.record, then.share_to) for s in batch))
+                done = await self.mover.replicate_many([s.record for s in batch], then.share_to)
                 for slot, ok in zip(batch, done):
                     slot.persisted = ok or slot.persisted
 

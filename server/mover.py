@@ -137,7 +137,7 @@ class Mover:
             if plan.demote:
                 kept = await self._demote(plan.demote, plan.to)
             if plan.upload:
-                await asyncio.gather(*(self._replicate(record, plan.share) for record in plan.upload))
+                await self.replicate_many(list(plan.upload), plan.share)
         finally:
             self.busy -= 1
             for copy in moving:
@@ -201,42 +201,55 @@ class Mover:
     async def replicate(self, record: BlockRecord, to: int) -> bool:
         """Give ``record`` a copy in level ``to`` now, from its fastest copy; False when that cannot
         be done (no room, the medium unreachable, the block gone)."""
-        return await self._replicate(record, to)
+        return (await self.replicate_many([record], to))[0]
 
-    async def _replicate(self, record: BlockRecord, to: int) -> bool:
-        if to in record.copies:
-            return True
-        source = record.primary()
-        if source is None or record.state is not BlockState.READY or not self.available(to):
-            return False
+    async def replicate_many(self, records: Sequence[BlockRecord], to: int) -> list[bool]:
+        """:meth:`replicate` for several blocks at once: their bytes go to the tier in one batch
+        (one flush and one index commit for a persistent tier)."""
+        results = [False] * len(records)
+        todo: list[tuple[int, Copy]] = []
+        for i, record in enumerate(records):
+            if to in record.copies:
+                results[i] = True
+                continue
+            source = record.primary()
+            if source is not None and record.state is BlockState.READY and self.available(to):
+                self.catalog.hold(source)
+                todo.append((i, source))
         health = self.health.get(to)
-        self.catalog.hold(source)
         self.busy += 1
         try:
-            location = await self.make_room(to, record)
-            if location is None:
-                return False
-            (outcome,) = await self._write([(source, location)], to)
-            if outcome is not None:
-                self.tiers[to].release(location)
-                if isinstance(outcome, UnavailableError):
-                    if health is not None:
-                        health.failed(outcome)
-                    return False
-                if not isinstance(outcome, (OSError, IntegrityError)):
-                    raise outcome
-                log.warning("cannot copy block %s to %s: %s", key_label(record.key), self._names[to], outcome)
-                self.counters.tier(self._names[to]).errors += 1
-                return False
-            if health is not None:
-                health.succeeded()
-            adopted = await self._adopt(record, to, location)
-            if adopted and self.layout.levels[to].shared:
-                self.counters.tier(self._names[to]).uploads += 1
-            return adopted
+            placed: list[tuple[int, Copy, Location]] = []
+            for i, source in todo:
+                location = await self.make_room(to, source.record)
+                if location is not None:
+                    placed.append((i, source, location))
+            outcomes = await self._write([(source, location) for _, source, location in placed], to)
+            if any(o is not None and not isinstance(o, (OSError, IntegrityError, UnavailableError)) for o in outcomes):
+                for _, _, location in placed:
+                    self.tiers[to].release(location)
+                raise next(o for o in outcomes if o is not None and not isinstance(o, (OSError, IntegrityError, UnavailableError)))
+            for (i, source, location), outcome in zip(placed, outcomes):
+                record = source.record
+                if outcome is not None:
+                    self.tiers[to].release(location)
+                    if isinstance(outcome, UnavailableError):
+                        if health is not None:
+                            health.failed(outcome)
+                        continue
+                    log.warning("cannot copy block %s to %s: %s", key_label(record.key), self._names[to], outcome)
+                    self.counters.tier(self._names[to]).errors += 1
+                    continue
+                if health is not None:
+                    health.succeeded()
+                results[i] = await self._adopt(record, to, location)
+                if results[i] and self.layout.levels[to].shared:
+                    self.counters.tier(self._names[to]).uploads += 1
         finally:
             self.busy -= 1
-            self.catalog.unhold(source)
+            for _, source in todo:
+                self.catalog.unhold(source)
+        return results
 
     async def _write(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:
         """Copy each source into its location in level ``to``, then persist those written: the
@@ -251,7 +264,10 @@ class Mover:
             raise
 
     async def _write_io(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:
-        copied = await asyncio.gather(*(self._copy(c, loc, to) for c, loc in pairs), return_exceptions=True)
+        sources = await asyncio.gather(*(self._source_bytes(c, loc, to) for c, loc in pairs), return_exceptions=True)
+        ready = [(loc, data) for (_, loc), data in zip(pairs, sources) if not isinstance(data, BaseException)]
+        wrote = iter(await self.tiers[to].write_many(ready))
+        copied = [data if isinstance(data, BaseException) else next(wrote) for data in sources]
         written = [(c.record, loc) for (c, loc), outcome in zip(pairs, copied) if outcome is None]
         try:
             await self.tiers[to].persist(written)
@@ -283,11 +299,11 @@ class Mover:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _copy(self, source: Copy, location: Location, to: int) -> None:
-        """Copy ``source``'s bytes into ``location`` of level ``to``. Bytes read from a persistent
-        level, and bytes going to a shared one (other daemons trust what they find there), are
-        verified first, so bad bytes never travel on; blocks put without a checksum get theirs
-        here (every copy below the landing level carries one)."""
+    async def _source_bytes(self, source: Copy, location: Location, to: int) -> memoryview:
+        """``source``'s bytes, to be copied into ``location`` of level ``to``. Bytes read from a
+        persistent level, and bytes going to a shared one (other daemons trust what they find
+        there), are verified first, so bad bytes never travel on; blocks put without a checksum
+        get theirs here (every copy below the landing level carries one)."""
         record = source.record
         n = min(source.nbytes, location.length)
         data = await self.tiers[source.level].read(source.location, 0, n)
@@ -298,7 +314,7 @@ class Mover:
             data[: record.size]
         ) != record.checksum:
             raise IntegrityError(f"the {self._names[source.level]} copy failed verification")
-        await self.tiers[to].write(location, 0, data)
+        return data
 
     async def _adopt(self, record: BlockRecord, level: int, location: Location) -> bool:
         """Attach a freshly written (and persisted) copy, unless the block went away meanwhile."""

@@ -50,33 +50,36 @@ async def wait_for(flag: threading.Event, timeout_s: float = 5.0) -> None:
 
 
 class StalledDisk:
-    """An NVMe tier's writes stand for a slow disk: each pwrite (the first only, with
-    ``first_only``) runs in a worker thread that waits for ``gate``, and cancelling the task
-    awaiting it does not stop the thread (as in ``PosixFileIO._run_parts``)."""
+    """An NVMe tier's writes stand for a slow disk: each write call (the first only, with
+    ``first_only``) runs its pwrites in a worker thread that waits for ``gate``, and cancelling
+    the task awaiting it does not stop the thread (as in ``PosixFileIO``)."""
 
     def __init__(self, io, *, first_only: bool = True) -> None:
         self.io, self.first_only = io, first_only
         self.started, self.gate, self.finished = threading.Event(), threading.Event(), threading.Event()
-        self._real, self._stalled = io.write, False
-        io.write = self.write
+        self._real_write, self._real_many, self._stalled = io.write, io.write_many, False
+        io.write, io.write_many = self.write, self.write_many
 
     async def write(self, offset: int, data: memoryview) -> None:
+        (outcome,) = await self.write_many([(offset, data)])
+        if outcome is not None:
+            raise outcome
+
+    async def write_many(self, items):
         if self._stalled and self.first_only:
-            await self._real(offset, data)
-            return
+            return await self._real_many(items)
         self._stalled = True
-        payload = bytes(data)
+        payloads = [(offset, bytes(data)) for offset, data in items]
 
         def blocking() -> None:
             self.started.set()
             self.gate.wait(10)
-            os.pwrite(self.io._fd, payload, offset)
+            for offset, payload in payloads:
+                os.pwrite(self.io._fd, payload, offset)
             self.finished.set()
 
         await asyncio.get_running_loop().run_in_executor(None, blocking)
-
-
-# -- a cancelled demotion must not give its NVMe extent back while the write is in flight ---------
+        return [None] * len(items)
 
 
 async def cancel_a_demotion(d: Daemon, disk: StalledDisk) -> tuple[bytes, bytes, bytes]:
@@ -311,10 +314,13 @@ async def test_a_failed_demotion_write_does_not_lose_the_victim(tmp_path):
         async def failing_write(offset: int, data: memoryview) -> None:
             raise OSError(5, "Input/output error")
 
+        async def failing_writes(items):
+            return [OSError(5, "Input/output error") for _ in items]
+
         a, dd, c = os.urandom(BLOCK), os.urandom(BLOCK), os.urandom(BLOCK)
         assert await put_bytes(d, b"A" * 16, a)
         assert await put_bytes(d, b"D" * 16, dd)
-        io.write = failing_write
+        io.write, io.write_many = failing_write, failing_writes
         try:
             await put_bytes(d, b"C" * 16, c)             # evicting A: its demotion write fails
         except OSError:

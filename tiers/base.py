@@ -20,6 +20,7 @@ Persistent tiers that keep an index (NVMe) also implement :meth:`Tier.persist`,
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ class Tier(ABC):
     @abstractmethod
     async def read_into(self, location: Location, offset: int, out: memoryview) -> None:
         """Fill ``out`` from the location, starting ``offset`` bytes in."""
+
+    async def write_many(self, items: Sequence[tuple[Location, memoryview]]) -> list[BaseException | None]:
+        """Write each ``data`` at the start of its location; the outcome of each (None, or what
+        went wrong). Tiers that can batch (one pool job for many blocks) override it."""
+        return list(await asyncio.gather(*(self.write(loc, 0, data) for loc, data in items), return_exceptions=True))
 
     async def read(self, location: Location, offset: int, nbytes: int) -> memoryview:
         """``nbytes`` from the location at ``offset``, valid while the location stays reserved."""

@@ -78,6 +78,34 @@ class PosixFileIO:
     async def read_into(self, offset: int, out: memoryview) -> None:
         await self._run(os.preadv, offset, out)
 
+    async def write_many(self, items: list[tuple[int, memoryview]]) -> list[BaseException | None]:
+        """Many blocks in few pool jobs (one per thread's share) instead of one job per block;
+        blocks that need the bounce buffer go their own way. Returns once every thread is done."""
+        direct = [i for i, (offset, view) in enumerate(items) if not self.direct or _aligned(view, offset)]
+        outcomes: list[BaseException | None] = [None] * len(items)
+        loop = asyncio.get_running_loop()
+        share = max(1, -(-len(direct) // self.threads))
+        groups = [direct[start : start + share] for start in range(0, len(direct), share)]
+
+        def write_group(indexes: list[int]) -> None:
+            for i in indexes:
+                offset, view = items[i]
+                try:
+                    _all(os.pwritev, self._fd, view, offset)
+                except OSError as exc:
+                    outcomes[i] = exc
+
+        running = asyncio.gather(*(loop.run_in_executor(self._pool, write_group, g) for g in groups), return_exceptions=True)
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait([running])
+            raise
+        rest = [i for i in range(len(items)) if i not in set(direct)]
+        for i, outcome in zip(rest, await asyncio.gather(*(self.write(*items[i]) for i in rest), return_exceptions=True)):
+            outcomes[i] = outcome
+        return outcomes
+
     async def _run(self, op, offset: int, view: memoryview) -> None:
         if not self.direct or _aligned(view, offset):
             await self._run_parts(op, offset, view)
@@ -183,6 +211,9 @@ class KvikioFileIO:
     async def write(self, offset: int, data: memoryview) -> None:
         future = self._file.pwrite(data, data.nbytes, offset)
         await asyncio.to_thread(future.get)
+
+    async def write_many(self, items: list[tuple[int, memoryview]]) -> list[BaseException | None]:
+        return list(await asyncio.gather(*(self.write(offset, view) for offset, view in items), return_exceptions=True))
 
     async def read_into(self, offset: int, out: memoryview) -> None:
         future = self._file.pread(out, out.nbytes, offset)

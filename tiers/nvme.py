@@ -113,6 +113,11 @@ class NvmeTier(ExtentTier):
         self._check_range(extent, offset, data.nbytes)
         await self._io.write(extent.offset + offset, data)
 
+    async def write_many(self, items: Sequence[tuple[Extent, memoryview]]) -> list[BaseException | None]:
+        for extent, data in items:
+            self._check_range(extent, 0, data.nbytes)
+        return await self._io.write_many([(extent.offset, data) for extent, data in items])
+
     async def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
         self._check_range(extent, offset, out.nbytes)
         await self._io.read_into(extent.offset + offset, out)
