@@ -49,6 +49,7 @@ def _parse(cls: type[Message], raw: bytes) -> Message:
 
 
 DRAIN_LIMIT_BYTES = 256 << 20
+DRAIN_IDLE_S = 0.2
 """How much of a rejected put stream the daemon reads and discards before answering."""
 
 
@@ -160,8 +161,9 @@ class KVStoreServicer:
                 return await self._put(stream)
             except (InvalidArgumentError, IntegrityError):
                 # Answering while the client still writes makes grpc report a bare INTERNAL to it
-                # instead of this status; read what it already sent (bounded) before answering.
-                await _drain(stream, DRAIN_LIMIT_BYTES, self.daemon.config.stream_idle_timeout_s)
+                # instead of this status: read what it is sending (bounded) before answering, but
+                # a client that keeps the stream open and sends nothing is answered at once.
+                await _drain(stream, DRAIN_LIMIT_BYTES, DRAIN_IDLE_S)
                 raise
 
     async def _put(self, stream: AsyncIterator[bytes]) -> pb.PutResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import grpc
@@ -195,3 +196,15 @@ async def test_no_daemon_is_a_clear_unavailable_error():
 
 async def test_block_too_large_error_is_an_invalid_argument():
     assert issubclass(BlockTooLargeError, InvalidArgumentError)
+
+
+async def test_a_rejected_header_is_answered_at_once_even_if_the_stream_stays_open(channel):
+    import time
+
+    async def held_open():
+        yield pb.PutRequest(header=pb.PutHeader(keys=[b"a", b"b"], sizes=[1]))
+        await asyncio.sleep(60)  # a client that neither sends nor closes
+
+    started = time.perf_counter()
+    await expect_status(put_call(channel)(held_open()), grpc.StatusCode.INVALID_ARGUMENT, "2 keys but 1 block sizes")
+    assert time.perf_counter() - started < 5  # not the 30 s idle timeout
