@@ -10,6 +10,8 @@ import dataclasses
 from kvstore.bench.plan import MiB, Plan
 from kvstore.config import parse_bytes
 
+BATCH_MIN = 8192
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and calls: done in under a minute")
@@ -28,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="S3-compatible endpoint for the S3 rows (default: a moto server started on loopback, when installed)",
     )
     parser.add_argument("--s3-bucket", default="kvstore-bench", help="bucket for the S3 rows")
+    parser.add_argument(
+        "--scale", type=int, metavar="N",
+        help="instead: put N blocks, then report put rate, daemon memory per block, lookup at that size, "
+             "write-through against raw I/O and restart time (see kvstore/bench/scale.py)",
+    )
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -81,6 +88,12 @@ def main(args: argparse.Namespace) -> int:
     from kvstore.bench.report import machine, table, write_json
     from kvstore.server.process import DaemonProcess
 
+    if args.scale is not None:
+        from kvstore.bench.scale import run
+
+        if args.scale < BATCH_MIN:
+            raise SystemExit(f"kvstore bench: --scale takes at least {BATCH_MIN} blocks")
+        return run(args.scale, args.nvme_dir, args.json)
     plan = plan_from(args)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - {"local", "remote"}:

@@ -54,6 +54,8 @@ DEFAULT_LOOKUP_WINDOW = 16
 DEFAULT_MISS_TTL_S = 5.0
 SETTLE_BATCH = 256
 """Blocks of one put written through at once (one group commit each, at most)."""
+NO_ROOM_TRIES, NO_ROOM_WAIT_S = 5, 0.05
+"""A get that holds nothing yet and finds no room waits this often, this long, before a miss."""
 PROMOTE_TRIES = 3
 """A block evicted again between its promotion and its turn is promoted again, this many times."""
 
@@ -208,6 +210,13 @@ class Daemon:
                         copy = await self.mover.promote(record)
                     if isinstance(copy, Copy) and not copy.readable:
                         copy = None
+                    for _ in range(NO_ROOM_TRIES if not held else 0):
+                        if copy is not NO_ROOM:
+                            break
+                        # Nothing of this get is held, so the room is held by moves in flight
+                        # (uploads, demotions) or other readers: they let go in a moment.
+                        await asyncio.sleep(NO_ROOM_WAIT_S)
+                        copy = await self.mover.promote(record)
                     if copy is NO_ROOM:
                         partial = bool(held)
                         break

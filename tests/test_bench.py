@@ -32,3 +32,16 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
         if r["name"] in ("nvme write", "nvme read", "s3 put", "s3 get"):
             assert r["gbps"] > 0 and r["vs_raw"] > 0
     assert "vs memcpy" in result.stdout and "get local" in result.stdout
+
+
+def test_bench_scale_runs_and_writes_json(tmp_path):
+    out = tmp_path / "scale.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore.server.cli", "bench", "--scale", "8192", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["blocks"] == 8192 and figures["put_blocks_per_s"] > 0 and figures["restart_s"] > 0
+    assert 0 < figures["write_through_blocks_per_s"] and 0 < figures["raw_write_blocks_per_s"]
+    assert "daemon memory per block" in result.stdout and "restart to ready" in result.stdout

@@ -1,0 +1,174 @@
+"""``kvstore bench --scale N``: how the daemon behaves with N blocks in it.
+
+- **put**: N fresh 4 KiB blocks through the same-host path in batches of 8192 (blocks/s).
+- **memory**: the daemon's anonymous memory (``RssAnon``, the arena is shared memory and not in
+  it) after the puts minus before, per block.
+- **lookup**: 8192 present keys at that index size, on both paths (p50/p99 of 50 calls).
+- **write-through**: up to 20,000 blocks of 16 KiB put with ``--write-through`` in batches of
+  256, against raw ``pwrite`` of the same blocks with one ``fdatasync`` per batch, same filesystem.
+- **restart**: a daemon started on an NVMe directory whose index names N blocks (written here in
+  the tier's on-disk format), until it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BLOCK = 4096
+BATCH = 8192
+WT_BLOCK, WT_BATCH, WT_MAX = 16 << 10, 256, 20_000
+
+
+def _rss_anon(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _pcts(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    return samples[len(samples) // 2] * 1e3, samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e3
+
+
+async def _fill_and_look(target: str, n: int, pid: int) -> dict:
+    from kvstore.client import KVClient
+
+    out: dict = {}
+    payload = [os.urandom(BLOCK)] * BATCH
+    async with KVClient(target, local="require", timeout_s=600) as kv, KVClient(target, local="off", timeout_s=600) as remote:
+        before = _rss_anon(pid)
+        keys: list[bytes] = []
+        start = time.perf_counter()
+        for done in range(0, n, BATCH):
+            batch = [os.urandom(32) for _ in range(min(BATCH, n - done))]
+            result = await kv.put(batch, payload[: len(batch)])
+            if result.stored != len(batch):
+                raise SystemExit(f"kvstore bench --scale: only {result.stored} of {len(batch)} blocks stored")
+            if len(batch) == BATCH:
+                keys = batch  # the lookups ask for a whole batch: 8192 keys
+        out["put_blocks_per_s"] = n / (time.perf_counter() - start)
+        out["bytes_per_block"] = (_rss_anon(pid) - before) / n
+        for name, client in (("local", kv), ("remote", remote)):
+            samples = []
+            for _ in range(50):
+                start = time.perf_counter()
+                hit = await client.lookup(keys)
+                samples.append(time.perf_counter() - start)
+            if hit.count != len(keys):
+                raise SystemExit("kvstore bench --scale: the lookup missed blocks it just stored")
+            out[f"lookup_{name}_ms"] = _pcts(samples)
+    return out
+
+
+async def _write_through(target: str, n: int) -> float:
+    from kvstore.client import KVClient
+
+    blocks = [os.urandom(WT_BLOCK) for _ in range(WT_BATCH)]
+    async with KVClient(target, local="require", timeout_s=600) as kv:
+        start = time.perf_counter()
+        for _ in range(n // WT_BATCH):
+            result = await kv.put([os.urandom(32) for _ in blocks], blocks)
+            if result.persisted != len(blocks):
+                raise SystemExit("kvstore bench --scale: a write-through put was not persisted")
+        return (n // WT_BATCH * WT_BATCH) / (time.perf_counter() - start)
+
+
+def _raw_write_through(directory: str, n: int) -> float:
+    blocks = [os.urandom(WT_BLOCK) for _ in range(WT_BATCH)]
+    fd = os.open(os.path.join(directory, "raw.dat"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, n * WT_BLOCK)
+        start = time.perf_counter()
+        for r in range(n // WT_BATCH):
+            for i, block in enumerate(blocks):
+                os.pwrite(fd, block, (r * WT_BATCH + i) * WT_BLOCK)
+            os.fdatasync(fd)
+        return (n // WT_BATCH * WT_BATCH) / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def _index_of(directory: str, n: int) -> int:
+    """An NVMe directory whose index names ``n`` 4 KiB blocks (the bytes are not read at start)."""
+    import lmdb
+
+    from kvstore.keys import scoped
+    from kvstore.tiers.nvme import DATA_FILE, INDEX_DIR
+
+    capacity = n * BLOCK
+    with open(os.path.join(directory, DATA_FILE), "wb") as data:
+        data.truncate(capacity)
+    os.makedirs(os.path.join(directory, INDEX_DIR))
+    env = lmdb.open(os.path.join(directory, INDEX_DIR), map_size=max(1 << 30, n * 256), subdir=True)
+    with env.begin(write=True) as txn:
+        for i, key in enumerate(scoped([os.urandom(32) for _ in range(n)], b"")):
+            txn.put(key, struct.pack("<QQQQd", i * BLOCK, BLOCK, BLOCK, i, 1000.0 + i))
+    env.close()
+    return capacity
+
+
+def _restart_s(directory: str, capacity: int, n: int) -> float:
+    ready = os.path.join(directory, "ready.json")
+    cmd = [
+        sys.executable, "-m", "kvstore.server.cli", "serve", "--port", "0", "--metrics-port", "0",
+        "--dram-bytes", "256MiB", "--nvme-dir", directory, "--nvme-bytes", str(capacity),
+        "--ready-file", ready, "--log-level", "warning",
+    ]
+    config = os.path.join(directory, "scale.toml")
+    Path(config).write_text(f'[nvme]\nindex_map_bytes = {max(1 << 30, n * 256)}\n')
+    start = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "--config", config], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not os.path.exists(ready):
+            if proc.poll() is not None:
+                raise SystemExit(f"kvstore bench --scale: the daemon did not start: {proc.stderr.read().decode()}")
+            time.sleep(0.01)
+        return time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run(n: int, directory: str | None, json_path: str | None) -> int:
+    from kvstore.server.process import DaemonProcess
+
+    results: dict = {"blocks": n}
+    dram = f"{max(n * BLOCK * 5 // 4, 64 << 20)}"
+    with DaemonProcess(["--dram-bytes", dram, "--dram-prefault"], start_timeout_s=300) as daemon:
+        results.update(asyncio.run(_fill_and_look(daemon.target, n, daemon.proc.pid)))
+    root = tempfile.mkdtemp(prefix="kvstore-scale-", dir=directory)
+    try:
+        wt_n = min(n, WT_MAX)
+        nvme = os.path.join(root, "wt")
+        with DaemonProcess(["--dram-bytes", str(max(wt_n * WT_BLOCK * 2, 64 << 20)), "--nvme-dir", nvme,
+                            "--nvme-bytes", str(wt_n * WT_BLOCK * 2), "--write-through"]) as daemon:
+            results["write_through_blocks_per_s"] = asyncio.run(_write_through(daemon.target, wt_n))
+        results["raw_write_blocks_per_s"] = _raw_write_through(root, wt_n)
+        restart_dir = os.path.join(root, "restart")
+        os.makedirs(restart_dir)
+        results["restart_s"] = _restart_s(restart_dir, _index_of(restart_dir, n), n)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    wt, raw = results["write_through_blocks_per_s"], results["raw_write_blocks_per_s"]
+    print(f"kvstore bench --scale {n}")
+    print(f"  put (same-host, 4 KiB, batches of {BATCH}): {results['put_blocks_per_s']:,.0f} blocks/s")
+    print(f"  daemon memory per block:                   {results['bytes_per_block']:,.0f} bytes")
+    for path in ("local", "remote"):
+        p50, p99 = results[f"lookup_{path}_ms"]
+        print(f"  lookup of 8192 keys, {path:<6}                {p50:.2f} ms p50, {p99:.2f} ms p99")
+    print(f"  write-through (16 KiB, batches of {WT_BATCH}):      {wt:,.0f} blocks/s, {wt / raw:.2f}x raw "
+          f"pwrite+fdatasync ({raw:,.0f} blocks/s)")
+    print(f"  restart to ready with {n:,} blocks indexed:    {results['restart_s']:.2f} s")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return 0
