@@ -188,14 +188,12 @@ class Mover:
                 continue  # bad bytes: not worth keeping either (the victim is dropped)
             self.counters.tier(self._names[to]).errors += 1
             kept.add(id(copy))
-        if unexpected is not None:
-            for _, location in written:
-                self.tiers[to].release(location)
-            raise unexpected
         live = written
         for copy, location in live:
             if await self._adopt(copy.record, to, location):
                 self.counters.tier(self._names[copy.level]).demotions += 1
+        if unexpected is not None:
+            raise unexpected  # a bug: the copies that were written are adopted all the same
         return kept
 
     async def replicate(self, record: BlockRecord, to: int) -> bool:
@@ -217,6 +215,7 @@ class Mover:
                 self.catalog.hold(source)
                 todo.append((i, source))
         health = self.health.get(to)
+        unexpected: BaseException | None = None
         self.busy += 1
         try:
             placed: list[tuple[int, Copy, Location]] = []
@@ -225,14 +224,13 @@ class Mover:
                 if location is not None:
                     placed.append((i, source, location))
             outcomes = await self._write([(source, location) for _, source, location in placed], to)
-            if any(o is not None and not isinstance(o, (OSError, IntegrityError, UnavailableError)) for o in outcomes):
-                for _, _, location in placed:
-                    self.tiers[to].release(location)
-                raise next(o for o in outcomes if o is not None and not isinstance(o, (OSError, IntegrityError, UnavailableError)))
             for (i, source, location), outcome in zip(placed, outcomes):
                 record = source.record
                 if outcome is not None:
-                    self.tiers[to].release(location)
+                    self.tiers[to].release(location)  # not written, not indexed
+                    if not isinstance(outcome, (OSError, IntegrityError, UnavailableError)):
+                        unexpected = unexpected or outcome
+                        continue
                     if isinstance(outcome, UnavailableError):
                         if health is not None:
                             health.failed(outcome)
@@ -249,6 +247,8 @@ class Mover:
             self.busy -= 1
             for _, source in todo:
                 self.catalog.unhold(source)
+        if unexpected is not None:
+            raise unexpected  # a bug: the blocks that were written are adopted all the same
         return results
 
     async def _write(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:
