@@ -22,6 +22,7 @@ bytes mid-read, and :meth:`Daemon.release` lets them go.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import secrets
@@ -124,11 +125,25 @@ class Daemon:
         self.arena_id = secrets.token_hex(8)
         self.started_at = time.monotonic()
         self.version = __version__
-        for level, tier in zip(layout.levels, self.stack.tiers):
-            blocks = tier.recover()
-            if blocks:
-                self.catalog.recover(level.index, blocks)
-                log.info("recovered %d blocks from %s", len(blocks), level.name)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Index what persistent tiers kept. Millions of small objects are made here: the cyclic
+        collector is paused meanwhile (it would rescan them again and again), and what exists
+        afterwards is frozen out of its scans (blocks are freed by reference counting: a dropped
+        copy leaves its record's dict, so no cycle keeps them)."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for level, tier in zip(self.layout.levels, self.stack.tiers):
+                blocks = tier.recover()
+                if blocks:
+                    self.catalog.recover(level.index, blocks)
+                    log.info("recovered %d blocks from %s", len(blocks), level.name)
+        finally:
+            if collecting:
+                gc.enable()
+        gc.freeze()
 
     async def start(self) -> None:
         """Open what needs the event loop (a bucket's client). Does not wait for remote media."""
