@@ -116,12 +116,13 @@ class Daemon:
             )
             self.uploads = UploadQueue(level, getattr(tier_config, "queue_blocks", 4096), self.counters.tier(name))
             self.remembered_limit = getattr(tier_config, "max_remembered_blocks", 1_000_000)
-        self.write_policy = placement.WritePolicy(
+        write_policy = placement.WritePolicy(
             persist=config.write_through, share=bool(layout.shared) and config.share_write_through
         )
-        self.after_put = placement.after_put(layout, self.write_policy)
+        self.after_put = placement.after_put(layout, write_policy)
         self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads, self.misses)
         self._kinds = [level.kind for level in layout.levels]
+        self._names = [level.name for level in layout.levels]
         self.arena_id = secrets.token_hex(8)
         self.started_at = time.monotonic()
         self.version = __version__
@@ -201,7 +202,7 @@ class Daemon:
         should release these and ask again for the rest. The caller must :meth:`release` them.
         """
         found = await self._prefix(keys, namespace)
-        landing, catalog, names = self.layout.landing, self.catalog, [lv.name for lv in self.layout.levels]
+        landing, catalog, names = self.layout.landing, self.catalog, self._names
         held: list[Copy] = []
         partial = False
         # Blocks to bring up are read a few at a time ahead of the one being held, so their I/O
@@ -340,18 +341,14 @@ class Daemon:
     async def settle(self, slots: Sequence[PutSlot]) -> None:
         """Write committed blocks through, as the write policy says (``slot.persisted`` when durable
         there), all at once: the persistent tier groups their flushes and index commits."""
-        then = self.after_put
-        if then.persist_to is None and then.share_to is None:
+        targets = [t for t in (self.after_put.persist_to, self.after_put.share_to) if t is not None]
+        if not targets:
             return
         live = [s for s in slots if s.copy is not None and s.record.state is BlockState.READY]
         for start in range(0, len(live), SETTLE_BATCH):
             batch = live[start : start + SETTLE_BATCH]
-            if then.persist_to is not None:
-                done = await self.mover.replicate_many([s.record for s in batch], then.persist_to)
-                for slot, ok in zip(batch, done):
-                    slot.persisted = ok
-            if then.share_to is not None:
-                done = await self.mover.replicate_many([s.record for s in batch], then.share_to)
+            for target in targets:
+                done = await self.mover.replicate_many([s.record for s in batch], target)
                 for slot, ok in zip(batch, done):
                     slot.persisted = ok or slot.persisted
 

@@ -157,43 +157,19 @@ class Mover:
 
     async def _demote(self, copies: Sequence[Copy], to: int) -> set[int]:
         """Copy ``copies`` into level ``to``; returns the ids of those that must be kept where they
-        are (their copy could not be written)."""
+        are (no room below right now, or their copy could not be written)."""
+        candidates = [c for c in copies if c.record.state is BlockState.READY and c.readable]
         kept: set[int] = set()
-        targets: list[tuple[Copy, Location]] = []
-        for copy in copies:
-            if copy.record.state is BlockState.READY and copy.readable:
-                location = await self.make_room(to, copy.record)
-                if location is not None:
-                    targets.append((copy, location))
-                else:
-                    kept.add(id(copy))  # no room below right now: it stays where it is
-        live = []
-        for copy, location in targets:
-            if copy.record.state is BlockState.READY:
-                live.append((copy, location))
-            else:
-                self.tiers[to].release(location)  # deleted while room was being made
-        outcomes = await self._write(live, to)
-        written, unexpected = [], None
-        for (copy, location), outcome in zip(live, outcomes):
-            if outcome is None:
-                written.append((copy, location))
-                continue
-            self.tiers[to].release(location)
-            if not isinstance(outcome, (OSError, IntegrityError, UnavailableError)):
-                unexpected = unexpected or outcome
-                continue
-            log.warning("cannot demote block %s to %s: %s", key_label(copy.record.key), self._names[to], outcome)
-            if isinstance(outcome, IntegrityError):
-                continue  # bad bytes: not worth keeping either (the victim is dropped)
-            self.counters.tier(self._names[to]).errors += 1
-            kept.add(id(copy))
-        live = written
-        for copy, location in live:
-            if await self._adopt(copy.record, to, location):
+        for copy, result in zip(candidates, await self._copy_into(candidates, to)):
+            if result is True:
                 self.counters.tier(self._names[copy.level]).demotions += 1
-        if unexpected is not None:
-            raise unexpected  # a bug: the copies that were written are adopted all the same
+            elif result is None:
+                kept.add(id(copy))
+            elif isinstance(result, BaseException):
+                log.warning("cannot demote block %s to %s: %s", key_label(copy.record.key), self._names[to], result)
+                if not isinstance(result, IntegrityError):  # bad bytes: not worth keeping (dropped)
+                    self.counters.tier(self._names[to]).errors += 1
+                    kept.add(id(copy))
         return kept
 
     async def replicate(self, record: BlockRecord, to: int) -> bool:
@@ -215,40 +191,59 @@ class Mover:
                 self.catalog.hold(source)
                 todo.append((i, source))
         health = self.health.get(to)
-        unexpected: BaseException | None = None
         self.busy += 1
         try:
-            placed: list[tuple[int, Copy, Location]] = []
-            for i, source in todo:
-                location = await self.make_room(to, source.record)
-                if location is not None:
-                    placed.append((i, source, location))
-            outcomes = await self._write([(source, location) for _, source, location in placed], to)
-            for (i, source, location), outcome in zip(placed, outcomes):
-                record = source.record
-                if outcome is not None:
-                    self.tiers[to].release(location)  # not written, not indexed
-                    if not isinstance(outcome, (OSError, IntegrityError, UnavailableError)):
-                        unexpected = unexpected or outcome
-                        continue
-                    if isinstance(outcome, UnavailableError):
-                        if health is not None:
-                            health.failed(outcome)
-                        continue
-                    log.warning("cannot copy block %s to %s: %s", key_label(record.key), self._names[to], outcome)
-                    self.counters.tier(self._names[to]).errors += 1
-                    continue
-                if health is not None:
-                    health.succeeded()
-                results[i] = await self._adopt(record, to, location)
-                if results[i] and self.layout.levels[to].shared:
-                    self.counters.tier(self._names[to]).uploads += 1
+            copied = await self._copy_into([source for _, source in todo], to)
         finally:
             self.busy -= 1
             for _, source in todo:
                 self.catalog.unhold(source)
+        for (i, source), result in zip(todo, copied):
+            if isinstance(result, UnavailableError):
+                if health is not None:
+                    health.failed(result)
+            elif isinstance(result, BaseException):
+                log.warning("cannot copy block %s to %s: %s", key_label(source.record.key), self._names[to], result)
+                self.counters.tier(self._names[to]).errors += 1
+            elif result is True:
+                if health is not None:
+                    health.succeeded()
+                results[i] = True
+                if self.layout.levels[to].shared:
+                    self.counters.tier(self._names[to]).uploads += 1
+        return results
+
+    async def _copy_into(self, sources: Sequence[Copy], to: int) -> list[bool | BaseException | None]:
+        """Give each source's block a copy in level ``to``: room, bytes (in one batch), persistence,
+        adoption. Per source: True (adopted), False (the block went away meanwhile), None (no room
+        there now), or the error that stopped it (its location is given back). Any other error, a
+        bug, is raised once the copies that were written are adopted."""
+        results: list[bool | BaseException | None] = [None] * len(sources)
+        placed: list[tuple[int, Copy, Location]] = []
+        for i, source in enumerate(sources):
+            location = await self.make_room(to, source.record)
+            if location is not None:
+                placed.append((i, source, location))
+        live = []
+        for i, source, location in placed:
+            if source.record.state is BlockState.READY:
+                live.append((i, source, location))
+            else:
+                self.tiers[to].release(location)  # deleted while room was being made
+                results[i] = False
+        outcomes = await self._write([(source, location) for _, source, location in live], to)
+        unexpected = None
+        for (i, source, location), outcome in zip(live, outcomes):
+            if outcome is None:
+                results[i] = await self._adopt(source.record, to, location)
+                continue
+            self.tiers[to].release(location)  # not written, not indexed
+            if isinstance(outcome, (OSError, IntegrityError, UnavailableError)):
+                results[i] = outcome
+            else:
+                unexpected = unexpected or outcome
         if unexpected is not None:
-            raise unexpected  # a bug: the blocks that were written are adopted all the same
+            raise unexpected
         return results
 
     async def _write(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:

@@ -95,13 +95,9 @@ class PosixFileIO:
                 except OSError as exc:
                     outcomes[i] = exc
 
-        running = asyncio.gather(*(loop.run_in_executor(self._pool, write_group, g) for g in groups), return_exceptions=True)
-        try:
-            await asyncio.shield(running)
-        except asyncio.CancelledError:
-            await asyncio.wait([running])
-            raise
-        rest = [i for i in range(len(items)) if i not in set(direct)]
+        await _all_threads([loop.run_in_executor(self._pool, write_group, g) for g in groups])
+        in_pool = set(direct)
+        rest = [i for i in range(len(items)) if i not in in_pool]
         for i, outcome in zip(rest, await asyncio.gather(*(self.write(*items[i]) for i in rest), return_exceptions=True)):
             outcomes[i] = outcome
         return outcomes
@@ -125,15 +121,7 @@ class PosixFileIO:
         ``view`` or the file range any more, even when cancelled."""
         loop = asyncio.get_running_loop()
         parts = [(offset + start, view[start : start + SPLIT_BYTES]) for start in range(0, view.nbytes, SPLIT_BYTES)]
-        running = asyncio.gather(
-            *(loop.run_in_executor(self._pool, _all, op, self._fd, part, at) for at, part in parts),
-            return_exceptions=True,
-        )
-        try:
-            outcomes = await asyncio.shield(running)
-        except asyncio.CancelledError:
-            await asyncio.wait([running])
-            raise
+        outcomes = await _all_threads([loop.run_in_executor(self._pool, _all, op, self._fd, part, at) for at, part in parts])
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -144,6 +132,17 @@ class PosixFileIO:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         os.close(self._fd)
+
+
+async def _all_threads(jobs: list[asyncio.Future]) -> list:
+    """The outcomes of pool jobs (results or exceptions), once every one has finished: a caller
+    cancelled meanwhile waits for the threads too, so none still touches its buffers."""
+    running = asyncio.gather(*jobs, return_exceptions=True)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        raise
 
 
 def _all(op, fd: int, view: memoryview, offset: int) -> None:
