@@ -36,7 +36,9 @@ class ExtentAllocator:
         self.capacity_bytes = capacity
         self.alignment_bytes = alignment_bytes
         self.used_bytes = 0
-        self._live: dict[int, int] = {}      # start -> length of each allocated extent
+        # Only free space is recorded (a few runs when full); allocated extents are the caller's,
+        # so a million blocks cost the allocator nothing. A free is checked against the free runs.
+        self._starts: list[int] = []          # sorted starts of the free runs
         self._by_start: dict[int, int] = {}   # start -> length of each free extent
         self._by_end: dict[int, int] = {}     # end -> start, to coalesce with a left neighbour
         self._by_size: list[tuple[int, int]] = []  # sorted (length, start): best fit by bisect
@@ -66,7 +68,6 @@ class ExtentAllocator:
         if free_len > length:
             self._add_free(start + length, free_len - length)
         self.used_bytes += length
-        self._live[start] = length
         return Extent(start, length)
 
     def rebuild(self, extents: list[Extent]) -> None:
@@ -75,8 +76,8 @@ class ExtentAllocator:
         self._by_start.clear()
         self._by_end.clear()
         self._by_size.clear()
-        self._live = {e.offset: e.length for e in extents}
-        self.used_bytes = sum(self._live.values())
+        self._starts.clear()
+        self.used_bytes = sum(e.length for e in extents)
         cursor = 0
         for e in extents:
             if e.offset > cursor:
@@ -88,10 +89,9 @@ class ExtentAllocator:
     def free(self, extent: Extent) -> None:
         """Return an extent; it merges with free neighbours on both sides."""
         start, length = extent.offset, extent.length
-        if self._live.get(start) != length:
-            raise ValueError(f"free of an extent that is not allocated: {extent}")
-        del self._live[start]
         end = start + length
+        if not self._allocated(start, end):
+            raise ValueError(f"free of an extent that is not allocated: {extent}")
         self.used_bytes -= length
         left = self._by_end.get(start)
         if left is not None:
@@ -114,12 +114,24 @@ class ExtentAllocator:
             best = max(best, run_end - run_start)
         return best
 
+    def _allocated(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` is aligned, in range and overlaps no free run."""
+        a = self.alignment_bytes
+        if start < 0 or end > self.capacity_bytes or start % a or end % a or end <= start:
+            return False
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i >= 0 and self._starts[i] + self._by_start[self._starts[i]] > start:
+            return False
+        return i + 1 >= len(self._starts) or self._starts[i + 1] >= end
+
     def _add_free(self, start: int, length: int) -> None:
+        bisect.insort(self._starts, start)
         self._by_start[start] = length
         self._by_end[start + length] = start
         bisect.insort(self._by_size, (length, start))
 
     def _remove_free(self, start: int, length: int) -> None:
+        del self._starts[bisect.bisect_left(self._starts, start)]
         del self._by_start[start]
         del self._by_end[start + length]
         i = bisect.bisect_left(self._by_size, (length, start))

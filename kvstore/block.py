@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import BlockTooLargeError, InvalidArgumentError
@@ -64,24 +64,76 @@ class TransitionError(RuntimeError):
     """A lifecycle transition the state machine forbids (a bug in the caller)."""
 
 
-@dataclass(slots=True, eq=False)
 class Copy:
-    """The bytes of one block in one level of the tier stack."""
+    """The bytes of one block in one level of the tier stack.
 
-    record: BlockRecord | None
-    level: int
-    location: Any            # where the tier keeps it: an Extent, an ObjectRef, ...
-    state: CopyState = CopyState.FILLING
-    holds: int = 0           # readers, moves and un-indexings in progress
-    freq: int = 0            # access count, saturating (scan-resistant policies)
-    queue: int = 0           # which queue of the policy holds it (policy-defined)
-    prev: Copy | None = None
-    next: Copy | None = None
+    A copy the catalog holds lives in its columns (:mod:`kvstore.columns`); this object is a view of
+    it, made when someone asks for it, and the catalog hands out one view per copy while anyone
+    keeps it. Once a copy leaves its level the view keeps its own state, holds and location (a
+    dropped copy someone still reads; an orphan a move wrote). A copy made directly (tests) is
+    standalone from the start.
+    """
+
+    __slots__ = ("_cat", "slot", "level", "_own", "__weakref__")
+
+    def __init__(self, record: BlockRecord | None, level: int, location: Any, state: CopyState = CopyState.FILLING,
+                 holds: int = 0) -> None:
+        self._cat = None
+        self.slot = -1
+        self.level = level
+        self._own = [state, holds, location, record]
+
+    @classmethod
+    def _bound(cls, catalog: Any, slot: int, level: int) -> Copy:
+        copy = cls.__new__(cls)
+        copy._cat, copy.slot, copy.level, copy._own = catalog, slot, level, None
+        return copy
+
+    def _detach(self, state: CopyState, holds: int, location: Any, record: BlockRecord) -> None:
+        """Leave the columns: from now on this view is the copy."""
+        self._own = [state, holds, location, record]
+        self._cat = None
+
+    @property
+    def record(self) -> BlockRecord | None:
+        if self._own is not None:
+            return self._own[3]
+        return self._cat.record_at(self.slot)
+
+    @property
+    def state(self) -> CopyState:
+        if self._own is not None:
+            return self._own[0]
+        return self._cat.copy_state(self.slot, self.level)
+
+    @property
+    def holds(self) -> int:
+        if self._own is not None:
+            return self._own[1]
+        return self._cat.columns[self.level].holds[self.slot]
+
+    @holds.setter
+    def holds(self, value: int) -> None:
+        if self._own is not None:
+            self._own[1] = value
+        else:
+            self._cat.columns[self.level].holds[self.slot] = value
+
+    @property
+    def location(self) -> Any:
+        """Where the tier keeps it: an Extent, an ObjectRef, ..."""
+        if self._own is not None:
+            return self._own[2]
+        return self._cat.columns[self.level].location(self.slot)
 
     def advance(self, state: CopyState) -> None:
-        if state not in _COPY_NEXT[self.state]:
-            raise TransitionError(f"copy at level {self.level}: {self.state.name} -> {state.name}")
-        self.state = state
+        current = self.state
+        if state not in _COPY_NEXT[current]:
+            raise TransitionError(f"copy at level {self.level}: {current.name} -> {state.name}")
+        if self._own is not None:
+            self._own[0] = state
+        else:
+            self._cat.set_copy_state(self.slot, self.level, state)
 
     @property
     def readable(self) -> bool:
@@ -96,28 +148,95 @@ class Copy:
     def evictable(self) -> bool:
         return self.holds == 0 and self.state is CopyState.READY and self.record.state is BlockState.READY
 
+    def __repr__(self) -> str:
+        return f"Copy(level={self.level}, state={self.state.name}, holds={self.holds})"
 
-@dataclass(slots=True, eq=False)
+
 class BlockRecord:
-    """One block: identity, integrity, state, and where its copies are."""
+    """One block: identity, integrity, state, and where its copies are.
 
-    key: bytes                    # the index key: namespace tag + block key (see kvstore.keys.scoped)
-    size: int = 0
-    checksum: int | None = None   # computed when first needed for blocks put in place
-    namespace: bytes = b""
-    state: BlockState = BlockState.WRITING
-    copies: dict[int, Copy] = field(default_factory=dict)  # level -> copy
+    Like :class:`Copy`, a record the catalog indexes is a view of its columns, one per record while
+    anyone keeps it; when the record is retired the view keeps a snapshot (key, size, checksum,
+    namespace) and reads as GONE with no copies. A record made directly (a tier's test, a
+    reservation's probe) is standalone.
+    """
+
+    __slots__ = ("_cat", "slot", "_key", "_size", "_checksum", "_namespace", "_state", "_copies", "__weakref__")
+
+    def __init__(self, key: bytes, size: int = 0, checksum: int | None = None, namespace: bytes = b"",
+                 state: BlockState = BlockState.WRITING) -> None:
+        self._cat = None
+        self.slot = -1
+        self._key, self._size, self._checksum, self._namespace = key, size, checksum, namespace
+        self._state = state
+        self._copies: dict[int, Copy] = {}
+
+    @classmethod
+    def _bound(cls, catalog: Any, slot: int) -> BlockRecord:
+        record = cls.__new__(cls)
+        record._cat, record.slot = catalog, slot
+        record._copies = None
+        return record
+
+    def _retire(self) -> None:
+        """The catalog is about to forget this record: keep what it was, read as GONE."""
+        cat, slot = self._cat, self.slot
+        self._key, self._size, self._namespace = cat.keys.key(slot), cat.size[slot], cat.namespace_of(slot)
+        self._checksum = cat.checksum_at(slot)
+        self._state = BlockState.GONE
+        self._copies = {}
+        self._cat = None
+
+    @property
+    def key(self) -> bytes:
+        """The index key: namespace tag + block key (see kvstore.keys.scoped)."""
+        return self._key if self._cat is None else self._cat.keys.key(self.slot)
+
+    @property
+    def size(self) -> int:
+        return self._size if self._cat is None else self._cat.size[self.slot]
+
+    @property
+    def checksum(self) -> int | None:
+        """Computed when first needed for blocks put in place."""
+        return self._checksum if self._cat is None else self._cat.checksum_at(self.slot)
+
+    @checksum.setter
+    def checksum(self, value: int | None) -> None:
+        if self._cat is None:
+            self._checksum = value
+        else:
+            self._cat.set_checksum(self.slot, value)
+
+    @property
+    def namespace(self) -> bytes:
+        return self._namespace if self._cat is None else self._cat.namespace_of(self.slot)
+
+    @property
+    def state(self) -> BlockState:
+        return self._state if self._cat is None else _STATES[self._cat.state[self.slot]]
+
+    @property
+    def copies(self) -> dict[int, Copy]:
+        """Level -> copy, for the copies in the levels (not those that left)."""
+        return self._copies if self._cat is None else self._cat.copies_of(self.slot)
 
     def advance(self, state: BlockState) -> None:
         """Move to ``state``; raises on a transition the lifecycle forbids."""
-        if state not in _BLOCK_NEXT[self.state]:
-            raise TransitionError(f"block {key_label(self.key)}: {self.state.name} -> {state.name}")
-        self.state = state
+        current = self.state
+        if state not in _BLOCK_NEXT[current]:
+            raise TransitionError(f"block {key_label(self.key)}: {current.name} -> {state.name}")
+        if self._cat is None:
+            self._state = state
+        else:
+            self._cat.state[self.slot] = _STATE_CODES[state]
 
     def primary(self) -> Copy | None:
         """The fastest readable copy, or None."""
+        if self._cat is not None:
+            return self._cat.primary_of(self.slot)
         best = None
-        for copy in self.copies.values():
+        for copy in self._copies.values():
             if copy.state is _READY and (best is None or copy.level < best.level):
                 best = copy
         return best
@@ -126,6 +245,13 @@ class BlockRecord:
         """The readable copy at ``level``, or None."""
         copy = self.copies.get(level)
         return copy if copy is not None and copy.state is CopyState.READY else None
+
+    def __repr__(self) -> str:
+        return f"BlockRecord({key_label(self.key)}, size={self.size}, state={self.state.name})"
+
+
+_STATES = (BlockState.GONE, BlockState.WRITING, BlockState.READY)   # by column code
+_STATE_CODES = {state: code for code, state in enumerate(_STATES)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,16 @@
 """The catalog: every block the daemon knows, its copies, and the only writer of their states.
 
-It owns the index (key -> record), one eviction policy per bounded level, and the lifecycles of
-records and copies (:mod:`kvstore.block`). Nothing else assigns a state: the daemon and the mover
-ask the catalog to begin, fill, commit, hold, drop or retire, and it enforces the transitions.
-A record is retired (GONE, out of the index) in one place, :meth:`Catalog._retire`.
+It owns the index (key -> slot, :class:`~kvstore.keytable.KeyTable`), the blocks' fields as
+columns indexed by slot (:mod:`kvstore.columns`), one eviction policy per bounded level, and the
+lifecycles of records and copies (:mod:`kvstore.block`). Nothing else assigns a state: the daemon
+and the mover ask the catalog to begin, fill, commit, hold, drop or retire, and it enforces the
+transitions. A record is retired (GONE, out of the index) in one place, :meth:`Catalog._retire`.
+
+Callers see blocks as :class:`~kvstore.block.BlockRecord` and :class:`~kvstore.block.Copy`
+views, made on demand; the catalog hands out one view per record and per copy while anyone keeps
+it (weakly cached), so identity holds, and converts a view to standalone when what it shows leaves
+the columns (a retired record keeps a snapshot, a dropped copy its own state, holds and location).
+A block at rest costs its columns only: no Python object.
 
 The catalog does no I/O. When the last hold on a dropped copy goes, it hands the location back
 through the ``release`` function it was built with (the tiers' ``release``), exactly once.
@@ -12,15 +19,26 @@ Mutated from the event-loop thread only, so it takes no locks.
 
 from __future__ import annotations
 
+import weakref
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from kvstore.block import BlockRecord, BlockState, Copy, CopyState, StoredBlock
+import numpy as np
+
+from kvstore import columns as col
+from kvstore.block import _STATE_CODES, BlockRecord, BlockState, Copy, CopyState, StoredBlock, TransitionError
+from kvstore.columns import LevelColumns, as_numpy
 from kvstore.keys import key_label
+from kvstore.keytable import KeyTable
 from kvstore.layout import Layout
-from kvstore.policy import EvictionPolicy
+from kvstore.policy import EvictionPolicy, LevelView
 from kvstore.stats import Counters
+
+_WRITING, _READY_RECORD = _STATE_CODES[BlockState.WRITING], _STATE_CODES[BlockState.READY]
+_COPY_STATES = {col.FILLING: CopyState.FILLING, col.READY: CopyState.READY}
+_LEVEL_BITS = 3   # a copy view's cache key is slot << 3 | level (at most 8 levels)
 
 
 class Catalog:
@@ -31,57 +49,154 @@ class Catalog:
         release: Callable[[int, Any], None],
         counters: Counters,
     ) -> None:
+        if len(layout.levels) > 1 << _LEVEL_BITS:
+            raise ValueError(f"at most {1 << _LEVEL_BITS} levels")
         self.layout = layout
         self.policies = list(policies)   # None for unbounded (shared) levels
         self._release = release
         self.counters = counters
-        self._records: dict[bytes, BlockRecord] = {}
+        self.state = array("B")      # record state code (0: free slot)
+        self.size = array("Q")
+        self._checksum = array("Q")
+        self._has_checksum = array("B")
+        self._ns = array("I")        # index into self._namespaces
+        self._namespaces: list[bytes] = []
+        self._ns_ids: dict[bytes, int] = {}
+        self.columns = [LevelColumns() for _ in layout.levels]
+        self._shared = [level.shared for level in layout.levels]
         self._ready = [0] * len(layout.levels)    # readable copies per level
         # Records whose only readable copies are in shared levels, oldest first (see trim_remote).
-        self._remote_only: OrderedDict[bytes, BlockRecord] = OrderedDict()
+        self._remote_only: OrderedDict[int, None] = OrderedDict()
+        self._record_views: weakref.WeakValueDictionary[int, BlockRecord] = weakref.WeakValueDictionary()
+        self._copy_views: weakref.WeakValueDictionary[int, Copy] = weakref.WeakValueDictionary()
+        self.keys = KeyTable(on_grow=self._grow)
+        for level, policy in enumerate(self.policies):
+            if policy is not None:
+                c = self.columns[level]
+                policy.bind(LevelView(prev=c.prev, next=c.next, freq=c.freq, queue=c.queue, length=c.length,
+                                      evictable=self._evictable_at(level), ghost_key=self._ghost_key))
+
+    def _grow(self, capacity: int) -> None:
+        for column in (self.state, self.size, self._checksum, self._has_checksum, self._ns):
+            col.grow(column, capacity)
+        for columns in self.columns:
+            columns.grow(capacity)
 
     # -- reading ---------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self.keys)
 
     def __iter__(self) -> Iterator[BlockRecord]:
-        return iter(self._records.values())
+        slots = np.flatnonzero(as_numpy(self.state)).tolist()
+        return iter([self.record_at(slot) for slot in slots])
 
     def get(self, key: bytes) -> BlockRecord | None:
         """The record of ``key`` in any state (WRITING included), or None."""
-        return self._records.get(key)
+        slot = self.keys.find(key)
+        return None if slot < 0 else self.record_at(slot)
 
-    def prefix(self, keys: Sequence[bytes]) -> list[BlockRecord]:
-        """Records of the leading readable keys: stops at the first that is absent, not READY, or
-        has no readable copy."""
-        found: list[BlockRecord] = []
-        records = self._records
-        ready = BlockState.READY
-        for key in keys:
-            record = records.get(key)
-            if record is None or record.state is not ready or not record.copies:
-                break
-            found.append(record)
-        return found
+    def present(self, key: bytes) -> bool:
+        return self.keys.find(key) >= 0
+
+    def prefix_slots(self, keys: Sequence[bytes], prefix: bytes = b"") -> np.ndarray:
+        """Slots of the leading readable keys (``prefix + key``): stops at the first that is absent,
+        not READY, or has no readable copy. One vectorised pass, whatever the index size."""
+        slots = self.keys.find_many(keys, prefix)
+        found = slots >= 0
+        safe = np.where(found, slots, 0)
+        ok = found & (np.take(as_numpy(self.state), safe) == _READY_RECORD)
+        readable = np.zeros(len(slots), dtype=bool)
+        for columns in self.columns:
+            readable |= np.take(as_numpy(columns.state), safe) == col.READY
+        ok &= readable
+        bad = np.flatnonzero(~ok)
+        return slots[: bad[0] if len(bad) else len(slots)]
+
+    def primary_levels(self, slots: np.ndarray) -> np.ndarray:
+        """The level of each slot's fastest readable copy (the slots must have one)."""
+        level = np.full(len(slots), len(self.columns), dtype=np.int64)
+        for i in reversed(range(len(self.columns))):
+            level = np.where(np.take(as_numpy(self.columns[i].state), slots) == col.READY, i, level)
+        return level
+
+    def prefix(self, keys: Sequence[bytes], prefix: bytes = b"") -> list[BlockRecord]:
+        """Records of the leading readable keys (see :meth:`prefix_slots`)."""
+        return [self.record_at(slot) for slot in self.prefix_slots(keys, prefix).tolist()]
 
     def blocks_at(self, level: int) -> int:
         """Readable copies held at ``level``."""
         return self._ready[level]
 
-    def victims(self, level: int, nbytes: int, fits: Callable[[list[Copy]], bool] | None = None) -> list[Copy]:
-        """The copies of ``level`` its policy would evict to free ``nbytes`` (all or nothing)."""
+    def victims(self, level: int, nbytes: int, fits: Callable[[list[Any]], bool] | None = None) -> list[Copy]:
+        """The copies of ``level`` its policy would evict to free ``nbytes`` (all or nothing);
+        ``fits`` is asked about the locations the chosen copies would free."""
         policy = self.policies[level]
-        return policy.victims(nbytes, fits) if policy is not None else []
+        if policy is None:
+            return []
+        columns = self.columns[level]
+        test = None if fits is None else (lambda slots: fits([columns.location(s) for s in slots]))
+        return [self._copy_view(slot, level) for slot in policy.victims(nbytes, test)]
+
+    # -- views (for BlockRecord and Copy) --------------------------------------------------------
+
+    def record_at(self, slot: int) -> BlockRecord:
+        view = self._record_views.get(slot)
+        if view is None:
+            view = self._record_views[slot] = BlockRecord._bound(self, slot)
+        return view
+
+    def _copy_view(self, slot: int, level: int) -> Copy:
+        key = slot << _LEVEL_BITS | level
+        view = self._copy_views.get(key)
+        if view is None:
+            view = self._copy_views[key] = Copy._bound(self, slot, level)
+        return view
+
+    def copy_state(self, slot: int, level: int) -> CopyState:
+        return _COPY_STATES[self.columns[level].state[slot]]
+
+    def set_copy_state(self, slot: int, level: int, state: CopyState) -> None:
+        if state is CopyState.READY:
+            self.fill(self._copy_view(slot, level))
+        else:
+            raise TransitionError(f"copy at level {level}: leaves only through the catalog")
+
+    def copies_of(self, slot: int) -> dict[int, Copy]:
+        return {level: self._copy_view(slot, level)
+                for level, columns in enumerate(self.columns) if columns.state[slot]}
+
+    def primary_of(self, slot: int) -> Copy | None:
+        for level, columns in enumerate(self.columns):
+            if columns.state[slot] == col.READY:
+                return self._copy_view(slot, level)
+        return None
+
+    def checksum_at(self, slot: int) -> int | None:
+        return self._checksum[slot] if self._has_checksum[slot] else None
+
+    def set_checksum(self, slot: int, value: int | None) -> None:
+        self._has_checksum[slot] = value is not None
+        self._checksum[slot] = value or 0
+
+    def namespace_of(self, slot: int) -> bytes:
+        return self._namespaces[self._ns[slot]]
+
+    def _evictable_at(self, level: int) -> Callable[[int], bool]:
+        columns, state = self.columns[level], self.state
+
+        def evictable(slot: int) -> bool:
+            return columns.holds[slot] == 0 and columns.state[slot] == col.READY and state[slot] == _READY_RECORD
+        return evictable
+
+    def _ghost_key(self, slot: int) -> int:
+        return int(self.keys._hashes[slot])
 
     # -- writing ---------------------------------------------------------------------------------
 
     def begin(self, key: bytes, size: int, namespace: bytes, level: int, location: Any) -> Copy:
         """A new WRITING record with one FILLING copy: invisible until :meth:`commit`."""
-        record = BlockRecord(key=key, size=size, namespace=namespace)
-        if key in self._records:
-            raise RuntimeError(f"block {key_label(key)} is already indexed")
-        self._records[key] = record
+        record = self._new(key, size, None, namespace, _WRITING)
         return self.attach(record, level, location)
 
     def commit(self, copy: Copy, checksum: int | None) -> None:
@@ -93,25 +208,64 @@ class Catalog:
 
     def known(self, key: bytes, size: int, checksum: int, namespace: bytes) -> BlockRecord:
         """A READY record for a block found in a shared or persistent level (copies attached next)."""
-        record = BlockRecord(key=key, size=size, checksum=checksum, namespace=namespace, state=BlockState.READY)
-        if key in self._records:
+        return self._new(key, size, checksum, namespace, _READY_RECORD)
+
+    def _new(self, key: bytes, size: int, checksum: int | None, namespace: bytes, state: int) -> BlockRecord:
+        if self.keys.find(key) >= 0:
             raise RuntimeError(f"block {key_label(key)} is already indexed")
-        self._records[key] = record
-        return record
+        slot = self.keys.add(key)
+        self.state[slot] = state
+        self.size[slot] = size
+        self.set_checksum(slot, checksum)
+        self._ns[slot] = self._namespace_id(namespace)
+        return self.record_at(slot)
+
+    def _namespace_id(self, namespace: bytes) -> int:
+        ns = self._ns_ids.get(namespace)
+        if ns is None:
+            ns = self._ns_ids[namespace] = len(self._namespaces)
+            self._namespaces.append(namespace)
+        return ns
 
     def recover(self, level: int, blocks: Sequence[StoredBlock]) -> None:
         """Index what a persistent level kept from an earlier run, least recently used first."""
-        for block in sorted(blocks, key=lambda b: b.last_use):
-            record = self.known(block.key, block.size, block.checksum, block.namespace)
-            self.fill(self.attach(record, level, block.location))
+        blocks = sorted(blocks, key=lambda b: b.last_use)
+        if not blocks:
+            return
+        if len(self.keys):
+            for block in blocks:   # not the first level recovered: one by one, checked
+                record = self.known(block.key, block.size, block.checksum, block.namespace)
+                self.fill(self.attach(record, level, block.location))
+            return
+        slots = self.keys.add_many([b.key for b in blocks]).tolist()
+        columns, policy = self.columns[level], self.policies[level]
+        ns_of = {}
+        for slot, block in zip(slots, blocks):
+            self.state[slot] = _READY_RECORD
+            self.size[slot] = block.size
+            self._checksum[slot] = block.checksum
+            self._has_checksum[slot] = 1
+            ns = ns_of.get(block.namespace)
+            if ns is None:
+                ns = ns_of[block.namespace] = self._namespace_id(block.namespace)
+            self._ns[slot] = ns
+            columns.place(slot, block.location, col.READY)
+            if policy is not None:
+                policy.insert(slot)
+        self._ready[level] += len(slots)
+        if self._shared[level]:
+            for slot in slots:
+                self._remote_only[slot] = None
 
     def attach(self, record: BlockRecord, level: int, location: Any) -> Copy:
         """A FILLING copy of ``record`` at ``level``: its bytes are on their way."""
-        if level in record.copies:
+        if record.state is BlockState.GONE or record._cat is not self:
+            raise RuntimeError(f"block {key_label(record.key)} is not indexed")
+        columns = self.columns[level]
+        if columns.state[record.slot]:
             raise RuntimeError(f"block {key_label(record.key)} already has a copy at level {level}")
-        copy = Copy(record=record, level=level, location=location)
-        record.copies[level] = copy
-        return copy
+        columns.place(record.slot, location, col.FILLING)
+        return self._copy_view(record.slot, level)
 
     def orphan(self, record: BlockRecord, level: int, location: Any) -> Copy:
         """A readable copy written for ``record`` that the record will not take (it went away, or
@@ -120,22 +274,30 @@ class Catalog:
 
     def fill(self, copy: Copy) -> None:
         """All of ``copy``'s bytes are in place: it becomes readable and evictable."""
-        copy.advance(CopyState.READY)
-        self._ready[copy.level] += 1
-        policy = self.policies[copy.level]
+        if copy._own is not None:
+            raise TransitionError(f"copy at level {copy.level}: {copy.state.name} -> READY (it left its level)")
+        slot, level = copy.slot, copy.level
+        columns = self.columns[level]
+        if columns.state[slot] != col.FILLING:
+            raise TransitionError(f"copy at level {level}: {copy.state.name} -> READY")
+        columns.state[slot] = col.READY
+        self._ready[level] += 1
+        policy = self.policies[level]
         if policy is not None:
-            policy.insert(copy)
-        if self.layout.levels[copy.level].shared:
-            self._note(copy.record)
+            policy.insert(slot)
+        if self._shared[level]:
+            self._note(slot)
         else:
-            self._remote_only.pop(copy.record.key, None)
+            self._remote_only.pop(slot, None)
 
     def touch(self, record: BlockRecord) -> None:
         """A read is a use of every copy the block has."""
-        for copy in record.copies.values():
-            policy = self.policies[copy.level]
-            if policy is not None and copy.state is CopyState.READY:
-                policy.touch(copy)
+        slot = record.slot
+        if record._cat is not self:
+            return
+        for level, policy in enumerate(self.policies):
+            if policy is not None and self.columns[level].state[slot] == col.READY:
+                policy.touch(slot)
 
     def hold(self, copy: Copy) -> None:
         copy.holds += 1
@@ -170,11 +332,11 @@ class Catalog:
         """
         forget: list[Copy] = []
         for copy in copies:
-            if copy.state in (CopyState.DROPPED, CopyState.FREED):
+            state = copy.state
+            if state in (CopyState.DROPPED, CopyState.FREED):
                 continue
-            was_ready = copy.state is CopyState.READY
             self._leave(copy, evicted=evicted)
-            if was_ready and self.layout.levels[copy.level].forget_before_reuse:
+            if state is CopyState.READY and self.layout.levels[copy.level].forget_before_reuse:
                 copy.holds += 1
                 forget.append(copy)
             else:
@@ -190,61 +352,92 @@ class Catalog:
         """Forget the oldest records whose only copies are shared, beyond ``limit`` (a later lookup
         finds them again). Returns how many were forgotten."""
         forgotten = 0
-        busy: list[BlockRecord] = []
+        busy: list[int] = []
         while len(self._remote_only) > limit:
-            _, record = self._remote_only.popitem(last=False)
-            if record.state is not BlockState.READY or not self._only_shared(record):
+            slot, _ = self._remote_only.popitem(last=False)
+            if self.state[slot] != _READY_RECORD or not self._only_shared(slot):
                 continue
-            if any(copy.holds for copy in record.copies.values()):
-                busy.append(record)  # a get is promoting it: kept, tried again next time
+            if any(c.holds[slot] for c in self.columns if c.state[slot]):
+                busy.append(slot)  # a get is promoting it: kept, tried again next time
                 limit -= 1
                 continue
-            self.drop(list(record.copies.values()))
+            self.drop(list(self.copies_of(slot).values()))
             forgotten += 1
-        for record in busy:
-            self._remote_only[record.key] = record
+        for slot in busy:
+            self._remote_only[slot] = None
         return forgotten
 
     # -- internals -------------------------------------------------------------------------------
 
     def _leave(self, copy: Copy, *, evicted: bool) -> None:
-        record = copy.record
-        if record.copies.get(copy.level) is copy:
-            del record.copies[copy.level]
-            if copy.state is CopyState.READY:
-                self._ready[copy.level] -= 1
-        copy.advance(CopyState.DROPPED)
-        policy = self.policies[copy.level]
+        """``copy`` leaves its level: out of the columns (its view keeps its holds and location)."""
+        level = copy.level
+        if copy._own is not None:   # already out of the columns (an orphan, a copy that left)
+            if copy._own[0] in (CopyState.FILLING, CopyState.READY):
+                copy._own[0] = CopyState.DROPPED
+            return
+        slot, columns = copy.slot, self.columns[level]
+        record = self.record_at(slot)
+        if columns.state[slot] == col.READY:
+            self._ready[level] -= 1
+        policy = self.policies[level]
         if policy is not None:
-            policy.remove(copy, evicted=evicted)
-        if evicted and not record.copies:
-            counters = self.counters.tier(self.layout.levels[copy.level].name)
+            policy.remove(slot, evicted=evicted)
+        self._copy_views.pop(slot << _LEVEL_BITS | level, None)
+        copy._detach(CopyState.DROPPED, columns.holds[slot], columns.location(slot), record)
+        columns.clear(slot)
+        remaining = [c.state[slot] for c in self.columns]
+        if evicted and not any(remaining):
+            counters = self.counters.tier(self.layout.levels[level].name)
             counters.evictions += 1
-            counters.evicted_bytes += record.size
-        if record.state is BlockState.READY:
-            if record.primary() is None:
+            counters.evicted_bytes += self.size[slot]
+        if self.state[slot] == _READY_RECORD:
+            if col.READY not in remaining:
                 self._retire(record)
             else:
-                self._note(record)
+                self._note(slot)
 
-    def _note(self, record: BlockRecord) -> None:
-        if self._only_shared(record):
-            self._remote_only[record.key] = record
-            self._remote_only.move_to_end(record.key)
+    def _note(self, slot: int) -> None:
+        if self._only_shared(slot):
+            self._remote_only[slot] = None
+            self._remote_only.move_to_end(slot)
 
-    def _only_shared(self, record: BlockRecord) -> bool:
-        levels = self.layout.levels
-        return bool(record.copies) and all(levels[level].shared for level in record.copies)
+    def _only_shared(self, slot: int) -> bool:
+        held = [level for level, c in enumerate(self.columns) if c.state[slot]]
+        return bool(held) and all(self._shared[level] for level in held)
 
     def _retire(self, record: BlockRecord) -> None:
-        """The one place a record leaves: GONE, out of the index (its copies are dropped by the
-        caller or were already)."""
-        record.advance(BlockState.GONE)
-        if self._records.get(record.key) is record:
-            del self._records[record.key]
-        self._remote_only.pop(record.key, None)
+        """The one place a record leaves: GONE, out of the index. Copies still in its columns (a
+        put or a move filling them) leave with it, each kept by its view for the one filling it."""
+        if record._cat is not self:
+            record.advance(BlockState.GONE)
+            return
+        slot = record.slot
+        for level, columns in enumerate(self.columns):
+            if columns.state[slot]:
+                copy = self._copy_view(slot, level)
+                self._leave_quietly(copy)
+        self._remote_only.pop(slot, None)
+        record._retire()
+        self._record_views.pop(slot, None)
+        self.state[slot] = 0
+        self.keys.remove(slot)
+
+    def _leave_quietly(self, copy: Copy) -> None:
+        """Take a copy of a record being retired out of the columns, keeping its state."""
+        slot, level, columns = copy.slot, copy.level, self.columns[copy.level]
+        if columns.state[slot] == col.READY:
+            self._ready[level] -= 1
+        policy = self.policies[level]
+        if policy is not None:
+            policy.remove(slot)
+        self._copy_views.pop(slot << _LEVEL_BITS | level, None)
+        copy._detach(_COPY_STATES[columns.state[slot]], columns.holds[slot], columns.location(slot),
+                     self.record_at(slot))
+        columns.clear(slot)
 
     def _free_if_done(self, copy: Copy) -> None:
-        if copy.state is CopyState.DROPPED and copy.holds == 0:
-            copy.advance(CopyState.FREED)
-            self._release(copy.level, copy.location)
+        own = copy._own
+        if own is not None and own[0] is CopyState.DROPPED and own[1] == 0:
+            own[0] = CopyState.FREED
+            self._release(copy.level, own[2])

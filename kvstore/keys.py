@@ -164,10 +164,15 @@ def scoped(keys: Sequence[bytes], namespace: bytes) -> list[bytes]:
     Every namespace is tagged, the empty one included, so no key of one namespace can be made to
     look like a key of another.
     """
+    tag = namespace_tag(namespace)
+    return [tag + key for key in keys]
+
+
+def namespace_tag(namespace: bytes) -> bytes:
+    """The tag :func:`scoped` puts before every key of ``namespace``."""
     if len(namespace) > MAX_NAMESPACE_BYTES:
         raise InvalidArgumentError(f"the namespace is {len(namespace)} bytes; at most {MAX_NAMESPACE_BYTES} are allowed")
-    tag = _namespace_tag(namespace)
-    return [tag + key for key in keys]
+    return _namespace_tag(namespace)
 
 
 @functools.lru_cache(maxsize=1024)

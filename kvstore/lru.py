@@ -1,86 +1,100 @@
-"""Least-recently-used eviction over an intrusive doubly linked list.
+"""Least-recently-used eviction over an intrusive doubly linked list of slots.
 
-Sentinel head and tail copies make every link operation branch-free; the links live on the
-:class:`Copy` itself, so insert, touch and remove are O(1) and allocate nothing. The head side is
-the coldest copy.
+A level's copies are slots of the catalog's columns (:class:`~kvstore.columns.LevelColumns`); the
+list's links are two of those columns, so insert, touch and remove are O(1), allocate nothing and
+cost no memory beyond eight bytes per block. The head is the coldest copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from kvstore.block import Copy
-from kvstore.policy import EvictionPolicy
+from kvstore.policy import EvictionPolicy, LevelView
+
+NIL = -1
 
 
-class CopyList:
-    """An intrusive doubly linked list of copies with sentinels; head is the oldest end."""
+class SlotList:
+    """A doubly linked list threaded through ``prev``/``next`` columns; head is the oldest end."""
 
-    def __init__(self) -> None:
-        self.head = Copy(record=None, level=-1, location=None)
-        self.tail = Copy(record=None, level=-1, location=None)
-        self.head.next = self.tail
-        self.tail.prev = self.head
+    def __init__(self, view: LevelView) -> None:
+        self.view = view
+        self.head = self.tail = NIL
         self.count = 0
         self.nbytes = 0
 
-    def push(self, copy: Copy) -> None:
+    def push(self, slot: int) -> None:
         """Append at the newest end."""
-        last = self.tail.prev
-        copy.prev, copy.next = last, self.tail
-        last.next = copy
-        self.tail.prev = copy
+        prev, nxt = self.view.prev, self.view.next
+        prev[slot], nxt[slot] = self.tail, NIL
+        if self.tail == NIL:
+            self.head = slot
+        else:
+            nxt[self.tail] = slot
+        self.tail = slot
         self.count += 1
-        self.nbytes += copy.nbytes
+        self.nbytes += self.view.length[slot]
 
-    def unlink(self, copy: Copy) -> None:
-        copy.prev.next = copy.next
-        copy.next.prev = copy.prev
-        copy.prev = copy.next = None
+    def unlink(self, slot: int) -> None:
+        prev, nxt = self.view.prev, self.view.next
+        p, n = prev[slot], nxt[slot]
+        if p == NIL:
+            self.head = n
+        else:
+            nxt[p] = n
+        if n == NIL:
+            self.tail = p
+        else:
+            prev[n] = p
+        prev[slot] = nxt[slot] = NIL
         self.count -= 1
-        self.nbytes -= copy.nbytes
+        self.nbytes -= self.view.length[slot]
 
-    def oldest_first(self):
-        node = self.head.next
-        while node is not self.tail:
-            nxt = node.next  # the caller may move ``node``
-            yield node
-            node = nxt
+    def oldest_first(self) -> Iterator[int]:
+        nxt = self.view.next
+        slot = self.head
+        while slot != NIL:
+            following = nxt[slot]  # the caller may move ``slot``
+            yield slot
+            slot = following
 
 
 class LRUPolicy(EvictionPolicy):
-    def __init__(self) -> None:
-        self._list = CopyList()
+    def bind(self, view: LevelView) -> None:
+        super().bind(view)
+        self._list = SlotList(view)
 
     def __len__(self) -> int:
         return self._list.count
 
-    def insert(self, copy: Copy) -> None:
-        if copy.prev is not None:
+    def insert(self, slot: int) -> None:
+        if self.view.queue[slot]:
             raise RuntimeError("the copy is already in a policy list")
-        self._list.push(copy)
+        self.view.queue[slot] = 1
+        self._list.push(slot)
 
-    def touch(self, copy: Copy) -> None:
-        if copy.prev is None:
-            return
-        self._list.unlink(copy)
-        self._list.push(copy)
+    def touch(self, slot: int) -> None:
+        if self.view.queue[slot]:
+            self._list.unlink(slot)
+            self._list.push(slot)
 
-    def remove(self, copy: Copy, *, evicted: bool = False) -> None:
-        if copy.prev is not None:
-            self._list.unlink(copy)
+    def remove(self, slot: int, *, evicted: bool = False) -> None:
+        if self.view.queue[slot]:
+            self._list.unlink(slot)
+            self.view.queue[slot] = 0
 
-    def victims(self, nbytes: int, fits: Callable[[list[Copy]], bool] | None = None) -> list[Copy]:
-        chosen: list[Copy] = []
+    def victims(self, nbytes: int, fits: Callable[[list[int]], bool] | None = None) -> list[int]:
+        chosen: list[int] = []
         total = 0
-        for copy in self._list.oldest_first():
-            if copy.evictable:
-                chosen.append(copy)
-                total += copy.nbytes
+        evictable, length = self.view.evictable, self.view.length
+        for slot in self._list.oldest_first():
+            if evictable(slot):
+                chosen.append(slot)
+                total += length[slot]
                 if total >= nbytes and (fits is None or fits(chosen)):
                     return chosen
         return []
 
-    def coldest_first(self) -> list[Copy]:
+    def coldest_first(self) -> list[int]:
         """Every copy, coldest first (for stats and tests; O(n))."""
         return list(self._list.oldest_first())

@@ -90,7 +90,7 @@ def room_victims(
     return catalog.victims(
         level,
         max(length - free_bytes, 1),
-        fits=lambda chosen: largest_free_after([c.location for c in chosen]) >= length,
+        fits=lambda locations: largest_free_after(locations) >= length,
     )
 
 

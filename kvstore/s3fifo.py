@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from kvstore.block import Copy
-from kvstore.lru import CopyList
-from kvstore.policy import EvictionPolicy
+from kvstore.lru import SlotList
+from kvstore.policy import EvictionPolicy, LevelView
 
 SMALL, MAIN = 1, 2
 MAX_FREQ = 3
@@ -23,43 +22,52 @@ MAX_FREQ = 3
 
 class S3FIFOPolicy(EvictionPolicy):
     def __init__(self, capacity_bytes: int, small_fraction: float = 0.1, ghost_entries: int = 1 << 16) -> None:
-        self._small = CopyList()
-        self._main = CopyList()
         self._small_target = int(capacity_bytes * small_fraction)
-        self._ghost: OrderedDict[bytes, None] = OrderedDict()
+        self._ghost: OrderedDict[int, None] = OrderedDict()
         self._ghost_entries = ghost_entries
+
+    def bind(self, view: LevelView) -> None:
+        super().bind(view)
+        self._small = SlotList(view)
+        self._main = SlotList(view)
 
     def __len__(self) -> int:
         return self._small.count + self._main.count
 
-    def insert(self, copy: Copy) -> None:
-        if copy.queue:
+    def insert(self, slot: int) -> None:
+        view = self.view
+        if view.queue[slot]:
             raise RuntimeError("the copy is already in a policy queue")
-        copy.freq = 0
-        key = copy.record.key
+        view.freq[slot] = 0
+        key = view.ghost_key(slot)
         if key in self._ghost:
             del self._ghost[key]
-            self._enter(copy, MAIN)
+            self._enter(slot, MAIN)
         else:
-            self._enter(copy, SMALL)
+            self._enter(slot, SMALL)
 
-    def touch(self, copy: Copy) -> None:
-        if copy.queue and copy.freq < MAX_FREQ:
-            copy.freq += 1
+    def touch(self, slot: int) -> None:
+        freq = self.view.freq
+        if self.view.queue[slot] and freq[slot] < MAX_FREQ:
+            freq[slot] += 1
 
-    def remove(self, copy: Copy, *, evicted: bool = False) -> None:
-        if not copy.queue:
+    def remove(self, slot: int, *, evicted: bool = False) -> None:
+        view = self.view
+        queue = view.queue[slot]
+        if not queue:
             return
-        if evicted and copy.queue == SMALL and copy.freq == 0:
-            self._ghost[copy.record.key] = None
+        if evicted and queue == SMALL and view.freq[slot] == 0:
+            self._ghost[view.ghost_key(slot)] = None
             if len(self._ghost) > self._ghost_entries:
                 self._ghost.popitem(last=False)
-        self._queue(copy).unlink(copy)
-        copy.queue = 0
+        self._queue(queue).unlink(slot)
+        view.queue[slot] = 0
 
-    def victims(self, nbytes: int, fits: Callable[[list[Copy]], bool] | None = None) -> list[Copy]:
-        chosen: list[Copy] = []
-        chosen_ids: set[int] = set()
+    def victims(self, nbytes: int, fits: Callable[[list[int]], bool] | None = None) -> list[int]:
+        view = self.view
+        queue, freq, length = view.queue, view.freq, view.length
+        chosen: list[int] = []
+        chosen_set: set[int] = set()
         total = 0
         small_bytes = self._small.nbytes
         # Each pass either chooses a copy, promotes one out of the small queue, or spends one of
@@ -68,43 +76,43 @@ class S3FIFOPolicy(EvictionPolicy):
         budget = 2 * (MAX_FREQ + 2) * (len(self) + 1)
         while budget and not (total >= nbytes and (fits is None or fits(chosen))):
             budget -= 1
-            from_small = small_bytes > self._small_target or not self._has_candidate(self._main, chosen_ids)
-            copy = self._oldest_candidate(self._small if from_small else self._main, chosen_ids)
-            if copy is None:
-                copy = self._oldest_candidate(self._main if from_small else self._small, chosen_ids)
-                if copy is None:
+            from_small = small_bytes > self._small_target or not self._has_candidate(self._main, chosen_set)
+            slot = self._oldest_candidate(self._small if from_small else self._main, chosen_set)
+            if slot is None:
+                slot = self._oldest_candidate(self._main if from_small else self._small, chosen_set)
+                if slot is None:
                     return []
-            if copy.queue == SMALL and copy.freq > 0:
-                self._small.unlink(copy)   # read again while small: it earned the main queue
-                copy.freq = 0
-                self._enter(copy, MAIN)
-                small_bytes -= copy.nbytes
+            if queue[slot] == SMALL and freq[slot] > 0:
+                self._small.unlink(slot)   # read again while small: it earned the main queue
+                freq[slot] = 0
+                self._enter(slot, MAIN)
+                small_bytes -= length[slot]
                 continue
-            if copy.queue == MAIN and copy.freq > 0:
-                copy.freq -= 1             # one more round in the main queue
-                self._main.unlink(copy)
-                self._main.push(copy)
+            if queue[slot] == MAIN and freq[slot] > 0:
+                freq[slot] -= 1            # one more round in the main queue
+                self._main.unlink(slot)
+                self._main.push(slot)
                 continue
-            chosen.append(copy)
-            chosen_ids.add(id(copy))
-            total += copy.nbytes
-            if copy.queue == SMALL:
-                small_bytes -= copy.nbytes
+            chosen.append(slot)
+            chosen_set.add(slot)
+            total += length[slot]
+            if queue[slot] == SMALL:
+                small_bytes -= length[slot]
         return chosen if total >= nbytes and (fits is None or fits(chosen)) else []
 
-    def _enter(self, copy: Copy, queue: int) -> None:
-        copy.queue = queue
-        self._queue(copy).push(copy)
+    def _enter(self, slot: int, queue: int) -> None:
+        self.view.queue[slot] = queue
+        self._queue(queue).push(slot)
 
-    def _queue(self, copy: Copy) -> CopyList:
-        return self._small if copy.queue == SMALL else self._main
+    def _queue(self, queue: int) -> SlotList:
+        return self._small if queue == SMALL else self._main
 
-    @staticmethod
-    def _oldest_candidate(queue: CopyList, chosen_ids: set[int]) -> Copy | None:
-        for copy in queue.oldest_first():
-            if copy.evictable and id(copy) not in chosen_ids:
-                return copy
+    def _oldest_candidate(self, queue: SlotList, chosen: set[int]) -> int | None:
+        evictable = self.view.evictable
+        for slot in queue.oldest_first():
+            if evictable(slot) and slot not in chosen:
+                return slot
         return None
 
-    def _has_candidate(self, queue: CopyList, chosen_ids: set[int]) -> bool:
-        return self._oldest_candidate(queue, chosen_ids) is not None
+    def _has_candidate(self, queue: SlotList, chosen: set[int]) -> bool:
+        return self._oldest_candidate(queue, chosen) is not None

@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvstore import __version__, placement
 from kvstore.backoff import Backoff
 from kvstore.block import BlockRecord, BlockState, Copy, check_sizes
@@ -37,7 +39,7 @@ from kvstore.catalog import Catalog
 from kvstore.checksum import checksum
 from kvstore.config import ServerConfig
 from kvstore.errors import InvalidArgumentError, UnavailableError
-from kvstore.keys import check_keys, scoped
+from kvstore.keys import check_keys, namespace_tag, scoped
 from kvstore.policies import make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
@@ -122,6 +124,7 @@ class Daemon:
         self.after_put = placement.after_put(layout, write_policy)
         self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads, self.misses)
         self._kinds = [level.kind for level in layout.levels]
+        self._kind_codes = np.array([int(kind) for kind in self._kinds], dtype=np.int64)
         self._names = [level.name for level in layout.levels]
         self.arena_id = secrets.token_hex(8)
         self.started_at = time.monotonic()
@@ -186,13 +189,20 @@ class Daemon:
             found = _leading_ready(found)
         return found
 
-    async def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[TierKind]:
-        """Tier of each leading present key (its fastest copy); stops at the first miss."""
-        found = await self._prefix(keys, namespace)
-        self.counters.lookup_hit_blocks += len(found)
-        self.counters.lookup_miss_blocks += len(keys) - len(found)
-        kinds = self._kinds
-        return [kinds[record.primary().level] for record in found]
+    async def lookup(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[int]:
+        """Tier (a :class:`TierKind` value) of each leading present key (its fastest copy); stops
+        at the first miss. The local part is one vectorised pass over the catalog's columns; only
+        a lookup that continues into the shared level makes records."""
+        self._check_keys(keys)
+        slots = self.catalog.prefix_slots(keys, namespace_tag(namespace))
+        if len(slots) < len(keys) and self.shared is not None:
+            found = await self._prefix(keys, namespace)
+            kinds = [self._kinds[record.primary().level] for record in found]
+        else:
+            kinds = np.take(self._kind_codes, self.catalog.primary_levels(slots)).tolist()
+        self.counters.lookup_hit_blocks += len(kinds)
+        self.counters.lookup_miss_blocks += len(keys) - len(kinds)
+        return kinds
 
     async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
         """Hold the landing copies of the leading present blocks, promoting the others first.

@@ -1,0 +1,328 @@
+"""The key index: block key -> slot, for millions of keys at a few dozen bytes each.
+
+A Python ``dict`` of ``bytes`` costs about 150 bytes per key (the key object, the table entry,
+the value) and touches three cache lines per probe; at a million blocks that is most of the
+daemon's memory and most of a lookup's time. This table keeps keys as fixed-width rows of one
+numpy array instead, hashes them with a multiply-add over 64-bit words, and resolves them by
+linear probing in a power-of-two bucket array that is at most half full. A batch of keys (a
+prefix lookup of 8,192 blocks) is hashed, probed and compared with a handful of vectorised
+operations, whose cost does not grow with the number of keys indexed.
+
+Slots are small integers handed out by the table (freed slots are reused); the catalog keeps each
+block's other fields in columns indexed by slot. Keys longer than :data:`MAX_ROW_BYTES` (opaque
+keys some engines send) live in an ordinary dict beside the rows.
+
+Not thread-safe: used from the event-loop thread only, like the catalog that owns it.
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+MAX_ROW_BYTES = 72
+"""Longest key (namespace tag included) kept in the rows; longer ones go to the overflow dict."""
+_MASK = (1 << 64) - 1
+_WORDS = MAX_ROW_BYTES // 8
+_MULT = [((0x9E3779B97F4A7C15 * (2 * i + 3)) & _MASK) | 1 for i in range(_WORDS + 1)]
+_MULT_NP = np.array(_MULT, dtype=np.uint64)
+_MULT_WORDS = _MULT[1:]
+_FMIX1, _FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
+_OVERFLOW = 0xFF  # length code of a slot whose key is in the overflow dict
+_MIN_CAPACITY = 1024
+_SCALAR_TAIL = 64  # a batch probe finishes the last few long probes one key at a time
+
+
+_UNPACK = [struct.Struct(f"<{n}Q").unpack for n in range(_WORDS + 1)]
+
+
+def _hash_one(key: bytes) -> int:
+    """The hash of one key (equal to what :func:`_hash_rows` computes for its padded row)."""
+    padded = key + b"\0" * (-len(key) % 8)
+    h = len(key) * _MULT[0] + sum(map(operator.mul, _UNPACK[len(padded) // 8](padded), _MULT_WORDS))
+    h &= _MASK
+    h ^= h >> 33
+    h = (h * _FMIX1) & _MASK
+    h ^= h >> 33
+    h = (h * _FMIX2) & _MASK
+    return h ^ (h >> 33)
+
+
+def _hash_rows(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Hashes of ``rows`` (n x words, uint64, zero-padded) of keys ``lengths`` bytes long."""
+    with np.errstate(over="ignore"):
+        h = lengths.astype(np.uint64) * _MULT_NP[0]
+        if rows.shape[1]:
+            h += (rows * _MULT_NP[1 : rows.shape[1] + 1]).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(_FMIX1)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(_FMIX2)
+        h ^= h >> np.uint64(33)
+    return h
+
+
+def _rows_of(keys: Sequence[bytes], prefix: bytes, words: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``prefix + key`` of every key as zero-padded uint64 rows ``words`` wide, with their lengths;
+    None when some key is too long for the rows (the caller takes the slow path)."""
+    n, p = len(keys), len(prefix)
+    if n == 0:
+        return np.zeros((0, words), dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    sizes = list(map(len, keys))
+    shortest, longest = min(sizes), max(sizes)
+    if longest + p > words * 8:
+        return None
+    raw = np.zeros((n, words * 8), dtype=np.uint8)
+    if p:
+        raw[:, :p] = np.frombuffer(prefix, dtype=np.uint8)
+    if shortest == longest:   # the usual batch: keys of one length, copied in one go
+        raw[:, p : p + longest] = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(n, longest)
+        lengths = np.full(n, p + longest, dtype=np.int64)
+    else:
+        for i, key in enumerate(keys):
+            raw[i, p : p + len(key)] = np.frombuffer(key, dtype=np.uint8)
+        lengths = np.array(sizes, dtype=np.int64) + p
+    return raw.view(np.uint64), lengths
+
+
+class KeyTable:
+    """Keys to slots. ``on_grow(capacity)`` is called when the slot space grows, so columns
+    indexed by slot can grow with it."""
+
+    def __init__(self, on_grow: Callable[[int], None] | None = None) -> None:
+        self._on_grow = on_grow
+        self._words = 0
+        self._capacity = 0
+        self._rows = np.zeros((0, 0), dtype=np.uint64)
+        self._lengths = np.zeros(0, dtype=np.uint8)
+        self._hashes = np.zeros(0, dtype=np.uint64)
+        self._buckets = np.zeros(2 * _MIN_CAPACITY, dtype=np.int32)   # slot + 1; 0 is empty
+        self._mask = len(self._buckets) - 1
+        self._overflow: dict[bytes, int] = {}
+        self._overflow_keys: dict[int, bytes] = {}
+        self._free: list[int] = []
+        self._last_key, self._last_hash = b"", 0
+        self._next = 0
+        self._count = 0
+        self._grow_slots(_MIN_CAPACITY)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self._rows.nbytes + self._lengths.nbytes + self._hashes.nbytes + self._buckets.nbytes
+
+    # -- one key -----------------------------------------------------------------------------------
+
+    def find(self, key: bytes) -> int:
+        """The slot of ``key``, or -1."""
+        if len(key) > MAX_ROW_BYTES:
+            return self._overflow.get(key, -1)
+        if len(key) > self._words * 8:
+            return -1
+        h = self._hash(key)
+        return self._probe(h, key + b"\0" * (self._words * 8 - len(key)), len(key), h & self._mask)
+
+    def _probe(self, h: int, row: bytes, length: int, i: int) -> int:
+        """The slot of the key with hash ``h``, padded ``row`` and ``length``, probing from bucket
+        ``i`` on; -1 at the first empty bucket."""
+        buckets, rows, lengths, mask = self._buckets, self._rows, self._lengths, self._mask
+        while True:
+            b = int(buckets[i])
+            if b == 0:
+                return -1
+            slot = b - 1
+            if int(self._hashes[slot]) == h and lengths[slot] == length and rows[slot].tobytes() == row:
+                return slot
+            i = (i + 1) & mask
+
+    def key(self, slot: int) -> bytes:
+        """The key held in ``slot``."""
+        n = int(self._lengths[slot])
+        if n == _OVERFLOW:
+            return self._overflow_keys[slot]
+        return self._rows[slot].tobytes()[:n]
+
+    def add(self, key: bytes) -> int:
+        """A new slot for ``key``, which must not be in the table."""
+        slot = self._take_slot()
+        if len(key) > MAX_ROW_BYTES:
+            self._overflow[key] = slot
+            self._overflow_keys[slot] = key
+            self._lengths[slot] = _OVERFLOW
+            self._count += 1
+            return slot
+        self._widen(len(key))
+        padded = key + b"\0" * (self._words * 8 - len(key))
+        self._rows[slot] = np.frombuffer(padded, dtype=np.uint64)
+        self._lengths[slot] = len(key)
+        h = self._hashes[slot] = self._hash(key)
+        self._count += 1
+        if 2 * self._count > len(self._buckets):
+            self._rehash(2 * len(self._buckets))   # the new slot is placed by the rehash
+        else:
+            self._place(slot, h)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Take ``slot``'s key out; the slot may be handed out again."""
+        n = int(self._lengths[slot])
+        if n == _OVERFLOW:
+            del self._overflow[self._overflow_keys.pop(slot)]
+        else:
+            self._unplace(slot)
+        self._lengths[slot] = 0
+        self._free.append(slot)
+        self._count -= 1
+
+    # -- many keys ---------------------------------------------------------------------------------
+
+    def find_many(self, keys: Sequence[bytes], prefix: bytes = b"") -> np.ndarray:
+        """Slots of ``prefix + key`` for every key (-1 where absent), as one int64 array."""
+        n = len(keys)
+        if self._count == 0 or n == 0:
+            return np.full(n, -1, dtype=np.int64)
+        packed = _rows_of(keys, prefix, self._words)
+        if packed is None:   # some key is longer than any indexed row: look them up one by one
+            return np.array([self.find(prefix + key) for key in keys], dtype=np.int64)
+        rows, lengths = packed
+        found = np.full(n, -1, dtype=np.int64)
+        hashes = _hash_rows(rows, lengths)
+        pending = np.arange(n)
+        pos = (hashes & np.uint64(self._mask)).astype(np.int64)
+        while len(pending) > _SCALAR_TAIL:
+            slot = np.take(self._buckets, pos).astype(np.int64) - 1
+            live = slot >= 0                     # an empty bucket ends the probe: absent
+            if not live.all():
+                pending, pos, slot = pending[live], pos[live], slot[live]
+            want = np.take(hashes, pending)
+            same = np.take(self._hashes, slot) == want
+            same &= np.take(self._lengths, slot) == np.take(lengths, pending)
+            same &= (np.take(self._rows, slot, axis=0) == np.take(rows, pending, axis=0)).all(axis=1)
+            found[pending[same]] = slot[same]
+            rest = ~same
+            pending, pos = pending[rest], (pos[rest] + 1) & self._mask
+        for i, start in zip(pending.tolist(), pos.tolist()):   # the long probes: one by one
+            found[i] = self._probe(int(hashes[i]), rows[i].tobytes(), int(lengths[i]), start)
+        return found
+
+    def add_many(self, keys: Sequence[bytes]) -> np.ndarray:
+        """New slots for ``keys``, which must be distinct and absent (a recovery's bulk insert)."""
+        short = [k for k in keys if len(k) <= MAX_ROW_BYTES]
+        if len(short) != len(keys) or self._free:
+            return np.array([self.add(k) for k in keys], dtype=np.int64)
+        n = len(keys)
+        if not n:
+            return np.zeros(0, dtype=np.int64)
+        self._widen(max(map(len, keys)))
+        start = self._next
+        if start + n > self._capacity:
+            self._grow_slots(start + n)
+        packed = _rows_of(keys, b"", self._words)
+        rows, lengths = packed
+        slots = np.arange(start, start + n, dtype=np.int64)
+        self._rows[start : start + n] = rows
+        self._lengths[start : start + n] = lengths
+        self._hashes[start : start + n] = _hash_rows(rows, lengths)
+        self._next += n
+        self._count += n
+        if 2 * self._count > len(self._buckets):
+            self._rehash(3 * self._count)
+        else:
+            self._place_many(slots)
+        return slots
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _hash(self, key: bytes) -> int:
+        """:func:`_hash_one`, remembering the last key (a put finds, then adds, the same key)."""
+        if key != self._last_key:
+            self._last_key, self._last_hash = key, _hash_one(key)
+        return self._last_hash
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = self._next
+        if slot >= self._capacity:
+            self._grow_slots(2 * self._capacity)
+        self._next += 1
+        return slot
+
+    def _grow_slots(self, capacity: int) -> None:
+        capacity = max(capacity, _MIN_CAPACITY)
+        extra = capacity - self._capacity
+        self._rows = np.concatenate([self._rows, np.zeros((extra, self._words), dtype=np.uint64)])
+        self._lengths = np.concatenate([self._lengths, np.zeros(extra, dtype=np.uint8)])
+        self._hashes = np.concatenate([self._hashes, np.zeros(extra, dtype=np.uint64)])
+        self._capacity = capacity
+        if self._on_grow is not None:
+            self._on_grow(capacity)
+
+    def _widen(self, nbytes: int) -> None:
+        words = -(-nbytes // 8)
+        if words > self._words:   # zero words add nothing to a hash: only the rows change
+            self._rows = np.concatenate(
+                [self._rows, np.zeros((self._capacity, words - self._words), dtype=np.uint64)], axis=1
+            )
+            self._words = words
+
+    def _place(self, slot: int, h: int) -> None:
+        buckets, mask = self._buckets, self._mask
+        i = h & mask
+        while buckets[i]:
+            i = (i + 1) & mask
+        buckets[i] = slot + 1
+
+    def _place_many(self, slots: np.ndarray) -> None:
+        """Put ``slots`` into empty buckets, the earliest free one from each home (vectorised)."""
+        pending = slots
+        pos = (self._hashes[slots] & np.uint64(self._mask)).astype(np.int64)
+        while len(pending):
+            free = self._buckets[pos] == 0
+            # among those that found an empty bucket, one per bucket wins this round
+            cand_pos = pos[free]
+            _, first = np.unique(cand_pos, return_index=True)
+            winners = np.flatnonzero(free)[first]
+            self._buckets[pos[winners]] = (pending[winners] + 1).astype(np.int32)
+            keep = np.ones(len(pending), dtype=bool)
+            keep[winners] = False
+            pending, pos = pending[keep], (pos[keep] + 1) & self._mask
+
+    def _unplace(self, slot: int) -> None:
+        """Take ``slot`` out of its bucket, shifting later members of its cluster back (linear
+        probing needs no tombstones)."""
+        buckets, mask = self._buckets, self._mask
+        i = int(self._hashes[slot]) & mask
+        while buckets[i] != slot + 1:
+            i = (i + 1) & mask
+        buckets[i] = 0
+        j = i
+        while True:
+            j = (j + 1) & mask
+            b = int(buckets[j])
+            if b == 0:
+                return
+            home = int(self._hashes[b - 1]) & mask
+            # the entry at j may fill the hole at i unless its home lies cyclically in (i, j]
+            between = i < home <= j if i <= j else (home > i or home <= j)
+            if not between:
+                buckets[i] = b
+                buckets[j] = 0
+                i = j
+
+    def _rehash(self, nbuckets: int) -> None:
+        """Rebuild the buckets with at least ``nbuckets`` of them (a power of two)."""
+        size = 1 << max(nbuckets - 1, 2 * _MIN_CAPACITY - 1).bit_length()
+        self._buckets = np.zeros(size, dtype=np.int32)
+        self._mask = size - 1
+        live = np.flatnonzero((self._lengths[: self._next] != 0) & (self._lengths[: self._next] != _OVERFLOW))
+        self._place_many(live.astype(np.int64))

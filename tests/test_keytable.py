@@ -1,0 +1,73 @@
+"""The key index against a dict: the same answers for adds, finds and removes, one key or many."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from kvstore.keytable import MAX_ROW_BYTES, KeyTable, _hash_one, _hash_rows, _rows_of
+
+
+def test_the_scalar_and_vectorised_hashes_agree_for_every_length():
+    keys = [bytes(random.getrandbits(8) for _ in range(n)) for n in range(1, MAX_ROW_BYTES + 1)]
+    for key in keys:
+        rows, lengths = _rows_of([key], b"", MAX_ROW_BYTES // 8)
+        assert int(_hash_rows(rows, lengths)[0]) == _hash_one(key)
+    # a key and the same key with a zero byte appended differ
+    assert _hash_one(b"ab") != _hash_one(b"ab\0")
+
+
+def test_matches_a_dict_through_random_adds_and_removes():
+    rng = random.Random(7)
+    table, model = KeyTable(), {}
+    pool = [rng.randbytes(rng.choice([8, 16, 40, 40, 40, 72, 100])) for _ in range(6000)]
+    for step in range(20000):
+        key = rng.choice(pool)
+        if key in model and rng.random() < 0.5:
+            table.remove(model.pop(key))
+        elif key not in model:
+            model[key] = table.add(key)
+        if step % 2000 == 0:
+            probe = rng.sample(pool, 500)
+            want = [model.get(k, -1) for k in probe]
+            assert table.find_many(probe).tolist() == want
+            assert [table.find(k) for k in probe] == want
+    assert len(table) == len(model)
+    for key, slot in model.items():
+        assert table.key(slot) == key and table.find(key) == slot
+    assert len(set(model.values())) == len(model)   # no slot handed out twice
+
+
+def test_find_many_with_a_prefix_is_find_of_the_concatenation():
+    table = KeyTable()
+    tag = b"T" * 8
+    keys = [random.randbytes(32) for _ in range(3000)]
+    slots = [table.add(tag + k) for k in keys]
+    others = [random.randbytes(32) for _ in range(100)]
+    assert table.find_many(keys + others, prefix=tag).tolist() == slots + [-1] * 100
+    assert (table.find_many(keys, prefix=b"U" * 8) == -1).all()
+    mixed = [keys[0], keys[1][:20], keys[2] + b"x"]
+    assert table.find_many(mixed, prefix=tag).tolist() == [slots[0], -1, -1]
+
+
+def test_bulk_add_then_grow_keeps_every_key():
+    table = KeyTable()
+    keys = [random.randbytes(40) for _ in range(50000)]
+    slots = table.add_many(keys)
+    assert len(set(slots.tolist())) == len(keys)
+    more = [table.add(random.randbytes(40)) for _ in range(10000)]
+    assert np.array_equal(table.find_many(keys), slots)
+    assert len(table) == 60000 and len(set(more)) == 10000
+    for slot in slots[:5000].tolist():
+        table.remove(slot)
+    assert (table.find_many(keys[:5000]) == -1).all()
+    assert np.array_equal(table.find_many(keys[5000:]), slots[5000:])
+
+
+def test_slot_space_growth_is_reported():
+    seen = []
+    table = KeyTable(on_grow=seen.append)
+    for _ in range(5000):
+        table.add(random.randbytes(16))
+    assert seen[-1] == table.capacity >= 5000 and seen == sorted(seen)
