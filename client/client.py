@@ -191,8 +191,10 @@ class KVClient:
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading ``keys`` are cached, and which tier holds each of them."""
-        tiers: list[TierKind] = []
         step = self.config.max_keys_per_call
+        if 0 < len(keys) <= step:   # one call: its answer as it came
+            return await self._data(lambda path: path.lookup(keys))
+        tiers: list[TierKind] = []
         for start in range(0, len(keys), step):
             batch = keys[start : start + step]
             hit = await self._data(lambda path: path.lookup(batch))

@@ -34,7 +34,7 @@ from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.client.buffers import Targets
 from kvstore.client.gpu import CudaCopier, DeviceBuffer
-from kvstore.client.path import DataPath, lookup_result
+from kvstore.client.path import DataPath, lookup_request, lookup_result
 from kvstore.client.results import LookupResult, PutResult
 
 log = logging.getLogger("kvstore.client")
@@ -187,7 +187,7 @@ class LocalPath(DataPath):
         )
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
-        request = pb.LookupRequest(keys=keys, namespace=self.namespace)
+        request = lookup_request(keys, self.namespace)
         return lookup_result(await self.channel.call("Lookup", request, pb.LookupResponse))
 
     async def _cuda_copier(self) -> CudaCopier:

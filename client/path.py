@@ -20,7 +20,7 @@ from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.tier_kind import TierKind
 from kvstore.client.buffers import Targets
 from kvstore.client.gpu import DeviceBuffer
-from kvstore.client.results import LookupResult, PutResult
+from kvstore.client.results import LookupResult, PutResult, TierList
 
 _TIERS = {kind.value: kind for kind in TierKind}
 
@@ -52,6 +52,17 @@ class DataPath(abc.ABC):
         """Release what the path holds (mappings, leases, sessions); the client's channel stays."""
 
 
+def lookup_request(keys: Sequence[bytes], namespace: bytes) -> pb.LookupRequest:
+    """A ``LookupRequest`` for ``keys``: packed end to end when they are of one length (block
+    digests always are), so neither side makes a protobuf object per key."""
+    sizes = set(map(len, keys))
+    if len(sizes) == 1 and 0 not in sizes:
+        return pb.LookupRequest(packed_keys=b"".join(keys), key_bytes=sizes.pop(), namespace=namespace)
+    return pb.LookupRequest(keys=keys, namespace=namespace)
+
+
 def lookup_result(response: pb.LookupResponse) -> LookupResult:
     """The domain form of a ``LookupResponse`` (both paths answer lookups with one)."""
+    if response.packed_tiers:
+        return LookupResult(count=response.count, tiers=TierList(response.packed_tiers))
     return LookupResult(count=response.count, tiers=list(map(_TIERS.__getitem__, response.tiers)))

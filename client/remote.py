@@ -17,7 +17,7 @@ from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.client.buffers import Targets
 from kvstore.client.gpu import DeviceBuffer, host_views, staged_targets
-from kvstore.client.path import DataPath, lookup_result
+from kvstore.client.path import DataPath, lookup_request, lookup_result
 from kvstore.client.results import LookupResult, PutResult
 
 log = logging.getLogger("kvstore.client")
@@ -33,7 +33,7 @@ class RemotePath(DataPath):
         self.timeout_s = timeout_s
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
-        request = pb.LookupRequest(keys=keys, namespace=self.namespace)
+        request = lookup_request(keys, self.namespace)
         return lookup_result(await self.stub.Lookup(request, timeout=self.timeout_s))
 
     async def put(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:

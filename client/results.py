@@ -6,6 +6,7 @@ The counter fields of :class:`Stats` and :class:`TierStats` come from :data:`kvs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvstore.stats import DAEMON_FIELDS, TIER_FIELDS, Scope, schema_dataclass
@@ -17,7 +18,41 @@ class LookupResult:
     """``count`` leading keys are present; ``tiers[i]`` holds key ``i``."""
 
     count: int
-    tiers: list[TierKind]
+    tiers: Sequence[TierKind]   # a list, or a TierList over the wire's bytes
+
+
+_TIER_OF = (None, *(TierKind(code) for code in range(1, max(TierKind) + 1)))   # by wire value
+
+
+class TierList(Sequence):
+    """The tiers of a lookup as the wire sent them, one byte each, read as :class:`TierKind` when
+    asked (8,192 of them are not turned into 8,192 objects unless someone reads them all)."""
+
+    __slots__ = ("_codes",)
+
+    def __init__(self, codes: bytes) -> None:
+        if codes and (0 in codes or max(codes) >= len(_TIER_OF)):
+            raise ValueError("the daemon answered a lookup with a tier this client does not know")
+        self._codes = codes
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TierList(self._codes[index])
+        return _TIER_OF[self._codes[index]]
+
+    def __iter__(self):
+        return map(_TIER_OF.__getitem__, self._codes)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TierList):
+            return self._codes == other._codes
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"TierList({[kind.label for kind in self]})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,10 @@ arithmetic; the tier that owns the bytes decides what an offset means.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from kvstore.errors import ConfigError
 
@@ -73,18 +76,21 @@ class ExtentAllocator:
     def rebuild(self, extents: list[Extent]) -> None:
         """Start over with exactly ``extents`` allocated (sorted by offset, disjoint, aligned):
         how a persistent tier restores its state after a restart, in one pass."""
-        self._by_start.clear()
-        self._by_end.clear()
-        self._by_size.clear()
-        self._starts.clear()
-        self.used_bytes = sum(e.length for e in extents)
-        cursor = 0
-        for e in extents:
-            if e.offset > cursor:
-                self._add_free(cursor, e.offset - cursor)
-            cursor = e.offset + e.length
-        if cursor < self.capacity_bytes:
-            self._add_free(cursor, self.capacity_bytes - cursor)
+        self.rebuild_sorted([e.offset for e in extents], [e.length for e in extents])
+
+    def rebuild_sorted(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """:meth:`rebuild` from the extents' offsets and lengths (numpy arrays welcome): only the
+        free runs between them become objects."""
+        starts, ends = np.asarray(offsets, dtype=np.int64), np.asarray(offsets, dtype=np.int64) + lengths
+        self.used_bytes = int(np.sum(lengths, dtype=np.int64))
+        gap_starts = np.concatenate([[0], ends]).astype(np.int64)
+        gap_ends = np.concatenate([starts, [self.capacity_bytes]]).astype(np.int64)
+        runs = np.flatnonzero(gap_ends > gap_starts)
+        free_starts, free_lengths = gap_starts[runs].tolist(), (gap_ends[runs] - gap_starts[runs]).tolist()
+        self._starts = free_starts
+        self._by_start = dict(zip(free_starts, free_lengths))
+        self._by_end = {start + length: start for start, length in zip(free_starts, free_lengths)}
+        self._by_size = sorted(zip(free_lengths, free_starts))
 
     def free(self, extent: Extent) -> None:
         """Return an extent; it merges with free neighbours on both sides."""

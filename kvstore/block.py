@@ -28,6 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from kvstore.allocator import Extent
 from kvstore.errors import BlockTooLargeError, InvalidArgumentError
 from kvstore.keys import key_label
 
@@ -264,6 +267,49 @@ class StoredBlock:
     namespace: bytes
     location: Any
     last_use: float
+
+
+class StoredBlocks(Sequence):
+    """Blocks a persistent tier found at start-up, as columns: a million of them are a few arrays,
+    not a million objects, and the catalog indexes them in bulk. Reads as a sequence of
+    :class:`StoredBlock` (each made when asked) for everything else. Locations are extents."""
+
+    def __init__(self, keys: Sequence[bytes], *, offsets: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
+                 checksums: np.ndarray, last_use: np.ndarray, namespaces: Sequence[bytes],
+                 namespace_ids: np.ndarray) -> None:
+        self.keys = keys
+        self.offsets, self.lengths, self.sizes = offsets, lengths, sizes
+        self.checksums, self.last_use = checksums, last_use
+        self.namespaces = namespaces          # the distinct namespaces
+        self.namespace_ids = namespace_ids    # per block: an index into ``namespaces``
+
+    @classmethod
+    def empty(cls) -> StoredBlocks:
+        nothing = np.zeros(0, dtype=np.int64)
+        return cls([], offsets=nothing, lengths=nothing, sizes=nothing, checksums=nothing.astype(np.uint64),
+                   last_use=nothing.astype(np.float64), namespaces=[], namespace_ids=nothing)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, indices: np.ndarray) -> StoredBlocks:
+        """The blocks at ``indices``, in that order."""
+        return StoredBlocks(
+            [self.keys[i] for i in indices.tolist()], offsets=self.offsets[indices], lengths=self.lengths[indices],
+            sizes=self.sizes[indices], checksums=self.checksums[indices], last_use=self.last_use[indices],
+            namespaces=self.namespaces, namespace_ids=self.namespace_ids[indices],
+        )
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return StoredBlock(
+            self.keys[i], int(self.sizes[i]), int(self.checksums[i]), self.namespaces[int(self.namespace_ids[i])],
+            Extent(int(self.offsets[i]), int(self.lengths[i])), float(self.last_use[i]),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
 
 
 def check_sizes(sizes: Sequence[int], limit: int, why: str) -> None:

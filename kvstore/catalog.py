@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from kvstore import columns as col
-from kvstore.block import _STATE_CODES, BlockRecord, BlockState, Copy, CopyState, StoredBlock, TransitionError
+from kvstore.allocator import Extent
+from kvstore.block import _STATE_CODES, BlockRecord, BlockState, Copy, CopyState, StoredBlock, StoredBlocks, TransitionError
 from kvstore.columns import LevelColumns, as_numpy
 from kvstore.keys import key_label
 from kvstore.keytable import KeyTable
@@ -102,7 +103,13 @@ class Catalog:
     def prefix_slots(self, keys: Sequence[bytes], prefix: bytes = b"") -> np.ndarray:
         """Slots of the leading readable keys (``prefix + key``): stops at the first that is absent,
         not READY, or has no readable copy. One vectorised pass, whatever the index size."""
-        slots = self.keys.find_many(keys, prefix)
+        return self._leading(self.keys.find_many(keys, prefix))
+
+    def prefix_slots_packed(self, packed: bytes, key_bytes: int, prefix: bytes = b"") -> np.ndarray:
+        """:meth:`prefix_slots` of keys laid end to end (:meth:`KeyTable.find_packed`)."""
+        return self._leading(self.keys.find_packed(packed, key_bytes, prefix))
+
+    def _leading(self, slots: np.ndarray) -> np.ndarray:
         found = slots >= 0
         safe = np.where(found, slots, 0)
         ok = found & (np.take(as_numpy(self.state), safe) == _READY_RECORD)
@@ -228,33 +235,36 @@ class Catalog:
         return ns
 
     def recover(self, level: int, blocks: Sequence[StoredBlock]) -> None:
-        """Index what a persistent level kept from an earlier run, least recently used first."""
-        blocks = sorted(blocks, key=lambda b: b.last_use)
-        if not blocks:
+        """Index what a persistent level kept from an earlier run, least recently used first. The
+        first level recovered into an empty catalog is indexed in bulk (columns in, no object per
+        block); anything else block by block, checked."""
+        if not len(blocks):
             return
-        if len(self.keys):
-            for block in blocks:   # not the first level recovered: one by one, checked
-                record = self.known(block.key, block.size, block.checksum, block.namespace)
-                self.fill(self.attach(record, level, block.location))
-            return
-        slots = self.keys.add_many([b.key for b in blocks]).tolist()
-        columns, policy = self.columns[level], self.policies[level]
-        ns_of = {}
-        for slot, block in zip(slots, blocks):
-            self.state[slot] = _READY_RECORD
-            self.size[slot] = block.size
-            self._checksum[slot] = block.checksum
-            self._has_checksum[slot] = 1
-            ns = ns_of.get(block.namespace)
-            if ns is None:
-                ns = ns_of[block.namespace] = self._namespace_id(block.namespace)
-            self._ns[slot] = ns
-            columns.place(slot, block.location, col.READY)
-            if policy is not None:
-                policy.insert(slot)
+        if len(self.keys) or not isinstance(blocks, StoredBlocks):
+            extents = all(type(b.location) is Extent for b in blocks)
+            if len(self.keys) or not extents:
+                for block in sorted(blocks, key=lambda b: b.last_use):
+                    record = self.known(block.key, block.size, block.checksum, block.namespace)
+                    self.fill(self.attach(record, level, block.location))
+                return
+            blocks = _as_columns(blocks)
+        slots = self.keys.add_many(blocks.keys)
+        ns_ids = np.array([self._namespace_id(ns) for ns in blocks.namespaces], dtype=np.int64)
+        for column, values in (
+            (self.state, _READY_RECORD), (self.size, blocks.sizes), (self._checksum, blocks.checksums),
+            (self._has_checksum, 1), (self._ns, np.take(ns_ids, blocks.namespace_ids)),
+        ):
+            as_numpy(column)[slots] = values
+        columns = self.columns[level]
+        for column, values in ((columns.state, col.READY), (columns.holds, 0), (columns.offset, blocks.offsets),
+                               (columns.length, blocks.lengths)):
+            as_numpy(column)[slots] = values
+        policy = self.policies[level]
+        if policy is not None:
+            policy.insert_many(slots[np.argsort(blocks.last_use, kind="stable")])
         self._ready[level] += len(slots)
         if self._shared[level]:
-            for slot in slots:
+            for slot in slots.tolist():
                 self._remote_only[slot] = None
 
     def attach(self, record: BlockRecord, level: int, location: Any) -> Copy:
@@ -441,3 +451,18 @@ class Catalog:
         if own is not None and own[0] is CopyState.DROPPED and own[1] == 0:
             own[0] = CopyState.FREED
             self._release(copy.level, own[2])
+
+
+def _as_columns(blocks: Sequence[StoredBlock]) -> StoredBlocks:
+    """Stored blocks with extent locations, as columns."""
+    ids: dict[bytes, int] = {}
+    return StoredBlocks(
+        [b.key for b in blocks],
+        offsets=np.array([b.location.offset for b in blocks], dtype=np.int64),
+        lengths=np.array([b.location.length for b in blocks], dtype=np.int64),
+        sizes=np.array([b.size for b in blocks], dtype=np.int64),
+        checksums=np.array([b.checksum for b in blocks], dtype=np.uint64),
+        last_use=np.array([b.last_use for b in blocks], dtype=np.float64),
+        namespace_ids=np.array([ids.setdefault(b.namespace, len(ids)) for b in blocks], dtype=np.int64),
+        namespaces=list(ids),
+    )

@@ -4,7 +4,7 @@ A Python ``dict`` of ``bytes`` costs about 150 bytes per key (the key object, th
 the value) and touches three cache lines per probe; at a million blocks that is most of the
 daemon's memory and most of a lookup's time. This table keeps keys as fixed-width rows of one
 numpy array instead, hashes them with a multiply-add over 64-bit words, and resolves them by
-linear probing in a power-of-two bucket array that is at most half full. A batch of keys (a
+linear probing in a power-of-two bucket array that is at most a quarter full. A batch of keys (a
 prefix lookup of 8,192 blocks) is hashed, probed and compared with a handful of vectorised
 operations, whose cost does not grow with the number of keys indexed.
 
@@ -33,7 +33,8 @@ _MULT_WORDS = _MULT[1:]
 _FMIX1, _FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
 _OVERFLOW = 0xFF  # length code of a slot whose key is in the overflow dict
 _MIN_CAPACITY = 1024
-_SCALAR_TAIL = 64  # a batch probe finishes the last few long probes one key at a time
+_MAX_LOAD = 4   # buckets per key at least: short probes (linear probing clusters past half full)
+_SCALAR_TAIL = 64   # a batch probe finishes its last few long probes one key at a time
 
 
 _UNPACK = [struct.Struct(f"<{n}Q").unpack for n in range(_WORDS + 1)]
@@ -55,8 +56,8 @@ def _hash_rows(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Hashes of ``rows`` (n x words, uint64, zero-padded) of keys ``lengths`` bytes long."""
     with np.errstate(over="ignore"):
         h = lengths.astype(np.uint64) * _MULT_NP[0]
-        if rows.shape[1]:
-            h += (rows * _MULT_NP[1 : rows.shape[1] + 1]).sum(axis=1, dtype=np.uint64)
+        for i in range(rows.shape[1]):   # column by column: no n x words temporary
+            h += rows[:, i] * _MULT_NP[i + 1]
         h ^= h >> np.uint64(33)
         h *= np.uint64(_FMIX1)
         h ^= h >> np.uint64(33)
@@ -99,7 +100,7 @@ class KeyTable:
         self._rows = np.zeros((0, 0), dtype=np.uint64)
         self._lengths = np.zeros(0, dtype=np.uint8)
         self._hashes = np.zeros(0, dtype=np.uint64)
-        self._buckets = np.zeros(2 * _MIN_CAPACITY, dtype=np.int32)   # slot + 1; 0 is empty
+        self._buckets = np.zeros(_MAX_LOAD * _MIN_CAPACITY, dtype=np.int32)   # slot + 1; 0 is empty
         self._mask = len(self._buckets) - 1
         self._overflow: dict[bytes, int] = {}
         self._overflow_keys: dict[int, bytes] = {}
@@ -166,7 +167,7 @@ class KeyTable:
         self._lengths[slot] = len(key)
         h = self._hashes[slot] = self._hash(key)
         self._count += 1
-        if 2 * self._count > len(self._buckets):
+        if self._count * _MAX_LOAD > len(self._buckets):
             self._rehash(2 * len(self._buckets))   # the new slot is placed by the rehash
         else:
             self._place(slot, h)
@@ -190,52 +191,87 @@ class KeyTable:
         n = len(keys)
         if self._count == 0 or n == 0:
             return np.full(n, -1, dtype=np.int64)
-        packed = _rows_of(keys, prefix, self._words)
-        if packed is None:   # some key is longer than any indexed row: look them up one by one
-            return np.array([self.find(prefix + key) for key in keys], dtype=np.int64)
-        rows, lengths = packed
+        sizes = set(map(len, keys))
+        if len(sizes) == 1:   # the usual batch: keys of one length
+            return self.find_packed(b"".join(keys), sizes.pop(), prefix)
+        return np.array([self.find(prefix + key) for key in keys], dtype=np.int64)
+
+    def find_packed(self, packed: bytes, key_bytes: int, prefix: bytes = b"") -> np.ndarray:
+        """:meth:`find_many` of the keys of ``key_bytes`` each laid end to end in ``packed`` (how
+        a lookup arrives on the wire): no Python object per key."""
+        n = len(packed) // key_bytes
+        length = len(prefix) + key_bytes
+        if length > MAX_ROW_BYTES or len(prefix) % 8:   # overflow keys, odd prefixes: one by one
+            return np.array([self.find(prefix + packed[i * key_bytes : (i + 1) * key_bytes]) for i in range(n)],
+                            dtype=np.int64)
+        if self._count == 0 or n == 0 or length > self._words * 8:   # no row is that long
+            return np.full(n, -1, dtype=np.int64)
+        # The rows are [prefix words][key words][zero words]: the prefix is compared and hashed
+        # as constants, the keys straight from the request's bytes.
+        head = _UNPACK[len(prefix) // 8](prefix)
+        if key_bytes % 8:
+            raw = np.zeros((n, -(-key_bytes // 8) * 8), dtype=np.uint8)
+            raw[:, :key_bytes] = np.frombuffer(packed, dtype=np.uint8, count=n * key_bytes).reshape(n, key_bytes)
+            body = raw.view(np.uint64)
+        else:
+            body = np.frombuffer(packed, dtype=np.uint64, count=n * key_bytes // 8).reshape(n, key_bytes // 8)
+        with np.errstate(over="ignore"):
+            h = np.full(n, (length * _MULT[0] + sum(map(operator.mul, head, _MULT_WORDS))) & _MASK, dtype=np.uint64)
+            for j in range(body.shape[1]):
+                h += body[:, j] * _MULT_NP[len(head) + j + 1]
+            h ^= h >> np.uint64(33)
+            h *= np.uint64(_FMIX1)
+            h ^= h >> np.uint64(33)
+            h *= np.uint64(_FMIX2)
+            h ^= h >> np.uint64(33)
         found = np.full(n, -1, dtype=np.int64)
-        hashes = _hash_rows(rows, lengths)
         pending = np.arange(n)
-        pos = (hashes & np.uint64(self._mask)).astype(np.int64)
+        pos = (h & np.uint64(self._mask)).astype(np.int64)
+        rows, buckets, mask = self._rows, self._buckets, self._mask
+        # One bucket per key per round; at most a quarter full, most keys settle in the first.
         while len(pending) > _SCALAR_TAIL:
-            slot = np.take(self._buckets, pos).astype(np.int64) - 1
+            slot = np.take(buckets, pos).astype(np.int64) - 1
             live = slot >= 0                     # an empty bucket ends the probe: absent
             if not live.all():
                 pending, pos, slot = pending[live], pos[live], slot[live]
-            want = np.take(hashes, pending)
-            same = np.take(self._hashes, slot) == want
-            same &= np.take(self._lengths, slot) == np.take(lengths, pending)
-            same &= (np.take(self._rows, slot, axis=0) == np.take(rows, pending, axis=0)).all(axis=1)
+            same = np.take(self._hashes, slot) == np.take(h, pending)
+            same &= np.take(self._lengths, slot) == length
+            held = np.take(rows, slot, axis=0)
+            for i, word in enumerate(head):
+                same &= held[:, i] == np.uint64(word)
+            asked = np.take(body, pending, axis=0)
+            for j in range(body.shape[1]):
+                same &= held[:, len(head) + j] == asked[:, j]
             found[pending[same]] = slot[same]
             rest = ~same
-            pending, pos = pending[rest], (pos[rest] + 1) & self._mask
-        for i, start in zip(pending.tolist(), pos.tolist()):   # the long probes: one by one
-            found[i] = self._probe(int(hashes[i]), rows[i].tobytes(), int(lengths[i]), start)
+            pending, pos = pending[rest], (pos[rest] + 1) & mask
+        pad = b"\0" * (self._words * 8 - length)
+        for i, start in zip(pending.tolist(), pos.tolist()):   # the last few long probes
+            row = prefix + packed[i * key_bytes : (i + 1) * key_bytes] + pad
+            found[i] = self._probe(int(h[i]), row, length, start)
         return found
 
     def add_many(self, keys: Sequence[bytes]) -> np.ndarray:
         """New slots for ``keys``, which must be distinct and absent (a recovery's bulk insert)."""
-        short = [k for k in keys if len(k) <= MAX_ROW_BYTES]
-        if len(short) != len(keys) or self._free:
-            return np.array([self.add(k) for k in keys], dtype=np.int64)
         n = len(keys)
         if not n:
             return np.zeros(0, dtype=np.int64)
-        self._widen(max(map(len, keys)))
+        longest = max(map(len, keys))
+        if longest > MAX_ROW_BYTES or self._free:
+            return np.array([self.add(k) for k in keys], dtype=np.int64)
+        self._widen(longest)
         start = self._next
         if start + n > self._capacity:
             self._grow_slots(start + n)
-        packed = _rows_of(keys, b"", self._words)
-        rows, lengths = packed
+        rows, lengths = _rows_of(keys, b"", self._words)
         slots = np.arange(start, start + n, dtype=np.int64)
         self._rows[start : start + n] = rows
         self._lengths[start : start + n] = lengths
         self._hashes[start : start + n] = _hash_rows(rows, lengths)
         self._next += n
         self._count += n
-        if 2 * self._count > len(self._buckets):
-            self._rehash(3 * self._count)
+        if self._count * _MAX_LOAD > len(self._buckets):
+            self._rehash(self._count * _MAX_LOAD)
         else:
             self._place_many(slots)
         return slots
@@ -284,6 +320,8 @@ class KeyTable:
 
     def _place_many(self, slots: np.ndarray) -> None:
         """Put ``slots`` into empty buckets, the earliest free one from each home (vectorised)."""
+        if not self._buckets.any():
+            slots = self._place_sorted(slots)   # an empty table (a rebuild): one sort, no rounds
         pending = slots
         pos = (self._hashes[slots] & np.uint64(self._mask)).astype(np.int64)
         while len(pending):
@@ -296,6 +334,19 @@ class KeyTable:
             keep = np.ones(len(pending), dtype=bool)
             keep[winners] = False
             pending, pos = pending[keep], (pos[keep] + 1) & self._mask
+
+    def _place_sorted(self, slots: np.ndarray) -> np.ndarray:
+        """Place ``slots`` into an empty bucket array: sorted by home, each goes to its home or just
+        past the one before it (``p_i = max(h_i, p_{i-1} + 1)``, a running maximum). Returns those
+        that would wrap past the end, for the caller to place."""
+        homes = (self._hashes[slots] & np.uint64(self._mask)).astype(np.int64)
+        order = np.argsort(homes)
+        homes, slots = homes[order], slots[order]
+        steps = np.arange(len(slots), dtype=np.int64)
+        pos = np.maximum.accumulate(homes - steps) + steps
+        inside = pos < len(self._buckets)
+        self._buckets[pos[inside]] = (slots[inside] + 1).astype(np.int32)
+        return slots[~inside]
 
     def _unplace(self, slot: int) -> None:
         """Take ``slot`` out of its bucket, shifting later members of its cluster back (linear
@@ -321,7 +372,7 @@ class KeyTable:
 
     def _rehash(self, nbuckets: int) -> None:
         """Rebuild the buckets with at least ``nbuckets`` of them (a power of two)."""
-        size = 1 << max(nbuckets - 1, 2 * _MIN_CAPACITY - 1).bit_length()
+        size = 1 << max(nbuckets - 1, _MAX_LOAD * _MIN_CAPACITY - 1).bit_length()
         self._buckets = np.zeros(size, dtype=np.int32)
         self._mask = size - 1
         live = np.flatnonzero((self._lengths[: self._next] != 0) & (self._lengths[: self._next] != _OVERFLOW))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
+
+from kvstore.columns import as_numpy
 from kvstore.policy import EvictionPolicy, LevelView
 
 NIL = -1
@@ -34,6 +37,25 @@ class SlotList:
         self.tail = slot
         self.count += 1
         self.nbytes += self.view.length[slot]
+
+    def extend(self, slots: np.ndarray) -> None:
+        """Append ``slots`` (distinct, in no list) in order, linked in bulk."""
+        if not len(slots):
+            return
+        view = self.view
+        prev, nxt = as_numpy(view.prev), as_numpy(view.next)
+        prev[slots[1:]] = slots[:-1]
+        nxt[slots[:-1]] = slots[1:]
+        prev[slots[0]], nxt[slots[-1]] = self.tail, NIL
+        del prev, nxt
+        first, last = int(slots[0]), int(slots[-1])
+        if self.tail == NIL:
+            self.head = first
+        else:
+            view.next[self.tail] = first
+        self.tail = last
+        self.count += len(slots)
+        self.nbytes += int(np.take(as_numpy(view.length), slots).sum())
 
     def unlink(self, slot: int) -> None:
         prev, nxt = self.view.prev, self.view.next
@@ -72,6 +94,15 @@ class LRUPolicy(EvictionPolicy):
             raise RuntimeError("the copy is already in a policy list")
         self.view.queue[slot] = 1
         self._list.push(slot)
+
+    def insert_many(self, slots) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        queue = as_numpy(self.view.queue)
+        if queue[slots].any():
+            raise RuntimeError("a copy is already in a policy list")
+        queue[slots] = 1
+        del queue
+        self._list.extend(slots)
 
     def touch(self, slot: int) -> None:
         if self.view.queue[slot]:

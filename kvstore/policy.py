@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
 
 
@@ -48,6 +48,11 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def insert(self, slot: int) -> None:
         """A copy became readable in this level."""
+
+    def insert_many(self, slots: Sequence[int]) -> None:
+        """:meth:`insert` each of ``slots``, oldest first (a restart's bulk index)."""
+        for slot in list(slots):
+            self.insert(int(slot))
 
     @abstractmethod
     def touch(self, slot: int) -> None:

@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
+
+from kvstore.columns import as_numpy
 from kvstore.lru import SlotList
 from kvstore.policy import EvictionPolicy, LevelView
 
@@ -45,6 +48,19 @@ class S3FIFOPolicy(EvictionPolicy):
             self._enter(slot, MAIN)
         else:
             self._enter(slot, SMALL)
+
+    def insert_many(self, slots) -> None:
+        if self._ghost:   # some may be returning: each decides its queue
+            super().insert_many(slots)
+            return
+        slots = np.asarray(slots, dtype=np.int64)
+        queue = as_numpy(self.view.queue)
+        if queue[slots].any():
+            raise RuntimeError("a copy is already in a policy queue")
+        queue[slots] = SMALL
+        as_numpy(self.view.freq)[slots] = 0
+        del queue
+        self._small.extend(slots)
 
     def touch(self, slot: int) -> None:
         freq = self.view.freq

@@ -204,6 +204,29 @@ class Daemon:
         self.counters.lookup_miss_blocks += len(keys) - len(kinds)
         return kinds
 
+    async def lookup_packed(self, packed: bytes, key_bytes: int, namespace: bytes = b"") -> bytes:
+        """:meth:`lookup` of keys of ``key_bytes`` each laid end to end in ``packed``; the tiers
+        come back as one byte each."""
+        config = self.config
+        if key_bytes == 0:
+            raise InvalidArgumentError("key 0 is empty" if packed else "the request has no keys")
+        if key_bytes > config.max_key_bytes:
+            raise InvalidArgumentError(f"key 0 is {key_bytes} bytes; keys are at most {config.max_key_bytes} bytes")
+        n, rest = divmod(len(packed), key_bytes)
+        if rest:
+            raise InvalidArgumentError(f"packed_keys is {len(packed)} bytes, not a whole number of {key_bytes}-byte keys")
+        if n == 0:
+            raise InvalidArgumentError("the request has no keys")
+        if n > config.max_keys_per_request:
+            raise InvalidArgumentError(f"the request has {n} keys; at most {config.max_keys_per_request} are allowed")
+        slots = self.catalog.prefix_slots_packed(packed, key_bytes, namespace_tag(namespace))
+        if len(slots) < n and self.shared is not None:
+            keys = [packed[i : i + key_bytes] for i in range(0, len(packed), key_bytes)]
+            return bytes(await self.lookup(keys, namespace))
+        self.counters.lookup_hit_blocks += len(slots)
+        self.counters.lookup_miss_blocks += n - len(slots)
+        return np.take(self._kind_codes, self.catalog.primary_levels(slots)).astype(np.uint8).tobytes()
+
     async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
         """Hold the landing copies of the leading present blocks, promoting the others first.
 

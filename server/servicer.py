@@ -151,6 +151,11 @@ class KVStoreServicer:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
     async def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        if request.packed_keys or request.key_bytes:
+            if request.keys:
+                raise InvalidArgumentError("a lookup sends keys or packed_keys, not both")
+            tiers = await self.daemon.lookup_packed(request.packed_keys, request.key_bytes, request.namespace)
+            return pb.LookupResponse(count=len(tiers), packed_tiers=tiers)
         tiers = await self.daemon.lookup(request.keys, request.namespace)
         return pb.LookupResponse(count=len(tiers), tiers=tiers)
 

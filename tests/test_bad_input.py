@@ -128,6 +128,31 @@ async def test_mismatched_counts_on_the_wire(channel, stored):
     )
 
 
+@pytest.mark.parametrize("request_, match", [
+    (pb.LookupRequest(packed_keys=b"x" * 33, key_bytes=32), "not a whole number of 32-byte keys"),
+    (pb.LookupRequest(packed_keys=b"x" * 32, key_bytes=32, keys=[b"k"]), "keys or packed_keys, not both"),
+    (pb.LookupRequest(packed_keys=b"x" * 129, key_bytes=129), "key 0 is 129 bytes"),
+    (pb.LookupRequest(packed_keys=b"x" * 8 * 65537, key_bytes=8), "65537 keys"),
+    (pb.LookupRequest(packed_keys=b"x" * 32), "key 0 is empty"),
+])
+async def test_bad_packed_lookups_are_invalid_argument(channel, stored, request_, match):
+    lookup = channel.unary_unary("/kvstore.v1.KVStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString,
+                                 response_deserializer=pb.LookupResponse.FromString)
+    await expect_status(lookup(request_), grpc.StatusCode.INVALID_ARGUMENT, match)
+
+
+async def test_packed_and_listed_lookups_answer_alike(channel, stored):
+    keys, _ = stored
+    lookup = channel.unary_unary("/kvstore.v1.KVStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString,
+                                 response_deserializer=pb.LookupResponse.FromString)
+    asked = keys[:4] + [b"\0" * 32] + keys[4:]
+    listed = await lookup(pb.LookupRequest(keys=asked))
+    packed = await lookup(pb.LookupRequest(packed_keys=b"".join(asked), key_bytes=32))
+    assert listed.count == packed.count == 4 and list(listed.tiers) == list(packed.packed_tiers)
+    mixed = await lookup(pb.LookupRequest(keys=[keys[0], keys[1][:20]]))   # keys of two lengths
+    assert mixed.count == 1
+
+
 @pytest.mark.parametrize("method", ["Lookup", "Get", "Delete", "Stats"])
 async def test_garbage_on_the_wire(channel, stored, method):
     garbage = b"\xff\xff\xff\xff\x0f" + os.urandom(64)

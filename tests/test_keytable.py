@@ -71,3 +71,16 @@ def test_slot_space_growth_is_reported():
     for _ in range(5000):
         table.add(random.randbytes(16))
     assert seen[-1] == table.capacity >= 5000 and seen == sorted(seen)
+
+
+def test_packed_finds_agree_with_single_finds_for_any_key_width():
+    table = KeyTable()
+    tag = b"T" * 8
+    by_width = {w: [random.randbytes(w) for _ in range(200)] for w in (3, 8, 13, 32, 64, 90)}
+    slots = {w: [table.add(tag + k) for k in keys] for w, keys in by_width.items()}
+    for w, keys in by_width.items():
+        absent = [random.randbytes(w) for _ in range(50)]
+        got = table.find_packed(b"".join(keys + absent), w, tag)
+        assert got.tolist() == slots[w] + [-1] * 50
+        assert table.find_packed(b"".join(keys), w, b"odd").tolist() == [-1] * len(keys)
+    assert table.find_packed(b"", 8, tag).tolist() == []

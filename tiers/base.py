@@ -141,8 +141,9 @@ class Tier(ABC):
         """Durably drop the index entries of ``(key, location)`` before the locations are reused.
         An entry is dropped only if it still names that location."""
 
-    def recover(self) -> list[StoredBlock]:
-        """The blocks an earlier run left (from the tier's index; no data is read). Called once."""
+    def recover(self) -> Sequence[StoredBlock]:
+        """The blocks an earlier run left (from the tier's index; no data is read). Called once.
+        A tier with many may return them as :class:`~kvstore.block.StoredBlocks` (columns)."""
         return []
 
     @staticmethod

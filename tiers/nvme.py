@@ -23,9 +23,10 @@ import time
 from collections.abc import Sequence
 
 import lmdb
+import numpy as np
 
 from kvstore.allocator import Extent, ExtentAllocator
-from kvstore.block import BlockRecord, StoredBlock
+from kvstore.block import BlockRecord, StoredBlocks
 from kvstore.config import NvmeConfig, format_bytes
 from kvstore.errors import ConfigError
 from kvstore.layout import Capabilities
@@ -85,28 +86,33 @@ class NvmeTier(ExtentTier):
     def description(self) -> str:
         return f"nvme {format_bytes(self.capacity_bytes)} at {self.directory} via {self.io_description}"
 
-    def recover(self) -> list[StoredBlock]:
-        kept, self._recovered = self._recovered, []
-        return [
-            StoredBlock(e.key, e.size, e.checksum, e.namespace, Extent(e.offset, e.length), e.last_use) for e in kept
-        ]
+    def recover(self) -> StoredBlocks:
+        kept, self._recovered = self._recovered, StoredBlocks.empty()
+        return kept
 
-    def _recover(self) -> list[IndexEntry]:
-        """Entries of a previous run whose extents fit this tier; their extents are re-reserved."""
-        kept, dropped = [], []
-        end = 0
+    def _recover(self) -> StoredBlocks:
+        """Entries of a previous run whose extents fit this tier; their extents are re-reserved.
+        One bulk read of the index and array checks; an entry is dropped when its extent is
+        misaligned, outside the file, or overlaps one kept before it (by offset)."""
+        found = self._index.scan()
+        order = np.argsort(found.offsets)
+        offsets, lengths = found.offsets[order], found.lengths[order]
         align, capacity = self._allocator.alignment_bytes, self._allocator.capacity_bytes
-        for entry in sorted(self._index.entries(), key=lambda e: e.offset):
-            fits = entry.offset % align == 0 and entry.length % align == 0 and entry.length > 0
-            if fits and entry.offset >= end and entry.offset + entry.length <= capacity:
-                kept.append(entry)
-                end = entry.offset + entry.length
-            else:
-                dropped.append((entry.key, entry.offset))
-        if dropped:
-            log.warning("%d index entries outside this tier's capacity or overlapping were dropped", len(dropped))
-            self._index._delete(dropped)
-        self._allocator.rebuild([Extent(e.offset, e.length) for e in kept])
+        fits = (offsets % align == 0) & (lengths % align == 0) & (lengths > 0) & (offsets + lengths <= capacity)
+        if fits.all() and (offsets[1:] >= offsets[:-1] + lengths[:-1]).all():
+            self._allocator.rebuild_sorted(offsets, lengths)
+            return found
+        keep, end = [], 0
+        for i, ok in zip(order.tolist(), fits.tolist()):   # the greedy pass, for a damaged index
+            offset = int(found.offsets[i])
+            if ok and offset >= end:
+                keep.append(i)
+                end = offset + int(found.lengths[i])
+        dropped = np.setdiff1d(order, keep)
+        log.warning("%d index entries outside this tier's capacity or overlapping were dropped", len(dropped))
+        self._index._delete([(found.keys[i], int(found.offsets[i])) for i in dropped.tolist()])
+        kept = found.subset(np.array(keep, dtype=np.int64))
+        self._allocator.rebuild_sorted(kept.offsets, kept.lengths)
         return kept
 
     async def write(self, extent: Extent, offset: int, data: memoryview) -> None:

@@ -14,8 +14,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import lmdb
+import numpy as np
+
+from kvstore.block import StoredBlocks
 
 _VALUE = struct.Struct("<QQQQd")  # offset, length, size, checksum, last use (unix time); then the namespace
+_FIELDS = np.dtype([("offset", "<u8"), ("length", "<u8"), ("size", "<u8"), ("checksum", "<u8"), ("last_use", "<f8")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,38 @@ class IndexEntry:
 class NvmeIndex:
     def __init__(self, path: str, map_bytes: int) -> None:
         self._env = lmdb.open(path, map_size=map_bytes, subdir=True, sync=True, metasync=True, max_dbs=0)
+
+    def scan(self) -> StoredBlocks:
+        """Every entry, as columns (a restart's one read of the index): the values are parsed in
+        bulk when they have one length (one namespace length), entry by entry otherwise."""
+        with self._env.begin() as txn:
+            cursor = txn.cursor()
+            keys = list(cursor.iternext(keys=True, values=False))
+            cursor.first()
+            values = list(cursor.iternext(keys=False, values=True))
+        n = len(values)
+        if not n or n != len(keys):
+            return StoredBlocks.empty()
+        widths = set(map(len, values))
+        if len(widths) == 1 and (width := widths.pop()) >= _VALUE.size:
+            raw = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(n, width)
+            fixed = np.ascontiguousarray(raw[:, : _VALUE.size]).view(_FIELDS).ravel()
+            if width == _VALUE.size:
+                namespaces, ids = [b""], np.zeros(n, dtype=np.int64)
+            else:
+                tails = np.ascontiguousarray(raw[:, _VALUE.size :]).view(np.dtype((np.void, width - _VALUE.size)))
+                distinct, ids = np.unique(tails.ravel(), return_inverse=True)
+                namespaces = [bytes(d) for d in distinct]
+        else:
+            fixed = np.array([_VALUE.unpack_from(v) for v in values], dtype=_FIELDS) if n else np.zeros(0, _FIELDS)
+            ids_of: dict[bytes, int] = {}
+            ids = np.array([ids_of.setdefault(v[_VALUE.size :], len(ids_of)) for v in values], dtype=np.int64)
+            namespaces = list(ids_of)
+        return StoredBlocks(
+            keys, offsets=fixed["offset"].astype(np.int64), lengths=fixed["length"].astype(np.int64),
+            sizes=fixed["size"].astype(np.int64), checksums=fixed["checksum"], last_use=fixed["last_use"],
+            namespaces=namespaces, namespace_ids=ids.astype(np.int64),
+        )
 
     def entries(self) -> Iterator[IndexEntry]:
         with self._env.begin() as txn:

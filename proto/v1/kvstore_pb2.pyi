@@ -32,20 +32,26 @@ SLOT_PRESENT: SlotState
 SLOT_DROPPED: SlotState
 
 class LookupRequest(_message.Message):
-    __slots__ = ("keys", "namespace")
+    __slots__ = ("keys", "namespace", "packed_keys", "key_bytes")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     namespace: bytes
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., namespace: _Optional[bytes] = ...) -> None: ...
+    packed_keys: bytes
+    key_bytes: int
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., namespace: _Optional[bytes] = ..., packed_keys: _Optional[bytes] = ..., key_bytes: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("count", "tiers")
+    __slots__ = ("count", "tiers", "packed_tiers")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_TIERS_FIELD_NUMBER: _ClassVar[int]
     count: int
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
-    def __init__(self, count: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
+    packed_tiers: bytes
+    def __init__(self, count: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., packed_tiers: _Optional[bytes] = ...) -> None: ...
 
 class PutHeader(_message.Message):
     __slots__ = ("namespace", "keys", "sizes", "checksums")

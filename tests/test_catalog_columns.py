@@ -1,0 +1,96 @@
+"""The columnar catalog: bulk recovery, views that outlive what they show, slots reused safely."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from kvstore.allocator import Extent
+from kvstore.block import BlockState, CopyState, StoredBlock, StoredBlocks
+from kvstore.keytable import KeyTable
+from kvstore.policies import make_policy
+from kvstore.policy import LevelView, PolicyKind
+from test_placement import DISK, MEMORY, PAGE, Books, layout
+
+
+def stored(n: int, *, namespaces=(b"", b"ns-a", b"ns-b")) -> StoredBlocks:
+    rng = random.Random(3)
+    last_use = np.array([rng.random() * 1000 for _ in range(n)])
+    return StoredBlocks(
+        [os.urandom(40) for _ in range(n)],
+        offsets=np.arange(n, dtype=np.int64) * 2 * PAGE, lengths=np.full(n, PAGE, dtype=np.int64),
+        sizes=np.array([rng.randrange(1, PAGE) for _ in range(n)], dtype=np.int64),
+        checksums=np.array([rng.getrandbits(64) for _ in range(n)], dtype=np.uint64), last_use=last_use,
+        namespaces=list(namespaces), namespace_ids=np.array([i % len(namespaces) for i in range(n)], dtype=np.int64),
+    )
+
+
+@pytest.mark.parametrize("kind", list(PolicyKind))
+def test_bulk_recovery_indexes_every_block_as_the_one_by_one_path_does(kind):
+    blocks = stored(3000)
+    books = Books(layout(MEMORY, DISK))
+    catalog = books.catalog
+    policy = make_policy(kind, 1 << 30)   # the policy under test, bound to the level's columns
+    c = catalog.columns[1]
+    policy.bind(LevelView(prev=c.prev, next=c.next, freq=c.freq, queue=c.queue, length=c.length,
+                          evictable=catalog._evictable_at(1), ghost_key=catalog._ghost_key))
+    catalog.policies[1] = policy
+    catalog.recover(1, blocks)
+    assert len(catalog) == 3000 and catalog.blocks_at(1) == 3000
+    for block in list(blocks)[::97]:
+        record = catalog.get(block.key)
+        assert (record.size, record.checksum, record.namespace, record.state) == (
+            block.size, block.checksum, block.namespace, BlockState.READY)
+        assert record.primary().level == 1 and record.primary().location == block.location
+    # coldest first: the one used longest ago is the first victim
+    order = np.argsort(blocks.last_use)
+    victims = catalog.victims(1, 3 * PAGE)
+    assert [v.record.key for v in victims] == [blocks.keys[i] for i in order[:3]]
+
+
+def test_a_second_persistent_level_recovers_block_by_block_and_refuses_duplicates():
+    books = Books(layout(MEMORY, DISK, DISK))
+    first = stored(10)
+    books.catalog.recover(1, first)
+    more = [StoredBlock(os.urandom(40), 10, 7, b"x", Extent(0, PAGE), 1.0)]
+    books.catalog.recover(2, more)
+    assert books.catalog.get(more[0].key).primary().level == 2
+    with pytest.raises(RuntimeError, match="already indexed"):
+        books.catalog.recover(2, [StoredBlock(first.keys[0], 10, 7, b"", Extent(PAGE, PAGE), 1.0)])
+
+
+def test_a_retired_record_reads_as_gone_with_its_identity_while_its_slot_is_reused():
+    books = Books(layout(MEMORY))
+    catalog = books.catalog
+    copy = books.put(b"first-key")
+    record = copy.record
+    catalog.hold(copy)                              # a reader
+    assert catalog.drop(list(record.copies.values())) == []
+    assert record.state is BlockState.GONE and record.key == b"first-key" and record.copies == {}
+    assert copy.state is CopyState.DROPPED and books.released == []   # still read: not given back
+    other = books.put(b"second-key")               # takes the freed slot
+    assert other.slot == copy.slot
+    assert record.key == b"first-key" and other.record.key == b"second-key"
+    catalog.unhold(copy)
+    assert copy.state is CopyState.FREED and len(books.released) == 1
+    assert other.state is CopyState.READY and other.holds == 0
+
+
+def test_one_view_per_block_while_anyone_keeps_it():
+    books = Books(layout(MEMORY))
+    copy = books.put(b"k")
+    assert books.catalog.get(b"k") is copy.record
+    assert copy.record.copies[0] is copy
+    assert books.catalog.prefix([b"k"])[0] is copy.record
+
+
+def test_a_crowded_rebuild_wraps_around_the_bucket_array_and_loses_nothing():
+    table = KeyTable()
+    keys = [os.urandom(24) for _ in range(4000)]
+    slots = table.add_many(keys)
+    table._rehash(len(table) + 1)     # nearly full: clusters run off the end and wrap
+    assert np.array_equal(table.find_many(keys), slots)
+    assert [table.find(k) for k in keys[:200]] == slots[:200].tolist()
