@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from kvstore.block import check_sizes
 from kvstore.errors import StaleSessionError
-from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, frame
+from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, STREAM_LIMIT, frame
 from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.client.buffers import Targets
@@ -118,7 +118,7 @@ class LocalChannel:
 
     @classmethod
     async def open(cls, conn: socket.socket, timeout_s: float) -> LocalChannel:
-        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        reader, writer = await asyncio.open_unix_connection(sock=conn, limit=STREAM_LIMIT)
         return cls(reader, writer, timeout_s)
 
     async def call(self, method: str, request: Message, response_cls: type[Message]) -> Any:

@@ -77,7 +77,7 @@ class Copy:
     standalone from the start.
     """
 
-    __slots__ = ("_cat", "slot", "level", "_own", "__weakref__")
+    __slots__ = ("_cat", "slot", "level", "_own", "_record", "__weakref__")
 
     def __init__(self, record: BlockRecord | None, level: int, location: Any, state: CopyState = CopyState.FILLING,
                  holds: int = 0) -> None:
@@ -85,23 +85,23 @@ class Copy:
         self.slot = -1
         self.level = level
         self._own = [state, holds, location, record]
+        self._record = record
 
     @classmethod
-    def _bound(cls, catalog: Any, slot: int, level: int) -> Copy:
+    def _bound(cls, catalog: Any, slot: int, level: int, record: BlockRecord) -> Copy:
         copy = cls.__new__(cls)
-        copy._cat, copy.slot, copy.level, copy._own = catalog, slot, level, None
+        copy._cat, copy.slot, copy.level, copy._own, copy._record = catalog, slot, level, None, record
         return copy
 
     def _detach(self, state: CopyState, holds: int, location: Any, record: BlockRecord) -> None:
         """Leave the columns: from now on this view is the copy."""
         self._own = [state, holds, location, record]
+        self._record = record
         self._cat = None
 
     @property
     def record(self) -> BlockRecord | None:
-        if self._own is not None:
-            return self._own[3]
-        return self._cat.record_at(self.slot)
+        return self._record
 
     @property
     def state(self) -> CopyState:

@@ -93,7 +93,7 @@ class Catalog:
         return iter([self.record_at(slot) for slot in slots])
 
     def get(self, key: bytes) -> BlockRecord | None:
-        """The record of ``key`` in any state (WRITING included), or None."""
+        """The record of ``key`` in any state (WRITING included), or None (no view made then)."""
         slot = self.keys.find(key)
         return None if slot < 0 else self.record_at(slot)
 
@@ -156,8 +156,8 @@ class Catalog:
     def _copy_view(self, slot: int, level: int) -> Copy:
         key = slot << _LEVEL_BITS | level
         view = self._copy_views.get(key)
-        if view is None:
-            view = self._copy_views[key] = Copy._bound(self, slot, level)
+        if view is None:   # it keeps its record's view alive with it
+            view = self._copy_views[key] = Copy._bound(self, slot, level, self.record_at(slot))
         return view
 
     def copy_state(self, slot: int, level: int) -> CopyState:
@@ -208,9 +208,11 @@ class Catalog:
 
     def commit(self, copy: Copy, checksum: int | None) -> None:
         """The put of ``copy``'s block is complete: the block becomes readable."""
-        record = copy.record
-        record.checksum = checksum
-        record.advance(BlockState.READY)
+        slot = copy.slot
+        if copy._own is not None or self.state[slot] != _WRITING:
+            raise TransitionError(f"block {key_label(copy.record.key)}: {copy.record.state.name} -> READY")
+        self.set_checksum(slot, checksum)
+        self.state[slot] = _READY_RECORD
         self.fill(copy)
 
     def known(self, key: bytes, size: int, checksum: int, namespace: bytes) -> BlockRecord:
@@ -218,9 +220,10 @@ class Catalog:
         return self._new(key, size, checksum, namespace, _READY_RECORD)
 
     def _new(self, key: bytes, size: int, checksum: int | None, namespace: bytes, state: int) -> BlockRecord:
-        if self.keys.find(key) >= 0:
-            raise RuntimeError(f"block {key_label(key)} is already indexed")
-        slot = self.keys.add(key)
+        try:
+            slot = self.keys.add(key)
+        except KeyError:
+            raise RuntimeError(f"block {key_label(key)} is already indexed") from None
         self.state[slot] = state
         self.size[slot] = size
         self.set_checksum(slot, checksum)

@@ -153,9 +153,12 @@ class KeyTable:
         return self._rows[slot].tobytes()[:n]
 
     def add(self, key: bytes) -> int:
-        """A new slot for ``key``, which must not be in the table."""
-        slot = self._take_slot()
+        """A new slot for ``key``; KeyError if it is in the table already (found on the way to the
+        empty bucket the key takes: linear probing without tombstones passes it)."""
         if len(key) > MAX_ROW_BYTES:
+            if key in self._overflow:
+                raise KeyError(key)
+            slot = self._take_slot()
             self._overflow[key] = slot
             self._overflow_keys[slot] = key
             self._lengths[slot] = _OVERFLOW
@@ -163,14 +166,22 @@ class KeyTable:
             return slot
         self._widen(len(key))
         padded = key + b"\0" * (self._words * 8 - len(key))
+        h = self._hash(key)
+        buckets, mask, hashes = self._buckets, self._mask, self._hashes
+        i = h & mask
+        while b := int(buckets[i]):
+            if int(hashes[b - 1]) == h and self._lengths[b - 1] == len(key) and self._rows[b - 1].tobytes() == padded:
+                raise KeyError(key)
+            i = (i + 1) & mask
+        slot = self._take_slot()   # may grow the rows and hashes, not the buckets
         self._rows[slot] = np.frombuffer(padded, dtype=np.uint64)
         self._lengths[slot] = len(key)
-        h = self._hashes[slot] = self._hash(key)
+        self._hashes[slot] = h
         self._count += 1
         if self._count * _MAX_LOAD > len(self._buckets):
             self._rehash(2 * len(self._buckets))   # the new slot is placed by the rehash
         else:
-            self._place(slot, h)
+            buckets[i] = slot + 1
         return slot
 
     def remove(self, slot: int) -> None:

@@ -24,6 +24,9 @@ from kvstore.proto.v1 import kvstore_pb2 as pb
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 << 20
+STREAM_LIMIT = 4 << 20
+"""How much a session's stream buffers before it stops reading: a lookup of 8,192 keys (256 KiB)
+arrives in one go instead of pausing and resuming the socket at asyncio's 64 KiB default."""
 
 METHODS: tuple[tuple[str, type, type], ...] = (
     ("Lookup", pb.LookupRequest, pb.LookupResponse),

@@ -334,10 +334,12 @@ class Daemon:
         if self._present(key):
             return PutSlot(size, checksum_, None, present=True)
         probe = BlockRecord(key=key, size=size, namespace=namespace)
-        location = await self.mover.make_room(self.layout.landing, probe)
-        if location is not None and self._present(key):  # stored by someone else meanwhile
-            self.arena.release(location)
-            return PutSlot(size, checksum_, None, present=True)
+        location = self.arena.reserve(probe)   # room now: nothing awaited, nothing changed meanwhile
+        if location is None:
+            location = await self.mover.make_room(self.layout.landing, probe)
+            if location is not None and self._present(key):  # stored by someone else meanwhile
+                self.arena.release(location)
+                return PutSlot(size, checksum_, None, present=True)
         if location is None:
             self.counters.put_dropped_blocks += 1
             return PutSlot(size, checksum_, None)
