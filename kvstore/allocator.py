@@ -39,9 +39,13 @@ class ExtentAllocator:
         self.capacity_bytes = capacity
         self.alignment_bytes = alignment_bytes
         self.used_bytes = 0
-        # Only free space is recorded (a few runs when full); allocated extents are the caller's,
-        # so a million blocks cost the allocator nothing. A free is checked against the free runs.
+        # Free space is recorded as runs (a few when full); of allocated extents only where each
+        # starts, one bit per alignment unit, so a million blocks cost the allocator no object.
+        # A free must name exactly one allocated extent: it starts where one starts, ends where the
+        # next extent or free run starts, and overlaps no free run.
         self._starts: list[int] = []          # sorted starts of the free runs
+        self._units = capacity // alignment_bytes
+        self._marks = np.zeros(self._units // 8 + 1, dtype=np.uint8)   # bit set: an extent starts there
         self._by_start: dict[int, int] = {}   # start -> length of each free extent
         self._by_end: dict[int, int] = {}     # end -> start, to coalesce with a left neighbour
         self._by_size: list[tuple[int, int]] = []  # sorted (length, start): best fit by bisect
@@ -71,6 +75,8 @@ class ExtentAllocator:
         if free_len > length:
             self._add_free(start + length, free_len - length)
         self.used_bytes += length
+        unit = start // self.alignment_bytes
+        self._marks[unit >> 3] |= 1 << (unit & 7)
         return Extent(start, length)
 
     def rebuild(self, extents: list[Extent]) -> None:
@@ -83,6 +89,9 @@ class ExtentAllocator:
         free runs between them become objects."""
         starts, ends = np.asarray(offsets, dtype=np.int64), np.asarray(offsets, dtype=np.int64) + lengths
         self.used_bytes = int(np.sum(lengths, dtype=np.int64))
+        units = np.zeros(len(self._marks) * 8, dtype=bool)
+        units[starts // self.alignment_bytes] = True
+        self._marks = np.packbits(units, bitorder="little")
         gap_starts = np.concatenate([[0], ends]).astype(np.int64)
         gap_ends = np.concatenate([starts, [self.capacity_bytes]]).astype(np.int64)
         runs = np.flatnonzero(gap_ends > gap_starts)
@@ -98,6 +107,8 @@ class ExtentAllocator:
         end = start + length
         if not self._allocated(start, end):
             raise ValueError(f"free of an extent that is not allocated: {extent}")
+        unit = start // self.alignment_bytes
+        self._marks[unit >> 3] &= ~(1 << (unit & 7)) & 0xFF
         self.used_bytes -= length
         left = self._by_end.get(start)
         if left is not None:
@@ -125,10 +136,25 @@ class ExtentAllocator:
         a = self.alignment_bytes
         if start < 0 or end > self.capacity_bytes or start % a or end % a or end <= start:
             return False
+        first, last = start // a, end // a
+        if not self._marked(first, first + 1) or self._marked(first + 1, last):
+            return False   # not where an extent starts, or more than one extent
+        if end != self.capacity_bytes and not self._marked(last, last + 1) and end not in self._by_start:
+            return False   # a part of an extent
         i = bisect.bisect_right(self._starts, start) - 1
         if i >= 0 and self._starts[i] + self._by_start[self._starts[i]] > start:
             return False
         return i + 1 >= len(self._starts) or self._starts[i + 1] >= end
+
+    def _marked(self, lo: int, hi: int) -> bool:
+        """Whether an extent starts at any unit in ``[lo, hi)``."""
+        if hi <= lo:
+            return False
+        if hi == lo + 1:
+            return bool(self._marks[lo >> 3] >> (lo & 7) & 1)
+        base = lo >> 3
+        bits = np.unpackbits(self._marks[base : ((hi - 1) >> 3) + 1], bitorder="little")
+        return bool(bits[lo - 8 * base : hi - 8 * base].any())
 
     def _add_free(self, start: int, length: int) -> None:
         bisect.insort(self._starts, start)

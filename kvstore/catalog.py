@@ -251,7 +251,10 @@ class Catalog:
                     self.fill(self.attach(record, level, block.location))
                 return
             blocks = _as_columns(blocks)
-        slots = self.keys.add_many(blocks.keys)
+        try:
+            slots = self.keys.add_many(blocks.keys)
+        except KeyError:
+            raise RuntimeError(f"level {self.layout.levels[level].name} recovered a block twice") from None
         ns_ids = np.array([self._namespace_id(ns) for ns in blocks.namespaces], dtype=np.int64)
         for column, values in (
             (self.state, _READY_RECORD), (self.size, blocks.sizes), (self._checksum, blocks.checksums),
@@ -316,6 +319,8 @@ class Catalog:
         copy.holds += 1
 
     def unhold(self, copy: Copy) -> None:
+        if copy.holds <= 0:
+            raise TransitionError(f"copy at level {copy.level}: let go of more often than held")
         copy.holds -= 1
         self._free_if_done(copy)
 
@@ -366,7 +371,7 @@ class Catalog:
         finds them again). Returns how many were forgotten."""
         forgotten = 0
         busy: list[int] = []
-        while len(self._remote_only) > limit:
+        while self._remote_only and len(self._remote_only) > limit:
             slot, _ = self._remote_only.popitem(last=False)
             if self.state[slot] != _READY_RECORD or not self._only_shared(slot):
                 continue

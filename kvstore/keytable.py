@@ -17,7 +17,7 @@ Not thread-safe: used from the event-loop thread only, like the catalog that own
 
 from __future__ import annotations
 
-import operator
+import secrets
 import struct
 from collections.abc import Callable, Sequence
 
@@ -27,24 +27,33 @@ MAX_ROW_BYTES = 72
 """Longest key (namespace tag included) kept in the rows; longer ones go to the overflow dict."""
 _MASK = (1 << 64) - 1
 _WORDS = MAX_ROW_BYTES // 8
-_MULT = [((0x9E3779B97F4A7C15 * (2 * i + 3)) & _MASK) | 1 for i in range(_WORDS + 1)]
-_MULT_NP = np.array(_MULT, dtype=np.uint64)
-_MULT_WORDS = _MULT[1:]
+_K0, _K1 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
 _FMIX1, _FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
 _OVERFLOW = 0xFF  # length code of a slot whose key is in the overflow dict
 _MIN_CAPACITY = 1024
 _MAX_LOAD = 4   # buckets per key at least: short probes (linear probing clusters past half full)
 _SCALAR_TAIL = 64   # a batch probe finishes its last few long probes one key at a time
 
-
 _UNPACK = [struct.Struct(f"<{n}Q").unpack for n in range(_WORDS + 1)]
 
+# The hash: a secret per-table seed, then per 8-byte word of the key (zero-padded) one round
+# ``h ^= w; h *= K1; h ^= h >> 29`` (a bijection of h for each word, non-linear across words), then
+# a murmur finaliser. Keys that differ in one word never collide; choosing keys that collide needs
+# the seed. Only the words the key covers are mixed, so widening the rows changes no hash.
 
-def _hash_one(key: bytes) -> int:
-    """The hash of one key (equal to what :func:`_hash_rows` computes for its padded row)."""
-    padded = key + b"\0" * (-len(key) % 8)
-    h = len(key) * _MULT[0] + sum(map(operator.mul, _UNPACK[len(padded) // 8](padded), _MULT_WORDS))
-    h &= _MASK
+
+def _start(length: int, seed: int) -> int:
+    return (seed ^ (length * _K0)) & _MASK
+
+
+def _rounds(h: int, words: Sequence[int]) -> int:
+    for w in words:
+        h = ((h ^ w) * _K1) & _MASK
+        h ^= h >> 29
+    return h
+
+
+def _finish(h: int) -> int:
     h ^= h >> 33
     h = (h * _FMIX1) & _MASK
     h ^= h >> 33
@@ -52,18 +61,44 @@ def _hash_one(key: bytes) -> int:
     return h ^ (h >> 33)
 
 
-def _hash_rows(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def _hash_one(key: bytes, seed: int) -> int:
+    """The hash of one key (equal to what :func:`_hash_rows` computes for its padded row)."""
+    padded = key + b"\0" * (-len(key) % 8)
+    n = len(padded) // 8
+    words = _UNPACK[n](padded) if n <= _WORDS else struct.unpack(f"<{n}Q", padded)   # overflow keys
+    return _finish(_rounds(_start(len(key), seed), words))
+
+
+def _rounds_np(h: np.ndarray, column: np.ndarray) -> np.ndarray:
+    h ^= column
+    h *= np.uint64(_K1)
+    h ^= h >> np.uint64(29)
+    return h
+
+
+def _finish_np(h: np.ndarray) -> np.ndarray:
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(_FMIX1)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(_FMIX2)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+def _hash_rows(rows: np.ndarray, lengths: np.ndarray, seed: int) -> np.ndarray:
     """Hashes of ``rows`` (n x words, uint64, zero-padded) of keys ``lengths`` bytes long."""
     with np.errstate(over="ignore"):
-        h = lengths.astype(np.uint64) * _MULT_NP[0]
+        h = (np.uint64(seed) ^ (lengths.astype(np.uint64) * np.uint64(_K0))).astype(np.uint64)
+        words = (lengths + 7) // 8
+        uniform = len(lengths) and int(words.min()) == int(words.max())
         for i in range(rows.shape[1]):   # column by column: no n x words temporary
-            h += rows[:, i] * _MULT_NP[i + 1]
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(_FMIX1)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(_FMIX2)
-        h ^= h >> np.uint64(33)
-    return h
+            if uniform:
+                if i >= int(words[0]):
+                    break
+                _rounds_np(h, rows[:, i])
+            else:
+                h = np.where(i < words, _rounds_np(h.copy(), rows[:, i]), h)
+        return _finish_np(h)
 
 
 def _rows_of(keys: Sequence[bytes], prefix: bytes, words: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -89,12 +124,21 @@ def _rows_of(keys: Sequence[bytes], prefix: bytes, words: int) -> tuple[np.ndarr
     return raw.view(np.uint64), lengths
 
 
+def _repeated(values: np.ndarray) -> np.ndarray:
+    """Indexes of the entries whose value occurs more than once."""
+    order = np.argsort(values)
+    ranked = values[order]
+    same = np.flatnonzero(ranked[1:] == ranked[:-1])
+    return np.unique(np.concatenate([order[same], order[same + 1]]))
+
+
 class KeyTable:
     """Keys to slots. ``on_grow(capacity)`` is called when the slot space grows, so columns
     indexed by slot can grow with it."""
 
-    def __init__(self, on_grow: Callable[[int], None] | None = None) -> None:
+    def __init__(self, on_grow: Callable[[int], None] | None = None, *, seed: int | None = None) -> None:
         self._on_grow = on_grow
+        self._seed = secrets.randbits(64) if seed is None else seed & _MASK   # see the hash above
         self._words = 0
         self._capacity = 0
         self._rows = np.zeros((0, 0), dtype=np.uint64)
@@ -155,10 +199,13 @@ class KeyTable:
     def add(self, key: bytes) -> int:
         """A new slot for ``key``; KeyError if it is in the table already (found on the way to the
         empty bucket the key takes: linear probing without tombstones passes it)."""
+        if not key:
+            raise ValueError("an empty key")
         if len(key) > MAX_ROW_BYTES:
             if key in self._overflow:
                 raise KeyError(key)
             slot = self._take_slot()
+            self._hashes[slot] = self._hash(key)   # a stable number for the key (S3-FIFO's ghosts)
             self._overflow[key] = slot
             self._overflow_keys[slot] = key
             self._lengths[slot] = _OVERFLOW
@@ -227,14 +274,10 @@ class KeyTable:
         else:
             body = np.frombuffer(packed, dtype=np.uint64, count=n * key_bytes // 8).reshape(n, key_bytes // 8)
         with np.errstate(over="ignore"):
-            h = np.full(n, (length * _MULT[0] + sum(map(operator.mul, head, _MULT_WORDS))) & _MASK, dtype=np.uint64)
+            h = np.full(n, _rounds(_start(length, self._seed), head), dtype=np.uint64)
             for j in range(body.shape[1]):
-                h += body[:, j] * _MULT_NP[len(head) + j + 1]
-            h ^= h >> np.uint64(33)
-            h *= np.uint64(_FMIX1)
-            h ^= h >> np.uint64(33)
-            h *= np.uint64(_FMIX2)
-            h ^= h >> np.uint64(33)
+                _rounds_np(h, body[:, j])
+            _finish_np(h)
         found = np.full(n, -1, dtype=np.int64)
         pending = np.arange(n)
         pos = (h & np.uint64(self._mask)).astype(np.int64)
@@ -275,10 +318,14 @@ class KeyTable:
         if start + n > self._capacity:
             self._grow_slots(start + n)
         rows, lengths = _rows_of(keys, b"", self._words)
+        hashes = _hash_rows(rows, lengths, self._seed)
+        twins = _repeated(hashes)
+        if len(twins) and len({keys[i] for i in twins.tolist()}) < len(twins):
+            raise KeyError("a key appears twice in one bulk add")
         slots = np.arange(start, start + n, dtype=np.int64)
         self._rows[start : start + n] = rows
         self._lengths[start : start + n] = lengths
-        self._hashes[start : start + n] = _hash_rows(rows, lengths)
+        self._hashes[start : start + n] = hashes
         self._next += n
         self._count += n
         if self._count * _MAX_LOAD > len(self._buckets):
@@ -292,7 +339,7 @@ class KeyTable:
     def _hash(self, key: bytes) -> int:
         """:func:`_hash_one`, remembering the last key (a put finds, then adds, the same key)."""
         if key != self._last_key:
-            self._last_key, self._last_hash = key, _hash_one(key)
+            self._last_key, self._last_hash = key, _hash_one(key, self._seed)
         return self._last_hash
 
     def _take_slot(self) -> int:

@@ -120,3 +120,18 @@ def test_rebuild_restores_exactly_the_given_extents():
     assert a.largest_free == a.capacity_bytes
     with pytest.raises(ValueError):
         a.free(Extent(0, 4096))  # not among the rebuilt extents
+
+
+def test_a_part_of_an_extent_or_a_span_of_two_is_refused_and_nothing_is_handed_out_twice():
+    a = ExtentAllocator(16 * 4096, 4096)
+    big, nxt = a.allocate(4 * 4096), a.allocate(4096)
+    with pytest.raises(ValueError):
+        a.free(Extent(big.offset, 4096))                    # its first page only
+    with pytest.raises(ValueError):
+        a.free(Extent(big.offset + 4096, 4096))             # a page inside it
+    with pytest.raises(ValueError):
+        a.free(Extent(big.offset, big.length + nxt.length))  # it and its neighbour
+    assert a.used_bytes == 5 * 4096
+    a.free(big)
+    a.free(nxt)
+    assert a.used_bytes == 0 and a.largest_free == a.capacity_bytes

@@ -94,3 +94,21 @@ def test_a_crowded_rebuild_wraps_around_the_bucket_array_and_loses_nothing():
     table._rehash(len(table) + 1)     # nearly full: clusters run off the end and wrap
     assert np.array_equal(table.find_many(keys), slots)
     assert [table.find(k) for k in keys[:200]] == slots[:200].tolist()
+
+
+def test_a_bulk_recovery_that_names_a_block_twice_is_refused():
+    blocks = stored(100)
+    blocks.keys[7] = blocks.keys[3]
+    with pytest.raises(RuntimeError, match="twice"):
+        Books(layout(MEMORY, DISK)).catalog.recover(1, blocks)
+
+
+def test_letting_go_more_often_than_held_is_a_transition_error():
+    from kvstore.block import TransitionError
+
+    books = Books(layout(MEMORY))
+    copy = books.put(b"k")
+    books.catalog.hold(copy)
+    books.catalog.unhold(copy)
+    with pytest.raises(TransitionError):
+        books.catalog.unhold(copy)

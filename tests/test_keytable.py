@@ -5,17 +5,43 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from kvstore.keytable import MAX_ROW_BYTES, KeyTable, _hash_one, _hash_rows, _rows_of
 
 
+SEED = 0x1234_5678_9ABC_DEF0
+
+
 def test_the_scalar_and_vectorised_hashes_agree_for_every_length():
     keys = [bytes(random.getrandbits(8) for _ in range(n)) for n in range(1, MAX_ROW_BYTES + 1)]
+    rows, lengths = _rows_of(keys, b"", MAX_ROW_BYTES // 8)   # mixed lengths in one batch
+    assert _hash_rows(rows, lengths, SEED).tolist() == [_hash_one(k, SEED) for k in keys]
     for key in keys:
         rows, lengths = _rows_of([key], b"", MAX_ROW_BYTES // 8)
-        assert int(_hash_rows(rows, lengths)[0]) == _hash_one(key)
+        assert int(_hash_rows(rows, lengths, SEED)[0]) == _hash_one(key, SEED)
     # a key and the same key with a zero byte appended differ
-    assert _hash_one(b"ab") != _hash_one(b"ab\0")
+    assert _hash_one(b"ab", SEED) != _hash_one(b"ab\0", SEED)
+
+
+def test_structured_and_crafted_keys_do_not_collide():
+    tag = b"T" * 8
+    # the pairs a linear hash (sum of word * constant) maps together
+    assert _hash_one(tag + b"\0" * 8, SEED) != _hash_one(tag + b"\x03", SEED)
+    crafted = {_hash_one(tag + (9 * t).to_bytes(8, "little") + (-7 * t % (1 << 64)).to_bytes(8, "little"), SEED)
+               for t in range(2000)}
+    assert len(crafted) == 2000
+    # (sequence, block) counters, as an engine might number its blocks
+    structured = {_hash_one(tag + seq.to_bytes(8, "little") + blk.to_bytes(8, "little"), SEED)
+                  for seq in range(300) for blk in range(100)}
+    assert len(structured) == 30000
+    # the seed is the table's own: the same key hashes differently in another table
+    assert _hash_one(b"key", SEED) != _hash_one(b"key", SEED + 1)
+
+
+def test_an_empty_key_is_refused():
+    with pytest.raises(ValueError):
+        KeyTable().add(b"")
 
 
 def test_matches_a_dict_through_random_adds_and_removes():
