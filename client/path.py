@@ -55,9 +55,12 @@ class DataPath(abc.ABC):
 def lookup_request(keys: Sequence[bytes], namespace: bytes) -> pb.LookupRequest:
     """A ``LookupRequest`` for ``keys``: packed end to end when they are of one length (block
     digests always are), so neither side makes a protobuf object per key."""
-    sizes = set(map(len, keys))
-    if len(sizes) == 1 and 0 not in sizes:
-        return pb.LookupRequest(packed_keys=b"".join(keys), key_bytes=sizes.pop(), namespace=namespace)
+    width = len(keys[0]) if keys else 0
+    if width:
+        packed = b"".join(keys)
+        # all ``width`` long: none shorter, and together exactly n of them
+        if len(packed) == width * len(keys) and min(map(len, keys)) == width:
+            return pb.LookupRequest(packed_keys=packed, key_bytes=width, namespace=namespace)
     return pb.LookupRequest(keys=keys, namespace=namespace)
 
 

@@ -40,6 +40,7 @@ from kvstore.stats import Counters
 _WRITING, _READY_RECORD = _STATE_CODES[BlockState.WRITING], _STATE_CODES[BlockState.READY]
 _COPY_STATES = {col.FILLING: CopyState.FILLING, col.READY: CopyState.READY}
 _LEVEL_BITS = 3   # a copy view's cache key is slot << 3 | level (at most 8 levels)
+_LOWEST_BIT = np.array([(v & -v).bit_length() - 1 if v else 8 for v in range(256)], dtype=np.int64)
 
 
 class Catalog:
@@ -61,6 +62,7 @@ class Catalog:
         self._checksum = array("Q")
         self._has_checksum = array("B")
         self._ns = array("I")        # index into self._namespaces
+        self._readable = array("B")  # bit L set: the copy at level L is READY (a lookup reads one byte)
         self._namespaces: list[bytes] = []
         self._ns_ids: dict[bytes, int] = {}
         self.columns = [LevelColumns() for _ in layout.levels]
@@ -78,7 +80,7 @@ class Catalog:
                                       evictable=self._evictable_at(level), ghost_key=self._ghost_key))
 
     def _grow(self, capacity: int) -> None:
-        for column in (self.state, self.size, self._checksum, self._has_checksum, self._ns):
+        for column in (self.state, self.size, self._checksum, self._has_checksum, self._ns, self._readable):
             col.grow(column, capacity)
         for columns in self.columns:
             columns.grow(capacity)
@@ -113,19 +115,13 @@ class Catalog:
         found = slots >= 0
         safe = np.where(found, slots, 0)
         ok = found & (np.take(as_numpy(self.state), safe) == _READY_RECORD)
-        readable = np.zeros(len(slots), dtype=bool)
-        for columns in self.columns:
-            readable |= np.take(as_numpy(columns.state), safe) == col.READY
-        ok &= readable
+        ok &= np.take(as_numpy(self._readable), safe) != 0
         bad = np.flatnonzero(~ok)
         return slots[: bad[0] if len(bad) else len(slots)]
 
     def primary_levels(self, slots: np.ndarray) -> np.ndarray:
         """The level of each slot's fastest readable copy (the slots must have one)."""
-        level = np.full(len(slots), len(self.columns), dtype=np.int64)
-        for i in reversed(range(len(self.columns))):
-            level = np.where(np.take(as_numpy(self.columns[i].state), slots) == col.READY, i, level)
-        return level
+        return np.take(_LOWEST_BIT, np.take(as_numpy(self._readable), slots))
 
     def prefix(self, keys: Sequence[bytes], prefix: bytes = b"") -> list[BlockRecord]:
         """Records of the leading readable keys (see :meth:`prefix_slots`)."""
@@ -258,7 +254,7 @@ class Catalog:
         ns_ids = np.array([self._namespace_id(ns) for ns in blocks.namespaces], dtype=np.int64)
         for column, values in (
             (self.state, _READY_RECORD), (self.size, blocks.sizes), (self._checksum, blocks.checksums),
-            (self._has_checksum, 1), (self._ns, np.take(ns_ids, blocks.namespace_ids)),
+            (self._has_checksum, 1), (self._ns, np.take(ns_ids, blocks.namespace_ids)), (self._readable, 1 << level),
         ):
             as_numpy(column)[slots] = values
         columns = self.columns[level]
@@ -297,6 +293,7 @@ class Catalog:
         if columns.state[slot] != col.FILLING:
             raise TransitionError(f"copy at level {level}: {copy.state.name} -> READY")
         columns.state[slot] = col.READY
+        self._readable[slot] |= 1 << level
         self._ready[level] += 1
         policy = self.policies[level]
         if policy is not None:
@@ -394,16 +391,9 @@ class Catalog:
             if copy._own[0] in (CopyState.FILLING, CopyState.READY):
                 copy._own[0] = CopyState.DROPPED
             return
-        slot, columns = copy.slot, self.columns[level]
+        slot = copy.slot
         record = self.record_at(slot)
-        if columns.state[slot] == col.READY:
-            self._ready[level] -= 1
-        policy = self.policies[level]
-        if policy is not None:
-            policy.remove(slot, evicted=evicted)
-        self._copy_views.pop(slot << _LEVEL_BITS | level, None)
-        copy._detach(CopyState.DROPPED, columns.holds[slot], columns.location(slot), record)
-        columns.clear(slot)
+        self._take_out(copy, CopyState.DROPPED, evicted=evicted)
         remaining = [c.state[slot] for c in self.columns]
         if evicted and not any(remaining):
             counters = self.counters.tier(self.layout.levels[level].name)
@@ -433,24 +423,25 @@ class Catalog:
         slot = record.slot
         for level, columns in enumerate(self.columns):
             if columns.state[slot]:
-                copy = self._copy_view(slot, level)
-                self._leave_quietly(copy)
+                self._take_out(self._copy_view(slot, level), None)   # keeps FILLING or READY
         self._remote_only.pop(slot, None)
         record._retire()
         self._record_views.pop(slot, None)
         self.state[slot] = 0
         self.keys.remove(slot)
 
-    def _leave_quietly(self, copy: Copy) -> None:
-        """Take a copy of a record being retired out of the columns, keeping its state."""
+    def _take_out(self, copy: Copy, state: CopyState | None, *, evicted: bool = False) -> None:
+        """Move a copy from the columns into its view, as ``state`` (None: as it is), with its holds
+        and location; its level and policy forget it."""
         slot, level, columns = copy.slot, copy.level, self.columns[copy.level]
         if columns.state[slot] == col.READY:
             self._ready[level] -= 1
+            self._readable[slot] &= ~(1 << level) & 0xFF
         policy = self.policies[level]
         if policy is not None:
-            policy.remove(slot)
+            policy.remove(slot, evicted=evicted)
         self._copy_views.pop(slot << _LEVEL_BITS | level, None)
-        copy._detach(_COPY_STATES[columns.state[slot]], columns.holds[slot], columns.location(slot),
+        copy._detach(state or _COPY_STATES[columns.state[slot]], columns.holds[slot], columns.location(slot),
                      self.record_at(slot))
         columns.clear(slot)
 

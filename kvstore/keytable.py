@@ -32,7 +32,11 @@ _FMIX1, _FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
 _OVERFLOW = 0xFF  # length code of a slot whose key is in the overflow dict
 _MIN_CAPACITY = 1024
 _MAX_LOAD = 4   # buckets per key at least: short probes (linear probing clusters past half full)
-_SCALAR_TAIL = 64   # a batch probe finishes its last few long probes one key at a time
+_WINDOW = 8   # buckets a batch probe reads at once for a key not found at its home
+_OFFSETS = np.arange(_WINDOW, dtype=np.int64)
+_LOW = 0xFFFFFFFF
+_LOW_NP = np.uint64(_LOW)
+_32 = np.uint64(32)
 
 _UNPACK = [struct.Struct(f"<{n}Q").unpack for n in range(_WORDS + 1)]
 
@@ -144,7 +148,8 @@ class KeyTable:
         self._rows = np.zeros((0, 0), dtype=np.uint64)
         self._lengths = np.zeros(0, dtype=np.uint8)
         self._hashes = np.zeros(0, dtype=np.uint64)
-        self._buckets = np.zeros(_MAX_LOAD * _MIN_CAPACITY, dtype=np.int32)   # slot + 1; 0 is empty
+        # A bucket is 0 (empty) or the key's hash's top 32 bits (a fingerprint) over slot + 1.
+        self._buckets = np.zeros(_MAX_LOAD * _MIN_CAPACITY, dtype=np.uint64)
         self._mask = len(self._buckets) - 1
         self._overflow: dict[bytes, int] = {}
         self._overflow_keys: dict[int, bytes] = {}
@@ -180,13 +185,15 @@ class KeyTable:
         """The slot of the key with hash ``h``, padded ``row`` and ``length``, probing from bucket
         ``i`` on; -1 at the first empty bucket."""
         buckets, rows, lengths, mask = self._buckets, self._rows, self._lengths, self._mask
+        fp = h >> 32
         while True:
             b = int(buckets[i])
             if b == 0:
                 return -1
-            slot = b - 1
-            if int(self._hashes[slot]) == h and lengths[slot] == length and rows[slot].tobytes() == row:
-                return slot
+            if b >> 32 == fp:
+                slot = (b & _LOW) - 1
+                if lengths[slot] == length and rows[slot].tobytes() == row:
+                    return slot
             i = (i + 1) & mask
 
     def key(self, slot: int) -> bytes:
@@ -214,10 +221,10 @@ class KeyTable:
         self._widen(len(key))
         padded = key + b"\0" * (self._words * 8 - len(key))
         h = self._hash(key)
-        buckets, mask, hashes = self._buckets, self._mask, self._hashes
+        buckets, mask, fp = self._buckets, self._mask, h >> 32
         i = h & mask
         while b := int(buckets[i]):
-            if int(hashes[b - 1]) == h and self._lengths[b - 1] == len(key) and self._rows[b - 1].tobytes() == padded:
+            if b >> 32 == fp and self._lengths[(b & _LOW) - 1] == len(key) and self._rows[(b & _LOW) - 1].tobytes() == padded:
                 raise KeyError(key)
             i = (i + 1) & mask
         slot = self._take_slot()   # may grow the rows and hashes, not the buckets
@@ -228,7 +235,7 @@ class KeyTable:
         if self._count * _MAX_LOAD > len(self._buckets):
             self._rehash(2 * len(self._buckets))   # the new slot is placed by the rehash
         else:
-            buckets[i] = slot + 1
+            buckets[i] = (fp << 32) | (slot + 1)
         return slot
 
     def remove(self, slot: int) -> None:
@@ -278,32 +285,49 @@ class KeyTable:
             for j in range(body.shape[1]):
                 _rounds_np(h, body[:, j])
             _finish_np(h)
+        mask = self._mask
+        fp = h >> _32
         found = np.full(n, -1, dtype=np.int64)
-        pending = np.arange(n)
-        pos = (h & np.uint64(self._mask)).astype(np.int64)
-        rows, buckets, mask = self._rows, self._buckets, self._mask
-        # One bucket per key per round; at most a quarter full, most keys settle in the first.
-        while len(pending) > _SCALAR_TAIL:
-            slot = np.take(buckets, pos).astype(np.int64) - 1
-            live = slot >= 0                     # an empty bucket ends the probe: absent
-            if not live.all():
-                pending, pos, slot = pending[live], pos[live], slot[live]
-            same = np.take(self._hashes, slot) == np.take(h, pending)
-            same &= np.take(self._lengths, slot) == length
-            held = np.take(rows, slot, axis=0)
-            for i, word in enumerate(head):
-                same &= held[:, i] == np.uint64(word)
-            asked = np.take(body, pending, axis=0)
-            for j in range(body.shape[1]):
-                same &= held[:, len(head) + j] == asked[:, j]
-            found[pending[same]] = slot[same]
-            rest = ~same
-            pending, pos = pending[rest], (pos[rest] + 1) & mask
+        home = (h & np.uint64(mask)).astype(np.int64)
+        # Most keys sit in their home bucket: one read each, the fingerprint picks the candidate,
+        # the whole key (its length and words) decides.
+        b = np.take(self._buckets, home)
+        candidate = (b >> _32) == fp
+        hit = np.flatnonzero(candidate)
+        hit_slot = ((b[hit] & _LOW_NP) - np.uint64(1)).astype(np.int64)
+        same = self._same(hit_slot, hit, body, head, length)
+        found[hit[same]] = hit_slot[same]
+        # The others (moved along by collisions, or a fingerprint twin) read a window of buckets.
+        rest = np.flatnonzero((b != 0) & ~candidate)
+        twins = hit[~same]
+        if len(rest):
+            window = np.take(self._buckets, (home[rest, None] + 1 + _OFFSETS) & mask)
+            empty = window == 0
+            match = ((window >> _32) == fp[rest, None]) & ~empty
+            first_empty = np.where(empty.any(axis=1), empty.argmax(axis=1), _WINDOW)
+            first_match = np.where(match.any(axis=1), match.argmax(axis=1), _WINDOW)
+            near = np.flatnonzero(first_match < first_empty)
+            near_slot = ((window[near, first_match[near]] & _LOW_NP) - np.uint64(1)).astype(np.int64)
+            same = self._same(near_slot, rest[near], body, head, length)
+            found[rest[near[same]]] = near_slot[same]
+            far = rest[(first_empty == _WINDOW) & (first_match == _WINDOW)]   # a long cluster
+            twins = np.concatenate([twins, rest[near[~same]], far])
         pad = b"\0" * (self._words * 8 - length)
-        for i, start in zip(pending.tolist(), pos.tolist()):   # the last few long probes
+        for i in twins.tolist():   # the rare rest: one by one, from home
             row = prefix + packed[i * key_bytes : (i + 1) * key_bytes] + pad
-            found[i] = self._probe(int(h[i]), row, length, start)
+            found[i] = self._probe(int(h[i]), row, length, int(home[i]))
         return found
+
+    def _same(self, slots: np.ndarray, which: np.ndarray, body: np.ndarray, head: Sequence[int], length: int) -> np.ndarray:
+        """Whether the key in each of ``slots`` is ``head + body[which]`` of ``length`` bytes."""
+        same = np.take(self._lengths, slots) == length
+        held = np.take(self._rows, slots, axis=0)
+        for i, word in enumerate(head):
+            same &= held[:, i] == np.uint64(word)
+        asked = np.take(body, which, axis=0)
+        for j in range(body.shape[1]):
+            same &= held[:, len(head) + j] == asked[:, j]
+        return same
 
     def add_many(self, keys: Sequence[bytes]) -> np.ndarray:
         """New slots for ``keys``, which must be distinct and absent (a recovery's bulk insert)."""
@@ -374,7 +398,7 @@ class KeyTable:
         i = h & mask
         while buckets[i]:
             i = (i + 1) & mask
-        buckets[i] = slot + 1
+        buckets[i] = (h >> 32 << 32) | (slot + 1)
 
     def _place_many(self, slots: np.ndarray) -> None:
         """Put ``slots`` into empty buckets, the earliest free one from each home (vectorised)."""
@@ -388,7 +412,7 @@ class KeyTable:
             cand_pos = pos[free]
             _, first = np.unique(cand_pos, return_index=True)
             winners = np.flatnonzero(free)[first]
-            self._buckets[pos[winners]] = (pending[winners] + 1).astype(np.int32)
+            self._buckets[pos[winners]] = self._entries(pending[winners])
             keep = np.ones(len(pending), dtype=bool)
             keep[winners] = False
             pending, pos = pending[keep], (pos[keep] + 1) & self._mask
@@ -403,15 +427,19 @@ class KeyTable:
         steps = np.arange(len(slots), dtype=np.int64)
         pos = np.maximum.accumulate(homes - steps) + steps
         inside = pos < len(self._buckets)
-        self._buckets[pos[inside]] = (slots[inside] + 1).astype(np.int32)
+        self._buckets[pos[inside]] = self._entries(slots[inside])
         return slots[~inside]
+
+    def _entries(self, slots: np.ndarray) -> np.ndarray:
+        """Bucket values of ``slots``: the top half of the hash (a fingerprint), then slot + 1."""
+        return (self._hashes[slots] >> _32 << _32) | (slots.astype(np.uint64) + np.uint64(1))
 
     def _unplace(self, slot: int) -> None:
         """Take ``slot`` out of its bucket, shifting later members of its cluster back (linear
         probing needs no tombstones)."""
         buckets, mask = self._buckets, self._mask
         i = int(self._hashes[slot]) & mask
-        while buckets[i] != slot + 1:
+        while int(buckets[i]) & _LOW != slot + 1:
             i = (i + 1) & mask
         buckets[i] = 0
         j = i
@@ -420,7 +448,7 @@ class KeyTable:
             b = int(buckets[j])
             if b == 0:
                 return
-            home = int(self._hashes[b - 1]) & mask
+            home = int(self._hashes[(b & _LOW) - 1]) & mask
             # the entry at j may fill the hole at i unless its home lies cyclically in (i, j]
             between = i < home <= j if i <= j else (home > i or home <= j)
             if not between:
@@ -431,7 +459,7 @@ class KeyTable:
     def _rehash(self, nbuckets: int) -> None:
         """Rebuild the buckets with at least ``nbuckets`` of them (a power of two)."""
         size = 1 << max(nbuckets - 1, _MAX_LOAD * _MIN_CAPACITY - 1).bit_length()
-        self._buckets = np.zeros(size, dtype=np.int32)
+        self._buckets = np.zeros(size, dtype=np.uint64)
         self._mask = size - 1
         live = np.flatnonzero((self._lengths[: self._next] != 0) & (self._lengths[: self._next] != _OVERFLOW))
         self._place_many(live.astype(np.int64))
