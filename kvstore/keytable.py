@@ -128,9 +128,8 @@ def _rows_of(keys: Sequence[bytes], prefix: bytes, words: int) -> tuple[np.ndarr
     return raw.view(np.uint64), lengths
 
 
-def _repeated(values: np.ndarray) -> np.ndarray:
-    """Indexes of the entries whose value occurs more than once."""
-    order = np.argsort(values)
+def _repeated(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Indexes of the entries whose value occurs more than once (``order`` sorts ``values``)."""
     ranked = values[order]
     same = np.flatnonzero(ranked[1:] == ranked[:-1])
     return np.unique(np.concatenate([order[same], order[same + 1]]))
@@ -151,6 +150,7 @@ class KeyTable:
         # A bucket is 0 (empty) or the key's hash's top 32 bits (a fingerprint) over slot + 1.
         self._buckets = np.zeros(_MAX_LOAD * _MIN_CAPACITY, dtype=np.uint64)
         self._mask = len(self._buckets) - 1
+        self._shift = 64 - (len(self._buckets).bit_length() - 1)   # a key's home: its hash's top bits
         self._overflow: dict[bytes, int] = {}
         self._overflow_keys: dict[int, bytes] = {}
         self._free: list[int] = []
@@ -179,13 +179,13 @@ class KeyTable:
         if len(key) > self._words * 8:
             return -1
         h = self._hash(key)
-        return self._probe(h, key + b"\0" * (self._words * 8 - len(key)), len(key), h & self._mask)
+        return self._probe(h, key + b"\0" * (self._words * 8 - len(key)), len(key), h >> self._shift)
 
     def _probe(self, h: int, row: bytes, length: int, i: int) -> int:
         """The slot of the key with hash ``h``, padded ``row`` and ``length``, probing from bucket
         ``i`` on; -1 at the first empty bucket."""
         buckets, rows, lengths, mask = self._buckets, self._rows, self._lengths, self._mask
-        fp = h >> 32
+        fp = h & _LOW
         while True:
             b = int(buckets[i])
             if b == 0:
@@ -221,8 +221,8 @@ class KeyTable:
         self._widen(len(key))
         padded = key + b"\0" * (self._words * 8 - len(key))
         h = self._hash(key)
-        buckets, mask, fp = self._buckets, self._mask, h >> 32
-        i = h & mask
+        buckets, mask, fp = self._buckets, self._mask, h & _LOW
+        i = h >> self._shift
         while b := int(buckets[i]):
             if b >> 32 == fp and self._lengths[(b & _LOW) - 1] == len(key) and self._rows[(b & _LOW) - 1].tobytes() == padded:
                 raise KeyError(key)
@@ -286,9 +286,9 @@ class KeyTable:
                 _rounds_np(h, body[:, j])
             _finish_np(h)
         mask = self._mask
-        fp = h >> _32
+        fp = h & _LOW_NP
         found = np.full(n, -1, dtype=np.int64)
-        home = (h & np.uint64(mask)).astype(np.int64)
+        home = (h >> np.uint64(self._shift)).astype(np.int64)
         # Most keys sit in their home bucket: one read each, the fingerprint picks the candidate,
         # the whole key (its length and words) decides.
         b = np.take(self._buckets, home)
@@ -343,7 +343,8 @@ class KeyTable:
             self._grow_slots(start + n)
         rows, lengths = _rows_of(keys, b"", self._words)
         hashes = _hash_rows(rows, lengths, self._seed)
-        twins = _repeated(hashes)
+        order = np.argsort(hashes)
+        twins = _repeated(hashes, order)
         if len(twins) and len({keys[i] for i in twins.tolist()}) < len(twins):
             raise KeyError("a key appears twice in one bulk add")
         slots = np.arange(start, start + n, dtype=np.int64)
@@ -352,8 +353,8 @@ class KeyTable:
         self._hashes[start : start + n] = hashes
         self._next += n
         self._count += n
-        if self._count * _MAX_LOAD > len(self._buckets):
-            self._rehash(self._count * _MAX_LOAD)
+        if self._count * _MAX_LOAD > len(self._buckets):   # only these keys: placed in hash order
+            self._rehash(self._count * _MAX_LOAD, slots[order] if self._count == n and not self._overflow else None)
         else:
             self._place_many(slots)
         return slots
@@ -395,17 +396,18 @@ class KeyTable:
 
     def _place(self, slot: int, h: int) -> None:
         buckets, mask = self._buckets, self._mask
-        i = h & mask
+        i = h >> self._shift
         while buckets[i]:
             i = (i + 1) & mask
-        buckets[i] = (h >> 32 << 32) | (slot + 1)
+        buckets[i] = ((h & _LOW) << 32) | (slot + 1)
 
-    def _place_many(self, slots: np.ndarray) -> None:
-        """Put ``slots`` into empty buckets, the earliest free one from each home (vectorised)."""
+    def _place_many(self, slots: np.ndarray, presorted: bool = False) -> None:
+        """Put ``slots`` into empty buckets, the earliest free one from each home (vectorised);
+        ``presorted``: ``slots`` come in hash order."""
         if not self._buckets.any():
-            slots = self._place_sorted(slots)   # an empty table (a rebuild): one sort, no rounds
+            slots = self._place_sorted(slots, presorted)   # an empty table (a rebuild): no rounds
         pending = slots
-        pos = (self._hashes[slots] & np.uint64(self._mask)).astype(np.int64)
+        pos = (self._hashes[slots] >> np.uint64(self._shift)).astype(np.int64)
         while len(pending):
             free = self._buckets[pos] == 0
             # among those that found an empty bucket, one per bucket wins this round
@@ -417,13 +419,13 @@ class KeyTable:
             keep[winners] = False
             pending, pos = pending[keep], (pos[keep] + 1) & self._mask
 
-    def _place_sorted(self, slots: np.ndarray) -> np.ndarray:
+    def _place_sorted(self, slots: np.ndarray, presorted: bool = False) -> np.ndarray:
         """Place ``slots`` into an empty bucket array: sorted by home, each goes to its home or just
         past the one before it (``p_i = max(h_i, p_{i-1} + 1)``, a running maximum). Returns those
         that would wrap past the end, for the caller to place."""
-        homes = (self._hashes[slots] & np.uint64(self._mask)).astype(np.int64)
-        order = np.argsort(homes)
-        homes, slots = homes[order], slots[order]
+        if not presorted:
+            slots = slots[np.argsort(self._hashes[slots])]   # by hash is by home (its top bits)
+        homes = (self._hashes[slots] >> np.uint64(self._shift)).astype(np.int64)
         steps = np.arange(len(slots), dtype=np.int64)
         pos = np.maximum.accumulate(homes - steps) + steps
         inside = pos < len(self._buckets)
@@ -432,13 +434,13 @@ class KeyTable:
 
     def _entries(self, slots: np.ndarray) -> np.ndarray:
         """Bucket values of ``slots``: the top half of the hash (a fingerprint), then slot + 1."""
-        return (self._hashes[slots] >> _32 << _32) | (slots.astype(np.uint64) + np.uint64(1))
+        return ((self._hashes[slots] & _LOW_NP) << _32) | (slots.astype(np.uint64) + np.uint64(1))
 
     def _unplace(self, slot: int) -> None:
         """Take ``slot`` out of its bucket, shifting later members of its cluster back (linear
         probing needs no tombstones)."""
         buckets, mask = self._buckets, self._mask
-        i = int(self._hashes[slot]) & mask
+        i = int(self._hashes[slot]) >> self._shift
         while int(buckets[i]) & _LOW != slot + 1:
             i = (i + 1) & mask
         buckets[i] = 0
@@ -448,7 +450,7 @@ class KeyTable:
             b = int(buckets[j])
             if b == 0:
                 return
-            home = int(self._hashes[(b & _LOW) - 1]) & mask
+            home = int(self._hashes[(b & _LOW) - 1]) >> self._shift
             # the entry at j may fill the hole at i unless its home lies cyclically in (i, j]
             between = i < home <= j if i <= j else (home > i or home <= j)
             if not between:
@@ -456,10 +458,15 @@ class KeyTable:
                 buckets[j] = 0
                 i = j
 
-    def _rehash(self, nbuckets: int) -> None:
-        """Rebuild the buckets with at least ``nbuckets`` of them (a power of two)."""
+    def _rehash(self, nbuckets: int, live: np.ndarray | None = None) -> None:
+        """Rebuild the buckets with at least ``nbuckets`` of them (a power of two); ``live``: every
+        slot in the table, in hash order, when the caller has it."""
         size = 1 << max(nbuckets - 1, _MAX_LOAD * _MIN_CAPACITY - 1).bit_length()
         self._buckets = np.zeros(size, dtype=np.uint64)
         self._mask = size - 1
+        self._shift = 64 - (size.bit_length() - 1)
+        if live is not None:
+            self._place_many(live, presorted=True)
+            return
         live = np.flatnonzero((self._lengths[: self._next] != 0) & (self._lengths[: self._next] != _OVERFLOW))
         self._place_many(live.astype(np.int64))
