@@ -155,6 +155,7 @@ class KeyTable:
         self._overflow_keys: dict[int, bytes] = {}
         self._free: list[int] = []
         self._last_key, self._last_hash = b"", 0
+        self._primed: dict[bytes, int] = {}
         self._next = 0
         self._count = 0
         self._grow_slots(_MIN_CAPACITY)
@@ -361,8 +362,20 @@ class KeyTable:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def prime(self, keys: Sequence[bytes]) -> None:
+        """Hash ``keys`` now, in one vectorised pass, for the finds and adds about to come one key at
+        a time (a put batch); the previous batch's hashes are forgotten."""
+        self._primed = {}
+        packed = _rows_of(keys, b"", -(-max(map(len, keys), default=0) // 8)) if keys else None
+        if packed is not None and max(map(len, keys)) <= MAX_ROW_BYTES:
+            self._primed = dict(zip(keys, _hash_rows(*packed, self._seed).tolist()))
+
     def _hash(self, key: bytes) -> int:
-        """:func:`_hash_one`, remembering the last key (a put finds, then adds, the same key)."""
+        """:func:`_hash_one`, from the primed batch or remembering the last key (a put finds, then
+        adds, the same key)."""
+        h = self._primed.get(key)
+        if h is not None:
+            return h
         if key != self._last_key:
             self._last_key, self._last_hash = key, _hash_one(key, self._seed)
         return self._last_hash

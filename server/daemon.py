@@ -302,8 +302,10 @@ class Daemon:
         """
         self.check_put(keys, sizes, checksums)
         slots: list[PutSlot] = []
+        index_keys = scoped(keys, namespace)
+        self.catalog.keys.prime(index_keys)
         try:
-            for i, (key, size) in enumerate(zip(scoped(keys, namespace), sizes)):
+            for i, (key, size) in enumerate(zip(index_keys, sizes)):
                 slots.append(await self.reserve_one(key, size, checksums[i] if checksums else None, namespace))
         except BaseException:
             for slot in slots:  # a reservation cut short must not leave keys WRITING for ever

@@ -110,3 +110,13 @@ def test_packed_finds_agree_with_single_finds_for_any_key_width():
         assert got.tolist() == slots[w] + [-1] * 50
         assert table.find_packed(b"".join(keys), w, b"odd").tolist() == [-1] * len(keys)
     assert table.find_packed(b"", 8, tag).tolist() == []
+
+
+def test_primed_hashes_are_the_hashes():
+    table = KeyTable()
+    keys = [random.randbytes(n) for n in (8, 13, 40, 40, 72)]
+    table.prime(keys)
+    assert [table._hash(k) for k in keys] == [_hash_one(k, table._seed) for k in keys]
+    slots = [table.add(k) for k in keys]
+    table.prime([])
+    assert [table.find(k) for k in keys] == slots
