@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from kvstore.block import check_sizes
 from kvstore.errors import StaleSessionError
-from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, STREAM_LIMIT, frame
+from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, STREAM_LIMIT, frame, widen
 from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.client.buffers import Targets
@@ -79,6 +79,7 @@ class LocalArena:
                 # to this process's memory cgroup, so pages fault in as they are used instead.
                 _populate_for_writing(arena)
             conn.setblocking(False)
+            widen(conn)
             return cls(conn, arena, hello["session"], prefaulted=bool(hello.get("prefaulted")))
         except BaseException:
             conn.close()

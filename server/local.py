@@ -23,7 +23,7 @@ import stat
 import grpc
 
 from kvstore.errors import ConfigError
-from kvstore.proto.local import MAX_FRAME_BYTES, METHODS, PROTOCOL_VERSION, STREAM_LIMIT, frame
+from kvstore.proto.local import MAX_FRAME_BYTES, METHODS, PROTOCOL_VERSION, STREAM_LIMIT, frame, widen
 from kvstore.server.daemon import Daemon
 from kvstore.server.leasing import Leasing
 from kvstore.server.servicer import KVStoreServicer
@@ -120,6 +120,7 @@ class LocalSocket:
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.arena.fd]))],
             )
             conn.setblocking(False)
+            widen(conn)
             reader, writer = await asyncio.open_unix_connection(sock=conn, limit=STREAM_LIMIT)
             while True:
                 length = int.from_bytes(await reader.readexactly(4), "little")
