@@ -33,7 +33,7 @@ from kvstore.checksum import checksum
 from kvstore.errors import IntegrityError, UnavailableError
 from kvstore.keys import key_label, unscoped
 from kvstore.stats import Counters
-from kvstore.tiers.base import Location
+from kvstore.tiers.base import Location, MemoryTier
 from kvstore.tiers.stack import TierStack
 from kvstore.server.health import TierHealth
 from kvstore.server.shared import MissCache
@@ -259,7 +259,21 @@ class Mover:
             raise
 
     async def _write_io(self, pairs: Sequence[tuple[Copy, Location]], to: int) -> list[BaseException | None]:
-        sources = await asyncio.gather(*(self._source_bytes(c, loc, to) for c, loc in pairs), return_exceptions=True)
+        # Sources in memory are viewed where they are, without a task each; others are read.
+        sources: list = [None] * len(pairs)
+        reads = []
+        for i, (source, location) in enumerate(pairs):
+            tier = self.tiers[source.level]
+            if isinstance(tier, MemoryTier):
+                try:
+                    sources[i] = self._checked(source, to, tier.view(source.location, min(source.nbytes, location.length)))
+                except IntegrityError as exc:
+                    sources[i] = exc
+            else:
+                reads.append(i)
+        read = await asyncio.gather(*(self._source_bytes(*pairs[i], to) for i in reads), return_exceptions=True)
+        for i, data in zip(reads, read):
+            sources[i] = data
         ready = [(loc, data) for (_, loc), data in zip(pairs, sources) if not isinstance(data, BaseException)]
         wrote = iter(await self.tiers[to].write_many(ready))
         copied = [data if isinstance(data, BaseException) else next(wrote) for data in sources]
@@ -299,9 +313,12 @@ class Mover:
         persistent level, and bytes going to a shared one (other daemons trust what they find
         there), are verified first, so bad bytes never travel on; blocks put without a checksum
         get theirs here (every copy below the landing level carries one)."""
-        record = source.record
         n = min(source.nbytes, location.length)
-        data = await self.tiers[source.level].read(source.location, 0, n)
+        return self._checked(source, to, await self.tiers[source.level].read(source.location, 0, n))
+
+    def _checked(self, source: Copy, to: int, data: memoryview) -> memoryview:
+        """``data`` (``source``'s bytes), verified or given its checksum (see :meth:`_source_bytes`)."""
+        record = source.record
         levels = self.layout.levels
         if record.checksum is None:
             record.checksum = checksum(data[: record.size])
