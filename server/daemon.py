@@ -301,12 +301,12 @@ class Daemon:
         for which no space can be freed is dropped the same way and counted.
         """
         self.check_put(keys, sizes, checksums)
-        slots: list[PutSlot] = []
         index_keys = scoped(keys, namespace)
         self.catalog.keys.prime(index_keys)
+        slots = self._reserve_at_once(index_keys, sizes, checksums, namespace)
         try:
-            for i, (key, size) in enumerate(zip(index_keys, sizes)):
-                slots.append(await self.reserve_one(key, size, checksums[i] if checksums else None, namespace))
+            for i in range(len(slots), len(index_keys)):
+                slots.append(await self.reserve_one(index_keys[i], sizes[i], checksums[i] if checksums else None, namespace))
         except BaseException:
             for slot in slots:  # a reservation cut short must not leave keys WRITING for ever
                 if slot.copy is not None:
@@ -329,6 +329,24 @@ class Daemon:
 
     def put_round_bytes(self) -> int:
         return placement.put_round_bytes(self.arena.capacity_bytes)
+
+    def _reserve_at_once(
+        self, index_keys: list[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes
+    ) -> list[PutSlot]:
+        """The leading blocks of a batch that are absent and fit the landing level as it is,
+        reserved and indexed in one pass. Nothing is awaited, so nothing changes meanwhile; the
+        rest (a present key, a key twice, no room without evicting) go through :meth:`reserve_one`."""
+        if len(set(index_keys)) != len(index_keys):
+            return []
+        found = self.catalog.keys.find_many(index_keys)
+        present = np.flatnonzero(found >= 0)
+        lead = int(present[0]) if len(present) else len(index_keys)
+        locations = self.arena.reserve_many(sizes[:lead])
+        if not locations:
+            return []
+        n = len(locations)
+        copies = self.catalog.begin_many(index_keys[:n], sizes[:n], namespace, self.layout.landing, locations)
+        return [PutSlot(size, checksums[i] if checksums else None, copy) for i, (size, copy) in enumerate(zip(sizes, copies))]
 
     async def reserve_one(self, key: bytes, size: int, checksum_: int | None, namespace: bytes) -> PutSlot:
         """Reserve landing space for one block of a checked batch (see :meth:`reserve`); ``key`` is

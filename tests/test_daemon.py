@@ -76,3 +76,34 @@ async def test_a_block_deleted_while_being_written_is_not_stored(daemon):
     assert await daemon.delete([b"k"]) == 1
     assert await daemon.commit(slot, 0) is False
     assert not await daemon.lookup([b"k"]) and daemon.arena.used_bytes == 0
+
+
+async def test_a_batch_reserves_what_fits_at_once_and_the_rest_one_by_one(daemon):
+    assert await put_now(daemon, b"old")
+    # a, b at once; "old" is present (skipped); c one by one after it
+    slots = await daemon.reserve([b"a", b"b", b"old", b"c"], [PAGE] * 4, [])
+    assert [s.copy is not None for s in slots] == [True, True, False, True] and slots[2].present
+    for slot in slots:
+        if slot.copy is not None:
+            assert await daemon.commit(slot, 0)
+    assert len(await daemon.lookup([b"old", b"a", b"b", b"c"])) == 4
+    assert daemon.arena.used_bytes == 4 * PAGE and daemon.catalog.blocks_at(0) == 4
+
+
+async def test_a_key_twice_in_one_batch_is_stored_once(daemon):
+    slots = await daemon.reserve([b"x", b"y", b"x"], [PAGE] * 3, [])
+    assert [s.copy is not None for s in slots] == [True, True, False] and slots[2].present
+    for slot in slots[:2]:
+        assert await daemon.commit(slot, 0)
+    assert daemon.catalog.blocks_at(0) == 2 and len(daemon.catalog) == 2
+
+
+async def test_a_batch_larger_than_the_free_room_evicts_for_its_tail(daemon):
+    for k in (b"k0", b"k1"):
+        assert await put_now(daemon, k)
+    slots = await daemon.reserve([b"n0", b"n1", b"n2"], [PAGE] * 3, [])   # 2 free pages, then evict
+    assert all(s.copy is not None for s in slots)
+    for slot in slots:
+        assert await daemon.commit(slot, 0)
+    assert len(await daemon.lookup([b"n0", b"n1", b"n2"])) == 3
+    assert daemon.catalog.blocks_at(0) == 4
