@@ -225,6 +225,35 @@ class Catalog:
             as_numpy(column)[at] = values
         return [self._copy_view(slot, level) for slot in slots]
 
+    def commit_many(self, copies: Sequence[Copy], checksums: Sequence[int | None]) -> None:
+        """:meth:`commit` for many puts' copies at once (all WRITING records of one level, their
+        copies in the columns): columns written and the policy linked in one pass each."""
+        if not copies:
+            return
+        level = copies[0].level
+        at = np.array([c.slot for c in copies], dtype=np.int64)
+        if (any(c._own is not None or c.level != level for c in copies)
+                or (np.take(as_numpy(self.state), at) != _WRITING).any()):
+            for copy, checksum in zip(copies, checksums):   # let commit name what is wrong
+                self.commit(copy, checksum)
+            return
+        given = np.array([c is not None for c in checksums], dtype=bool)
+        as_numpy(self._checksum)[at] = [c or 0 for c in checksums]
+        as_numpy(self._has_checksum)[at] = given
+        as_numpy(self.state)[at] = _READY_RECORD
+        as_numpy(self.columns[level].state)[at] = col.READY
+        readable = as_numpy(self._readable)
+        readable[at] |= 1 << level
+        del readable
+        self._ready[level] += len(at)
+        policy = self.policies[level]
+        if policy is not None:
+            policy.insert_many(at)
+        if self._shared[level]:
+            for slot in at.tolist():
+                self._note(slot)
+        # a record just begun was never remembered as remote-only (retiring forgets a slot)
+
     def commit(self, copy: Copy, checksum: int | None) -> None:
         """The put of ``copy``'s block is complete: the block becomes readable."""
         slot = copy.slot

@@ -393,6 +393,23 @@ class Daemon:
             await self.settle([slot])
         return True
 
+    def commit_many(self, slots: Sequence[PutSlot], checksums: Sequence[int | None]) -> int:
+        """:meth:`commit` (without settling) of many fully written blocks at once; returns how
+        many were stored (those deleted while being written are not). Call :meth:`settle` next."""
+        live, sums = [], []
+        for slot, checksum_ in zip(slots, checksums):
+            if slot.record.state is BlockState.GONE:
+                self.catalog.discard(slot.copy)
+            else:
+                live.append(slot)
+                sums.append(checksum_)
+        self.catalog.commit_many([s.copy for s in live], sums)
+        self.counters.put_stored_blocks += len(live)
+        if self.after_put.queue and self.uploads is not None:
+            for slot in live:
+                self.uploads.put(slot.record)
+        return len(live)
+
     async def settle(self, slots: Sequence[PutSlot]) -> None:
         """Write committed blocks through, as the write policy says (``slot.persisted`` when durable
         there), all at once: the persistent tier groups their flushes and index commits."""

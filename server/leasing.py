@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from kvstore.block import Copy
+from kvstore.block import BlockState, Copy
 from kvstore.checksum import checksum
 from kvstore.errors import IntegrityError, InvalidArgumentError, LeaseExpiredError
 from kvstore.lease import Lease, LeaseTable
@@ -76,11 +76,10 @@ class Leasing:
                 if slot.copy is not None:
                     daemon.abort(slot)
             raise InvalidArgumentError(f"{len(slots)} reserved keys but {len(checksums)} checksums")
-        stored, corrupt = 0, []
-        done = 0
+        corrupt = []
+        good, sums = [], []
         try:
             for i, slot in enumerate(slots):
-                done = i + 1
                 if slot.copy is None:
                     continue
                 if abort:
@@ -93,10 +92,12 @@ class Leasing:
                         corrupt.append(i)
                         daemon.abort(slot)
                         continue
-                stored += await daemon.commit(slot, actual, settle=False)
+                good.append(slot)
+                sums.append(actual)
+            stored = daemon.commit_many(good, sums)
         except BaseException:
-            for slot in slots[done:]:  # cut short: nothing may stay WRITING for ever
-                if slot.copy is not None:
+            for slot in slots:  # cut short: nothing may stay WRITING for ever
+                if slot.copy is not None and slot.record.state is BlockState.WRITING:
                     daemon.abort(slot)
             raise
         await daemon.settle(slots)

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from kvstore.checksum import checksum
+from kvstore.keys import namespace_tag
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.server import KVStoreServer
 from kvstore.server.daemon import Daemon
@@ -107,3 +108,13 @@ async def test_a_batch_larger_than_the_free_room_evicts_for_its_tail(daemon):
         assert await daemon.commit(slot, 0)
     assert len(await daemon.lookup([b"n0", b"n1", b"n2"])) == 3
     assert daemon.catalog.blocks_at(0) == 4
+
+
+async def test_committing_a_batch_skips_what_was_deleted_meanwhile(daemon):
+    slots = await daemon.reserve([b"p", b"q", b"r"], [PAGE] * 3, [])
+    assert await daemon.delete([b"q"]) == 1          # deleted while being written
+    assert daemon.commit_many(slots, [None, None, 7]) == 2
+    assert len(await daemon.lookup([b"p"])) == 1 and await daemon.lookup([b"q"]) == []
+    (r,) = daemon.catalog.prefix([b"r"], namespace_tag(b""))
+    assert r.checksum == 7 and r.primary().level == 0
+    assert daemon.arena.used_bytes == 2 * PAGE and daemon.catalog.blocks_at(0) == 2
