@@ -44,8 +44,7 @@ class ExtentAllocator:
         # A free must name exactly one allocated extent: it starts where one starts, ends where the
         # next extent or free run starts, and overlaps no free run.
         self._starts: list[int] = []          # sorted starts of the free runs
-        self._units = capacity // alignment_bytes
-        self._marks = np.zeros(self._units // 8 + 1, dtype=np.uint8)   # bit set: an extent starts there
+        self._marks = np.zeros(capacity // alignment_bytes // 8 + 1, dtype=np.uint8)   # bit: an extent starts there
         self._by_start: dict[int, int] = {}   # start -> length of each free extent
         self._by_end: dict[int, int] = {}     # end -> start, to coalesce with a left neighbour
         self._by_size: list[tuple[int, int]] = []  # sorted (length, start): best fit by bisect
@@ -87,7 +86,8 @@ class ExtentAllocator:
     def rebuild_sorted(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
         """:meth:`rebuild` from the extents' offsets and lengths (numpy arrays welcome): only the
         free runs between them become objects."""
-        starts, ends = np.asarray(offsets, dtype=np.int64), np.asarray(offsets, dtype=np.int64) + lengths
+        starts = np.asarray(offsets, dtype=np.int64)
+        ends = starts + lengths
         self.used_bytes = int(np.sum(lengths, dtype=np.int64))
         units = np.zeros(len(self._marks) * 8, dtype=bool)
         units[starts // self.alignment_bytes] = True
@@ -132,7 +132,8 @@ class ExtentAllocator:
         return best
 
     def _allocated(self, start: int, end: int) -> bool:
-        """Whether ``[start, end)`` is aligned, in range and overlaps no free run."""
+        """Whether ``[start, end)`` is exactly one allocated extent: aligned, in range, starting where
+        an extent starts, ending where the next extent or free run starts, over no free run."""
         a = self.alignment_bytes
         if start < 0 or end > self.capacity_bytes or start % a or end % a or end <= start:
             return False

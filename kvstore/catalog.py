@@ -29,7 +29,9 @@ import numpy as np
 
 from kvstore import columns as col
 from kvstore.allocator import Extent
-from kvstore.block import _STATE_CODES, BlockRecord, BlockState, Copy, CopyState, StoredBlock, StoredBlocks, TransitionError
+from kvstore.block import (
+    _STATE_CODES, BlockRecord, BlockState, Copy, CopyState, StoredBlock, StoredBlocks, TransitionError,
+)
 from kvstore.columns import LevelColumns, as_numpy
 from kvstore.keys import key_label
 from kvstore.keytable import KeyTable
@@ -98,9 +100,6 @@ class Catalog:
         """The record of ``key`` in any state (WRITING included), or None (no view made then)."""
         slot = self.keys.find(key)
         return None if slot < 0 else self.record_at(slot)
-
-    def present(self, key: bytes) -> bool:
-        return self.keys.find(key) >= 0
 
     def prefix_slots(self, keys: Sequence[bytes], prefix: bytes = b"") -> np.ndarray:
         """Slots of the leading readable keys (``prefix + key``): stops at the first that is absent,
@@ -193,7 +192,7 @@ class Catalog:
         return evictable
 
     def _ghost_key(self, slot: int) -> int:
-        return int(self.keys._hashes[slot])
+        return self.keys.hash_of(slot)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -214,16 +213,25 @@ class Catalog:
             for slot in slots:
                 self.keys.remove(slot)
             raise RuntimeError("a block of the batch is already indexed") from None
-        at = np.array(slots, dtype=np.int64)
-        for column, values in ((self.state, _WRITING), (self.size, sizes), (self._checksum, 0),
-                               (self._has_checksum, 0), (self._ns, self._namespace_id(namespace)), (self._readable, 0)):
+        self._write_columns(
+            np.array(slots, dtype=np.int64), level, state=_WRITING, sizes=sizes, checksums=None,
+            ns=self._namespace_id(namespace), copy_state=col.FILLING, offsets=[e.offset for e in locations], lengths=[e.length for e in locations],
+        )
+        return [self._copy_view(slot, level) for slot in slots]
+
+    def _write_columns(self, at: np.ndarray, level: int, *, state: int, sizes, checksums, ns, copy_state: int,
+                       offsets, lengths) -> None:
+        """Fields of new records at slots ``at``, each with one extent copy at ``level`` (scalars or
+        one value per slot; ``checksums`` None: none yet)."""
+        known = checksums is not None
+        for column, values in ((self.state, state), (self.size, sizes), (self._checksum, checksums if known else 0),
+                               (self._has_checksum, int(known)), (self._ns, ns),
+                               (self._readable, (1 << level) if copy_state == col.READY else 0)):
             as_numpy(column)[at] = values
         columns = self.columns[level]
-        for column, values in ((columns.state, col.FILLING), (columns.holds, 0),
-                               (columns.offset, [e.offset for e in locations]),
-                               (columns.length, [e.length for e in locations])):
+        for column, values in ((columns.state, copy_state), (columns.holds, 0), (columns.offset, offsets),
+                               (columns.length, lengths)):
             as_numpy(column)[at] = values
-        return [self._copy_view(slot, level) for slot in slots]
 
     def commit_many(self, copies: Sequence[Copy], checksums: Sequence[int | None]) -> None:
         """:meth:`commit` for many puts' copies at once (all WRITING records of one level, their
@@ -291,28 +299,24 @@ class Catalog:
         block); anything else block by block, checked."""
         if not len(blocks):
             return
-        if len(self.keys) or not isinstance(blocks, StoredBlocks):
-            extents = all(type(b.location) is Extent for b in blocks)
-            if len(self.keys) or not extents:
-                for block in sorted(blocks, key=lambda b: b.last_use):
-                    record = self.known(block.key, block.size, block.checksum, block.namespace)
-                    self.fill(self.attach(record, level, block.location))
-                return
+        columnar = isinstance(blocks, StoredBlocks)
+        if len(self.keys) or not (columnar or all(type(b.location) is Extent for b in blocks)):
+            for block in sorted(blocks, key=lambda b: b.last_use):
+                record = self.known(block.key, block.size, block.checksum, block.namespace)
+                self.fill(self.attach(record, level, block.location))
+            return
+        if not columnar:
             blocks = _as_columns(blocks)
         try:
             slots = self.keys.add_many(blocks.keys)
         except KeyError:
             raise RuntimeError(f"level {self.layout.levels[level].name} recovered a block twice") from None
         ns_ids = np.array([self._namespace_id(ns) for ns in blocks.namespaces], dtype=np.int64)
-        for column, values in (
-            (self.state, _READY_RECORD), (self.size, blocks.sizes), (self._checksum, blocks.checksums),
-            (self._has_checksum, 1), (self._ns, np.take(ns_ids, blocks.namespace_ids)), (self._readable, 1 << level),
-        ):
-            as_numpy(column)[slots] = values
-        columns = self.columns[level]
-        for column, values in ((columns.state, col.READY), (columns.holds, 0), (columns.offset, blocks.offsets),
-                               (columns.length, blocks.lengths)):
-            as_numpy(column)[slots] = values
+        self._write_columns(
+            slots, level, state=_READY_RECORD, sizes=blocks.sizes, checksums=blocks.checksums,
+            ns=np.take(ns_ids, blocks.namespace_ids), copy_state=col.READY, offsets=blocks.offsets,
+            lengths=blocks.lengths,
+        )
         policy = self.policies[level]
         if policy is not None:
             policy.insert_many(slots[np.argsort(blocks.last_use, kind="stable")])

@@ -140,11 +140,26 @@ def block_keys(
 
 def check_keys(keys: Sequence[bytes], *, max_keys: int, max_key_bytes: int = MAX_KEY_BYTES) -> None:
     """Raise :class:`InvalidArgumentError` naming the first bad key of a request batch."""
-    if not keys:
+    _check_batch(len(keys), list(map(len, keys)), max_keys, max_key_bytes)
+
+
+def check_packed_keys(nbytes: int, key_bytes: int, *, max_keys: int, max_key_bytes: int = MAX_KEY_BYTES) -> int:
+    """:func:`check_keys` for ``nbytes`` of keys of ``key_bytes`` each laid end to end; their count."""
+    if key_bytes == 0:
+        raise InvalidArgumentError("key 0 is empty" if nbytes else "the request has no keys")
+    n, rest = divmod(nbytes, key_bytes)
+    if rest:
+        raise InvalidArgumentError(f"packed_keys is {nbytes} bytes, not a whole number of {key_bytes}-byte keys")
+    _check_batch(n, [key_bytes], max_keys, max_key_bytes)
+    return n
+
+
+def _check_batch(count: int, lengths: list[int], max_keys: int, max_key_bytes: int) -> None:
+    """The checks of a batch of ``count`` keys of ``lengths`` (all of them, or the one length)."""
+    if not count:
         raise InvalidArgumentError("the request has no keys")
-    if len(keys) > max_keys:
-        raise InvalidArgumentError(f"the request has {len(keys)} keys; at most {max_keys} are allowed")
-    lengths = list(map(len, keys))
+    if count > max_keys:
+        raise InvalidArgumentError(f"the request has {count} keys; at most {max_keys} are allowed")
     if min(lengths) == 0:
         raise InvalidArgumentError(f"key {lengths.index(0)} is empty")
     longest = max(lengths)

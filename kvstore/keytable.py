@@ -3,7 +3,7 @@
 A Python ``dict`` of ``bytes`` costs about 150 bytes per key (the key object, the table entry,
 the value) and touches three cache lines per probe; at a million blocks that is most of the
 daemon's memory and most of a lookup's time. This table keeps keys as fixed-width rows of one
-numpy array instead, hashes them with a multiply-add over 64-bit words, and resolves them by
+numpy array instead, hashes them with a seeded mix of their 64-bit words, and resolves them by
 linear probing in a power-of-two bucket array that is at most a quarter full. A batch of keys (a
 prefix lookup of 8,192 blocks) is hashed, probed and compared with a handful of vectorised
 operations, whose cost does not grow with the number of keys indexed.
@@ -80,6 +80,15 @@ def _rounds_np(h: np.ndarray, column: np.ndarray) -> np.ndarray:
     return h
 
 
+def _mix_np(h: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """:func:`_rounds` then :func:`_finish` for every row: ``h`` (one start per row) mixed with
+    each column of ``columns`` (n x words, uint64) in turn, in place."""
+    with np.errstate(over="ignore"):
+        for i in range(columns.shape[1]):   # column by column: no n x words temporary
+            _rounds_np(h, columns[:, i])
+        return _finish_np(h)
+
+
 def _finish_np(h: np.ndarray) -> np.ndarray:
     h ^= h >> np.uint64(33)
     h *= np.uint64(_FMIX1)
@@ -94,14 +103,10 @@ def _hash_rows(rows: np.ndarray, lengths: np.ndarray, seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = (np.uint64(seed) ^ (lengths.astype(np.uint64) * np.uint64(_K0))).astype(np.uint64)
         words = (lengths + 7) // 8
-        uniform = len(lengths) and int(words.min()) == int(words.max())
-        for i in range(rows.shape[1]):   # column by column: no n x words temporary
-            if uniform:
-                if i >= int(words[0]):
-                    break
-                _rounds_np(h, rows[:, i])
-            else:
-                h = np.where(i < words, _rounds_np(h.copy(), rows[:, i]), h)
+        if len(lengths) and int(words.min()) == int(words.max()):   # one length: the words it covers
+            return _mix_np(h, rows[:, : int(words[0])])
+        for i in range(rows.shape[1]):   # mixed lengths: each row only over its own words
+            h = np.where(i < words, _rounds_np(h.copy(), rows[:, i]), h)
         return _finish_np(h)
 
 
@@ -147,7 +152,7 @@ class KeyTable:
         self._rows = np.zeros((0, 0), dtype=np.uint64)
         self._lengths = np.zeros(0, dtype=np.uint8)
         self._hashes = np.zeros(0, dtype=np.uint64)
-        # A bucket is 0 (empty) or the key's hash's top 32 bits (a fingerprint) over slot + 1.
+        # A bucket is 0 (empty) or the key's hash's low 32 bits (a fingerprint) over slot + 1.
         self._buckets = np.zeros(_MAX_LOAD * _MIN_CAPACITY, dtype=np.uint64)
         self._mask = len(self._buckets) - 1
         self._shift = 64 - (len(self._buckets).bit_length() - 1)   # a key's home: its hash's top bits
@@ -167,9 +172,9 @@ class KeyTable:
     def capacity(self) -> int:
         return self._capacity
 
-    @property
-    def nbytes(self) -> int:
-        return self._rows.nbytes + self._lengths.nbytes + self._hashes.nbytes + self._buckets.nbytes
+    def hash_of(self, slot: int) -> int:
+        """The hash of ``slot``'s key: a stable number for it while it is in the table."""
+        return int(self._hashes[slot])
 
     # -- one key -----------------------------------------------------------------------------------
 
@@ -185,16 +190,20 @@ class KeyTable:
     def _probe(self, h: int, row: bytes, length: int, i: int) -> int:
         """The slot of the key with hash ``h``, padded ``row`` and ``length``, probing from bucket
         ``i`` on; -1 at the first empty bucket."""
+        return self._walk(h, row, length, i)[0]
+
+    def _walk(self, h: int, row: bytes, length: int, i: int) -> tuple[int, int]:
+        """:meth:`_probe`, and the bucket it stopped at: the key's, or the first empty one."""
         buckets, rows, lengths, mask = self._buckets, self._rows, self._lengths, self._mask
         fp = h & _LOW
         while True:
             b = int(buckets[i])
             if b == 0:
-                return -1
+                return -1, i
             if b >> 32 == fp:
                 slot = (b & _LOW) - 1
                 if lengths[slot] == length and rows[slot].tobytes() == row:
-                    return slot
+                    return slot, i
             i = (i + 1) & mask
 
     def key(self, slot: int) -> bytes:
@@ -222,12 +231,9 @@ class KeyTable:
         self._widen(len(key))
         padded = key + b"\0" * (self._words * 8 - len(key))
         h = self._hash(key)
-        buckets, mask, fp = self._buckets, self._mask, h & _LOW
-        i = h >> self._shift
-        while b := int(buckets[i]):
-            if b >> 32 == fp and self._lengths[(b & _LOW) - 1] == len(key) and self._rows[(b & _LOW) - 1].tobytes() == padded:
-                raise KeyError(key)
-            i = (i + 1) & mask
+        found, i = self._walk(h, padded, len(key), h >> self._shift)
+        if found >= 0:
+            raise KeyError(key)
         slot = self._take_slot()   # may grow the rows and hashes, not the buckets
         self._rows[slot] = np.frombuffer(padded, dtype=np.uint64)
         self._lengths[slot] = len(key)
@@ -236,7 +242,7 @@ class KeyTable:
         if self._count * _MAX_LOAD > len(self._buckets):
             self._rehash(2 * len(self._buckets))   # the new slot is placed by the rehash
         else:
-            buckets[i] = (fp << 32) | (slot + 1)
+            self._buckets[i] = ((h & _LOW) << 32) | (slot + 1)
         return slot
 
     def remove(self, slot: int) -> None:
@@ -281,11 +287,7 @@ class KeyTable:
             body = raw.view(np.uint64)
         else:
             body = np.frombuffer(packed, dtype=np.uint64, count=n * key_bytes // 8).reshape(n, key_bytes // 8)
-        with np.errstate(over="ignore"):
-            h = np.full(n, _rounds(_start(length, self._seed), head), dtype=np.uint64)
-            for j in range(body.shape[1]):
-                _rounds_np(h, body[:, j])
-            _finish_np(h)
+        h = _mix_np(np.full(n, _rounds(_start(length, self._seed), head), dtype=np.uint64), body)
         mask = self._mask
         fp = h & _LOW_NP
         found = np.full(n, -1, dtype=np.int64)
@@ -319,7 +321,9 @@ class KeyTable:
             found[i] = self._probe(int(h[i]), row, length, int(home[i]))
         return found
 
-    def _same(self, slots: np.ndarray, which: np.ndarray, body: np.ndarray, head: Sequence[int], length: int) -> np.ndarray:
+    def _same(
+        self, slots: np.ndarray, which: np.ndarray, body: np.ndarray, head: Sequence[int], length: int
+    ) -> np.ndarray:
         """Whether the key in each of ``slots`` is ``head + body[which]`` of ``length`` bytes."""
         same = np.take(self._lengths, slots) == length
         held = np.take(self._rows, slots, axis=0)
@@ -366,9 +370,10 @@ class KeyTable:
         """Hash ``keys`` now, in one vectorised pass, for the finds and adds about to come one key at
         a time (a put batch); the previous batch's hashes are forgotten."""
         self._primed = {}
-        packed = _rows_of(keys, b"", -(-max(map(len, keys), default=0) // 8)) if keys else None
-        if packed is not None and max(map(len, keys)) <= MAX_ROW_BYTES:
-            self._primed = dict(zip(keys, _hash_rows(*packed, self._seed).tolist()))
+        longest = max(map(len, keys), default=0)
+        if 0 < longest <= MAX_ROW_BYTES:
+            rows, lengths = _rows_of(keys, b"", -(-longest // 8))
+            self._primed = dict(zip(keys, _hash_rows(rows, lengths, self._seed).tolist()))
 
     def _hash(self, key: bytes) -> int:
         """:func:`_hash_one`, from the primed batch or remembering the last key (a put finds, then
@@ -407,13 +412,6 @@ class KeyTable:
             )
             self._words = words
 
-    def _place(self, slot: int, h: int) -> None:
-        buckets, mask = self._buckets, self._mask
-        i = h >> self._shift
-        while buckets[i]:
-            i = (i + 1) & mask
-        buckets[i] = ((h & _LOW) << 32) | (slot + 1)
-
     def _place_many(self, slots: np.ndarray, presorted: bool = False) -> None:
         """Put ``slots`` into empty buckets, the earliest free one from each home (vectorised);
         ``presorted``: ``slots`` come in hash order."""
@@ -446,7 +444,7 @@ class KeyTable:
         return slots[~inside]
 
     def _entries(self, slots: np.ndarray) -> np.ndarray:
-        """Bucket values of ``slots``: the top half of the hash (a fingerprint), then slot + 1."""
+        """Bucket values of ``slots``: the hash's low half (a fingerprint) over slot + 1."""
         return ((self._hashes[slots] & _LOW_NP) << _32) | (slots.astype(np.uint64) + np.uint64(1))
 
     def _unplace(self, slot: int) -> None:

@@ -38,16 +38,22 @@ class SlotList:
         self.count += 1
         self.nbytes += self.view.length[slot]
 
-    def extend(self, slots: np.ndarray) -> None:
-        """Append ``slots`` (distinct, in no list) in order, linked in bulk."""
+    def extend(self, slots, queue: int) -> None:
+        """Append ``slots`` (distinct, in no queue of the policy) in order, linked in bulk, and
+        mark them as in the policy's ``queue``."""
+        slots = np.asarray(slots, dtype=np.int64)
         if not len(slots):
             return
         view = self.view
+        marks = as_numpy(view.queue)
+        if marks[slots].any():
+            raise RuntimeError("a copy is already in a policy queue")
+        marks[slots] = queue
         prev, nxt = as_numpy(view.prev), as_numpy(view.next)
         prev[slots[1:]] = slots[:-1]
         nxt[slots[:-1]] = slots[1:]
         prev[slots[0]], nxt[slots[-1]] = self.tail, NIL
-        del prev, nxt
+        del marks, prev, nxt
         first, last = int(slots[0]), int(slots[-1])
         if self.tail == NIL:
             self.head = first
@@ -96,13 +102,7 @@ class LRUPolicy(EvictionPolicy):
         self._list.push(slot)
 
     def insert_many(self, slots) -> None:
-        slots = np.asarray(slots, dtype=np.int64)
-        queue = as_numpy(self.view.queue)
-        if queue[slots].any():
-            raise RuntimeError("a copy is already in a policy list")
-        queue[slots] = 1
-        del queue
-        self._list.extend(slots)
+        self._list.extend(slots, queue=1)
 
     def touch(self, slot: int) -> None:
         if self.view.queue[slot]:

@@ -53,14 +53,8 @@ class S3FIFOPolicy(EvictionPolicy):
         if self._ghost:   # some may be returning: each decides its queue
             super().insert_many(slots)
             return
-        slots = np.asarray(slots, dtype=np.int64)
-        queue = as_numpy(self.view.queue)
-        if queue[slots].any():
-            raise RuntimeError("a copy is already in a policy queue")
-        queue[slots] = SMALL
-        as_numpy(self.view.freq)[slots] = 0
-        del queue
-        self._small.extend(slots)
+        as_numpy(self.view.freq)[np.asarray(slots, dtype=np.int64)] = 0
+        self._small.extend(slots, queue=SMALL)
 
     def touch(self, slot: int) -> None:
         freq = self.view.freq

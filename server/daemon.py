@@ -39,7 +39,7 @@ from kvstore.catalog import Catalog
 from kvstore.checksum import checksum
 from kvstore.config import ServerConfig
 from kvstore.errors import InvalidArgumentError, UnavailableError
-from kvstore.keys import check_keys, namespace_tag, scoped
+from kvstore.keys import check_keys, check_packed_keys, namespace_tag, scoped
 from kvstore.policies import make_policy
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
@@ -195,37 +195,29 @@ class Daemon:
         a lookup that continues into the shared level makes records."""
         self._check_keys(keys)
         slots = self.catalog.prefix_slots(keys, namespace_tag(namespace))
-        if len(slots) < len(keys) and self.shared is not None:
-            found = await self._prefix(keys, namespace)
-            kinds = [self._kinds[record.primary().level] for record in found]
-        else:
-            kinds = np.take(self._kind_codes, self.catalog.primary_levels(slots)).tolist()
-        self.counters.lookup_hit_blocks += len(kinds)
-        self.counters.lookup_miss_blocks += len(keys) - len(kinds)
-        return kinds
+        if len(slots) == len(keys) or self.shared is None:
+            return self._local_kinds(slots, len(keys)).tolist()
+        found = await self._prefix(keys, namespace)
+        self.counters.lookup_hit_blocks += len(found)
+        self.counters.lookup_miss_blocks += len(keys) - len(found)
+        return [self._kinds[record.primary().level] for record in found]
 
     async def lookup_packed(self, packed: bytes, key_bytes: int, namespace: bytes = b"") -> bytes:
         """:meth:`lookup` of keys of ``key_bytes`` each laid end to end in ``packed``; the tiers
         come back as one byte each."""
-        config = self.config
-        if key_bytes == 0:
-            raise InvalidArgumentError("key 0 is empty" if packed else "the request has no keys")
-        if key_bytes > config.max_key_bytes:
-            raise InvalidArgumentError(f"key 0 is {key_bytes} bytes; keys are at most {config.max_key_bytes} bytes")
-        n, rest = divmod(len(packed), key_bytes)
-        if rest:
-            raise InvalidArgumentError(f"packed_keys is {len(packed)} bytes, not a whole number of {key_bytes}-byte keys")
-        if n == 0:
-            raise InvalidArgumentError("the request has no keys")
-        if n > config.max_keys_per_request:
-            raise InvalidArgumentError(f"the request has {n} keys; at most {config.max_keys_per_request} are allowed")
+        n = check_packed_keys(len(packed), key_bytes, max_keys=self.config.max_keys_per_request,
+                              max_key_bytes=self.config.max_key_bytes)
         slots = self.catalog.prefix_slots_packed(packed, key_bytes, namespace_tag(namespace))
         if len(slots) < n and self.shared is not None:
             keys = [packed[i : i + key_bytes] for i in range(0, len(packed), key_bytes)]
             return bytes(await self.lookup(keys, namespace))
+        return self._local_kinds(slots, n).astype(np.uint8).tobytes()
+
+    def _local_kinds(self, slots: np.ndarray, asked: int) -> np.ndarray:
+        """The tier kinds of a lookup answered from the catalog alone, counted."""
         self.counters.lookup_hit_blocks += len(slots)
-        self.counters.lookup_miss_blocks += n - len(slots)
-        return np.take(self._kind_codes, self.catalog.primary_levels(slots)).astype(np.uint8).tobytes()
+        self.counters.lookup_miss_blocks += asked - len(slots)
+        return np.take(self._kind_codes, self.catalog.primary_levels(slots))
 
     async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
         """Hold the landing copies of the leading present blocks, promoting the others first.
@@ -306,7 +298,8 @@ class Daemon:
         slots = self._reserve_at_once(index_keys, sizes, checksums, namespace)
         try:
             for i in range(len(slots), len(index_keys)):
-                slots.append(await self.reserve_one(index_keys[i], sizes[i], checksums[i] if checksums else None, namespace))
+                checksum_ = checksums[i] if checksums else None
+                slots.append(await self.reserve_one(index_keys[i], sizes[i], checksum_, namespace))
         except BaseException:
             for slot in slots:  # a reservation cut short must not leave keys WRITING for ever
                 if slot.copy is not None:
@@ -346,7 +339,7 @@ class Daemon:
             return []
         n = len(locations)
         copies = self.catalog.begin_many(index_keys[:n], sizes[:n], namespace, self.layout.landing, locations)
-        return [PutSlot(size, checksums[i] if checksums else None, copy) for i, (size, copy) in enumerate(zip(sizes, copies))]
+        return [PutSlot(sizes[i], checksums[i] if checksums else None, copy) for i, copy in enumerate(copies)]
 
     async def reserve_one(self, key: bytes, size: int, checksum_: int | None, namespace: bytes) -> PutSlot:
         """Reserve landing space for one block of a checked batch (see :meth:`reserve`); ``key`` is
@@ -381,17 +374,10 @@ class Daemon:
 
         False if it was deleted while being written.
         """
-        copy, record = slot.copy, slot.record
-        if record.state is BlockState.GONE:
-            self.catalog.discard(copy)
-            return False
-        self.catalog.commit(copy, checksum_)
-        self.counters.put_stored_blocks += 1
-        if self.after_put.queue and self.uploads is not None:
-            self.uploads.put(record)
-        if settle:
+        stored = self.commit_many([slot], [checksum_]) == 1
+        if stored and settle:
             await self.settle([slot])
-        return True
+        return stored
 
     def commit_many(self, slots: Sequence[PutSlot], checksums: Sequence[int | None]) -> int:
         """:meth:`commit` (without settling) of many fully written blocks at once; returns how

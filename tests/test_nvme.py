@@ -68,7 +68,8 @@ async def test_flipped_bytes_on_disk_are_misses_never_wrong_data(tmp_path):
         async with KVClient(f"127.0.0.1:{srv.port}") as kv:
             await kv.put(keys, blocks)
     index = NvmeIndex(str(tmp_path / "nvme" / INDEX_DIR), 1 << 20)
-    offsets = {unscoped(e.key): e.offset for e in index.entries()}
+    found = index.scan()
+    offsets = {unscoped(key): int(offset) for key, offset in zip(found.keys, found.offsets)}
     index.close()
     with open(tmp_path / "nvme" / DATA_FILE, "r+b") as f:
         for victim in (keys[1], keys[4]):

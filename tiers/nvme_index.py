@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lmdb
@@ -68,12 +68,6 @@ class NvmeIndex:
             sizes=fixed["size"].astype(np.int64), checksums=fixed["checksum"], last_use=fixed["last_use"],
             namespaces=namespaces, namespace_ids=ids.astype(np.int64),
         )
-
-    def entries(self) -> Iterator[IndexEntry]:
-        with self._env.begin() as txn:
-            for key, value in txn.cursor():
-                offset, length, size, checksum, last_use = _VALUE.unpack_from(value)
-                yield IndexEntry(bytes(key), offset, length, size, checksum, last_use, bytes(value[_VALUE.size :]))
 
     def _put(self, entries: Sequence[IndexEntry]) -> None:
         with self._env.begin(write=True) as txn:
