@@ -374,10 +374,15 @@ class Daemon:
 
         False if it was deleted while being written.
         """
-        stored = self.commit_many([slot], [checksum_]) == 1
-        if stored and settle:
+        copy, record = slot.copy, slot.record   # one block: no arrays (the remote path commits so)
+        if record.state is BlockState.GONE:
+            self.catalog.discard(copy)
+            return False
+        self.catalog.commit(copy, checksum_)
+        self._stored([slot])
+        if settle:
             await self.settle([slot])
-        return stored
+        return True
 
     def commit_many(self, slots: Sequence[PutSlot], checksums: Sequence[int | None]) -> int:
         """:meth:`commit` (without settling) of many fully written blocks at once; returns how
@@ -390,11 +395,15 @@ class Daemon:
                 live.append(slot)
                 sums.append(checksum_)
         self.catalog.commit_many([s.copy for s in live], sums)
-        self.counters.put_stored_blocks += len(live)
-        if self.after_put.queue and self.uploads is not None:
-            for slot in live:
-                self.uploads.put(slot.record)
+        self._stored(live)
         return len(live)
+
+    def _stored(self, slots: Sequence[PutSlot]) -> None:
+        """Count committed blocks and queue them for write-behind, as the write policy says."""
+        self.counters.put_stored_blocks += len(slots)
+        if self.after_put.queue and self.uploads is not None:
+            for slot in slots:
+                self.uploads.put(slot.record)
 
     async def settle(self, slots: Sequence[PutSlot]) -> None:
         """Write committed blocks through, as the write policy says (``slot.persisted`` when durable
