@@ -1,9 +1,11 @@
 """``kvstore bench --scale N``: how the daemon behaves with N blocks in it.
 
-- **put**: N fresh 4 KiB blocks through the same-host path in batches of 8192 (blocks/s).
+- **put**: N fresh 4 KiB blocks through the same-host path in batches of 8192 (blocks/s of the put
+  calls; their keys are ``block_keys`` of random tokens, computed outside the timing).
 - **memory**: the daemon's anonymous memory (``RssAnon``, the arena is shared memory and not in
   it) after the puts minus before, per block.
-- **lookup**: 8192 present keys at that index size, on both paths (p50/p99 of 50 calls).
+- **lookup**: the 8192 keys of one put batch (as ``block_keys`` returned them) at that index size,
+  on both paths (p50/p99 of 50 calls).
 - **write-through**: up to 20,000 blocks of 16 KiB put with ``--write-through`` in batches of
   256, against raw ``pwrite`` of the same blocks with one ``fdatasync`` per batch, same filesystem:
   with ``O_DIRECT`` (how the NVMe tier opens its file by default) and through the page cache.
@@ -25,8 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 BLOCK = 4096
 BATCH = 8192
+TOKENS = 16   # per block: the keys are block_keys of random token ids
 WT_BLOCK, WT_BATCH, WT_MAX = 16 << 10, 256, 20_000
 
 
@@ -43,6 +48,7 @@ def _pcts(samples: list[float]) -> tuple[float, float]:
 
 
 async def _fill_and_look(target: str, n: int, pid: int) -> dict:
+    from kvstore import block_keys
     from kvstore.client import KVClient
 
     out: dict = {}
@@ -50,15 +56,20 @@ async def _fill_and_look(target: str, n: int, pid: int) -> dict:
     async with KVClient(target, local="require", timeout_s=600) as kv, KVClient(target, local="off", timeout_s=600) as remote:
         before = _rss_anon(pid)
         keys: list[bytes] = []
-        start = time.perf_counter()
+        putting = 0.0
         for done in range(0, n, BATCH):
-            batch = [os.urandom(32) for _ in range(min(BATCH, n - done))]
-            result = await kv.put(batch, payload[: len(batch)])
-            if result.stored != len(batch):
-                raise SystemExit(f"kvstore bench --scale: only {result.stored} of {len(batch)} blocks stored")
-            if len(batch) == BATCH:
+            # Chained keys of a fresh random context, as an engine's connector computes them.
+            count = min(BATCH, n - done)
+            tokens = np.frombuffer(os.urandom(count * TOKENS * 4), dtype=np.uint32)
+            batch = block_keys(tokens, block_size=TOKENS, namespace=b"kvstore-bench-scale")
+            start = time.perf_counter()
+            result = await kv.put(batch, payload[:count])
+            putting += time.perf_counter() - start
+            if result.stored != count:
+                raise SystemExit(f"kvstore bench --scale: only {result.stored} of {count} blocks stored")
+            if count == BATCH:
                 keys = batch  # the lookups ask for a whole batch: 8192 keys
-        out["put_blocks_per_s"] = n / (time.perf_counter() - start)
+        out["put_blocks_per_s"] = n / putting
         out["bytes_per_block"] = (_rss_anon(pid) - before) / n
         for name, client in (("local", kv), ("remote", remote)):
             samples = []

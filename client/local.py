@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from kvstore.block import check_sizes
 from kvstore.errors import StaleSessionError
-from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, STREAM_LIMIT, frame, widen
+from kvstore.proto.local import METHOD_IDS, PROTOCOL_VERSION, FrameError, FramedSocket, frame
 from kvstore.proto.status import error_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.client.buffers import Targets
@@ -78,8 +78,6 @@ class LocalArena:
                 # copies do not fault. Without that, populating here would commit the whole arena
                 # to this process's memory cgroup, so pages fault in as they are used instead.
                 _populate_for_writing(arena)
-            conn.setblocking(False)
-            widen(conn)
             return cls(conn, arena, hello["session"], prefaulted=bool(hello.get("prefaulted")))
         except BaseException:
             conn.close()
@@ -110,17 +108,15 @@ def _populate_for_writing(arena: mmap.mmap) -> None:
 class LocalChannel:
     """Request/response over the session socket; one call at a time, in order."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, framed: FramedSocket, timeout_s: float) -> None:
+        self._framed = framed
         self._timeout_s = timeout_s
         self._lock = asyncio.Lock()
         self._broken: str | None = None
 
     @classmethod
     async def open(cls, conn: socket.socket, timeout_s: float) -> LocalChannel:
-        reader, writer = await asyncio.open_unix_connection(sock=conn, limit=STREAM_LIMIT)
-        return cls(reader, writer, timeout_s)
+        return cls(FramedSocket(conn), timeout_s)
 
     async def call(self, method: str, request: Message, response_cls: type[Message]) -> Any:
         payload = frame(METHOD_IDS[method], request.SerializeToString())
@@ -128,33 +124,28 @@ class LocalChannel:
             if self._broken:
                 raise StaleSessionError(f"the same-host session is unusable: {self._broken}")
             try:
-                self._writer.write(payload)
                 if sys.version_info >= (3, 11):
                     async with asyncio.timeout(self._timeout_s):  # no task per call, unlike wait_for
-                        body = await self._read_frame()
+                        await self._framed.write(payload)
+                        body = await self._framed.read_frame()
                 else:  # pragma: no cover
-                    body = await asyncio.wait_for(self._read_frame(), self._timeout_s)
+                    await asyncio.wait_for(self._framed.write(payload), self._timeout_s)
+                    body = await asyncio.wait_for(self._framed.read_frame(), self._timeout_s)
             except BaseException as exc:
                 # A call interrupted after its request went out (cancelled, timed out, cut off)
                 # leaves its answer unread, and the next call would read it as its own. The
                 # session is closed instead; the client attaches again.
                 self._broken = f"{method} was interrupted ({type(exc).__name__})"
-                self._writer.close()
-                if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError)):
+                self._framed.close()
+                if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError, FrameError)):
                     raise StaleSessionError(f"the same-host session ended during {method} ({exc!r})") from None
                 raise
         if body[0] != 0:
             raise error_for(body[0], body[1:].decode(errors="replace"))
         return response_cls.FromString(body[1:])
 
-    async def _read_frame(self) -> bytes:
-        length = int.from_bytes(await self._reader.readexactly(4), "little")
-        return await self._reader.readexactly(length)
-
     async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+        self._framed.close()
 
 
 class LocalPath(DataPath):

@@ -16,6 +16,7 @@ import abc
 from collections.abc import Sequence
 from typing import ClassVar
 
+from kvstore.keys import KEY_BYTES
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.tier_kind import TierKind
 from kvstore.client.buffers import Targets
@@ -55,6 +56,9 @@ class DataPath(abc.ABC):
 def lookup_request(keys: Sequence[bytes], namespace: bytes) -> pb.LookupRequest:
     """A ``LookupRequest`` for ``keys``: packed end to end when they are of one length (block
     digests always are), so neither side makes a protobuf object per key."""
+    packed = getattr(keys, "packed", None)   # BlockKeys carry it (block_keys' keys are 32 bytes each)
+    if packed is not None and keys:
+        return pb.LookupRequest(packed_keys=packed, key_bytes=KEY_BYTES, namespace=namespace)
     width = len(keys[0]) if keys else 0
     if width:
         packed = b"".join(keys)

@@ -22,6 +22,7 @@ class LookupResult:
 
 
 _TIER_OF = (None, *(TierKind(code) for code in range(1, max(TierKind) + 1)))   # by wire value
+_KNOWN_CODES = bytes(range(1, len(_TIER_OF)))
 
 
 class TierList(Sequence):
@@ -31,7 +32,7 @@ class TierList(Sequence):
     __slots__ = ("_codes",)
 
     def __init__(self, codes: bytes) -> None:
-        if codes and (0 in codes or max(codes) >= len(_TIER_OF)):
+        if codes.translate(None, _KNOWN_CODES):   # a byte that is no tier this client knows
             raise ValueError("the daemon answered a lookup with a tier this client does not know")
         self._codes = codes
 

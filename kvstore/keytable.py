@@ -32,8 +32,7 @@ _FMIX1, _FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
 _OVERFLOW = 0xFF  # length code of a slot whose key is in the overflow dict
 _MIN_CAPACITY = 1024
 _MAX_LOAD = 4   # buckets per key at least: short probes (linear probing clusters past half full)
-_WINDOW = 8   # buckets a batch probe reads at once for a key not found at its home
-_OFFSETS = np.arange(_WINDOW, dtype=np.int64)
+_ROUNDS = 8   # buckets a batch probe reads one round at a time before going key by key
 _LOW = 0xFFFFFFFF
 _LOW_NP = np.uint64(_LOW)
 _32 = np.uint64(32)
@@ -288,37 +287,29 @@ class KeyTable:
         else:
             body = np.frombuffer(packed, dtype=np.uint64, count=n * key_bytes // 8).reshape(n, key_bytes // 8)
         h = _mix_np(np.full(n, _rounds(_start(length, self._seed), head), dtype=np.uint64), body)
-        mask = self._mask
-        fp = h & _LOW_NP
         found = np.full(n, -1, dtype=np.int64)
-        home = (h >> np.uint64(self._shift)).astype(np.int64)
-        # Most keys sit in their home bucket: one read each, the fingerprint picks the candidate,
-        # the whole key (its length and words) decides.
-        b = np.take(self._buckets, home)
-        candidate = (b >> _32) == fp
-        hit = np.flatnonzero(candidate)
-        hit_slot = ((b[hit] & _LOW_NP) - np.uint64(1)).astype(np.int64)
-        same = self._same(hit_slot, hit, body, head, length)
-        found[hit[same]] = hit_slot[same]
-        # The others (moved along by collisions, or a fingerprint twin) read a window of buckets.
-        rest = np.flatnonzero((b != 0) & ~candidate)
-        twins = hit[~same]
-        if len(rest):
-            window = np.take(self._buckets, (home[rest, None] + 1 + _OFFSETS) & mask)
-            empty = window == 0
-            match = ((window >> _32) == fp[rest, None]) & ~empty
-            first_empty = np.where(empty.any(axis=1), empty.argmax(axis=1), _WINDOW)
-            first_match = np.where(match.any(axis=1), match.argmax(axis=1), _WINDOW)
-            near = np.flatnonzero(first_match < first_empty)
-            near_slot = ((window[near, first_match[near]] & _LOW_NP) - np.uint64(1)).astype(np.int64)
-            same = self._same(near_slot, rest[near], body, head, length)
-            found[rest[near[same]]] = near_slot[same]
-            far = rest[(first_empty == _WINDOW) & (first_match == _WINDOW)]   # a long cluster
-            twins = np.concatenate([twins, rest[near[~same]], far])
+        # Round r reads bucket home + r of every key still unresolved: most keys sit at home (the
+        # table is at most a quarter full), a few one or two along. The fingerprint picks the
+        # candidate, the whole key (its length and words) decides; an empty bucket ends a probe.
+        todo = np.arange(n)
+        fp = h & _LOW_NP
+        at = (h >> np.uint64(self._shift)).astype(np.int64)
+        for _ in range(_ROUNDS):
+            b = np.take(self._buckets, at)
+            hit = np.flatnonzero((b >> _32) == fp)
+            if len(hit):
+                slots = ((b[hit] & _LOW_NP) - np.uint64(1)).astype(np.int64)
+                same = self._same(slots, todo[hit], body, head, length)
+                found[todo[hit[same]]] = slots[same]
+                b[hit[same]] = 0   # resolved: this key's probe ends here too
+            going = np.flatnonzero(b)
+            if not len(going):
+                return found
+            todo, fp, at = todo[going], fp[going], (at[going] + 1) & self._mask
         pad = b"\0" * (self._words * 8 - length)
-        for i in twins.tolist():   # the rare rest: one by one, from home
+        for i in todo.tolist():   # the rare rest, in long clusters: one by one, from home
             row = prefix + packed[i * key_bytes : (i + 1) * key_bytes] + pad
-            found[i] = self._probe(int(h[i]), row, length, int(home[i]))
+            found[i] = self._probe(int(h[i]), row, length, int(h[i]) >> self._shift)
         return found
 
     def _same(

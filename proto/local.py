@@ -20,25 +20,79 @@ the session.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 from kvstore.proto.v1 import kvstore_pb2 as pb
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 << 20
-STREAM_LIMIT = 4 << 20
-"""How much a session's stream buffers before it stops reading, and what each end asks of the
-kernel for the socket's buffers: a lookup of 8,192 keys (256 KiB) crosses in one write and one
-read instead of a ping-pong of partial writes and wake-ups at the defaults (64 KiB, ~200 KiB)."""
+SOCKET_BUFFER_BYTES = 4 << 20
+"""What each end asks of the kernel for the socket's buffers: a lookup of 8,192 keys (256 KiB)
+crosses in one write and one read instead of a ping-pong of partial writes and wake-ups at the
+defaults (64 KiB, ~200 KiB)."""
+_READ_BUFFER_BYTES = 1 << 16
 
 
-def widen(sock: socket.socket) -> None:
-    """Ask for socket buffers of :data:`STREAM_LIMIT` (the kernel may grant less)."""
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, STREAM_LIMIT)
-        except OSError:
-            pass
+class FrameError(ValueError):
+    """The peer sent a frame length outside 1..MAX_FRAME_BYTES: the stream cannot be trusted."""
+
+
+class FramedSocket:
+    """Length-prefixed frames over a connected non-blocking Unix socket, both directions.
+
+    Reads go straight into one reused buffer (``sock_recv_into``), usually one system call per
+    frame. asyncio's ``StreamReader`` copied a 256 KiB frame chunk by chunk and woke per chunk:
+    a lookup of 8,192 keys took 0.65 ms there and 0.18 ms here (p50, loopback, this machine).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+            except OSError:
+                pass   # the kernel may refuse or grant less
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray(_READ_BUFFER_BYTES)
+        self._start = self._end = 0   # unread bytes are _buffer[_start:_end]
+
+    async def read_frame(self) -> bytes:
+        """The next frame's body (what follows its length). Raises ``IncompleteReadError`` when
+        the peer closes mid-frame or between frames, ``FrameError`` on an impossible length."""
+        await self._fill(4)
+        length = int.from_bytes(self._buffer[self._start : self._start + 4], "little")
+        if not 1 <= length <= MAX_FRAME_BYTES:
+            raise FrameError(f"a {length}-byte frame")
+        await self._fill(4 + length)
+        start = self._start + 4
+        body = bytes(self._buffer[start : start + length])
+        self._start = start + length
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._buffer) > SOCKET_BUFFER_BYTES:   # one huge frame does not pin its buffer
+                self._buffer = bytearray(_READ_BUFFER_BYTES)
+        return body
+
+    async def _fill(self, n: int) -> None:
+        """Have at least ``n`` unread bytes in the buffer."""
+        while self._end - self._start < n:
+            if len(self._buffer) - self._start < n:   # move the unread bytes to the front of room for n
+                unread = self._buffer[self._start : self._end]
+                self._buffer = bytearray(max(len(self._buffer), n))
+                self._buffer[: len(unread)] = unread
+                self._start, self._end = 0, len(unread)
+            got = await self._loop.sock_recv_into(self.sock, memoryview(self._buffer)[self._end :])
+            if not got:
+                raise asyncio.IncompleteReadError(bytes(self._buffer[self._start : self._end]), n)
+            self._end += got
+
+    async def write(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
 
 METHODS: tuple[tuple[str, type, type], ...] = (
     ("Lookup", pb.LookupRequest, pb.LookupResponse),

@@ -23,7 +23,7 @@ import stat
 import grpc
 
 from kvstore.errors import ConfigError
-from kvstore.proto.local import MAX_FRAME_BYTES, METHODS, PROTOCOL_VERSION, STREAM_LIMIT, frame, widen
+from kvstore.proto.local import METHODS, PROTOCOL_VERSION, FrameError, FramedSocket, frame
 from kvstore.server.daemon import Daemon
 from kvstore.server.leasing import Leasing
 from kvstore.server.servicer import KVStoreServicer
@@ -108,7 +108,6 @@ class LocalSocket:
     async def _serve(self, conn: socket.socket) -> None:
         daemon = self.daemon
         token = self.leasing.table.open_session()
-        writer = None
         try:
             hello = json.dumps({
                 "version": PROTOCOL_VERSION, "arena_id": daemon.arena_id, "session": token,
@@ -119,24 +118,16 @@ class LocalSocket:
                 [len(hello).to_bytes(4, "little") + hello],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.arena.fd]))],
             )
-            conn.setblocking(False)
-            widen(conn)
-            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=STREAM_LIMIT)
+            framed = FramedSocket(conn)
             while True:
-                length = int.from_bytes(await reader.readexactly(4), "little")
-                if not 1 <= length <= MAX_FRAME_BYTES:
-                    log.warning("closing a local session that sent a %d-byte frame", length)
-                    return
-                body = await reader.readexactly(length)
-                writer.write(await self._answer(body[0], body[1:], token))
-                await writer.drain()
+                body = await framed.read_frame()
+                await framed.write(await self._answer(body[0], body[1:], token))
+        except FrameError as exc:
+            log.warning("closing a local session that sent %s", exc)
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             log.debug("local session ended: %s", exc)
         finally:
-            if writer is not None:
-                writer.close()
-            else:
-                conn.close()
+            conn.close()
             self.leasing.close_session(token)
 
     async def _answer(self, method_id: int, payload: bytes, token: str) -> bytes:

@@ -320,3 +320,42 @@ async def test_the_arena_is_populated_in_the_background_without_touching_stored_
             assert [bytes(b) for b in await kv.get(keys)] == blocks
         async with KVClient(f"127.0.0.1:{srv.port}", local="require") as later:
             assert later._local.arena.prefaulted                   # told to map it populated
+
+
+async def test_frames_arrive_whole_however_the_bytes_are_cut():
+    """The session socket's reader: frames split across reads, several in one read, one larger
+    than its buffer, an impossible length and a peer that closes mid-frame."""
+    import socket
+
+    from kvstore.proto.local import MAX_FRAME_BYTES, FrameError, FramedSocket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    framed = FramedSocket(ours)
+    big = os.urandom(3 << 20)   # beyond the 64 KiB the reader starts with
+    frames = [b"\x01", os.urandom(1000), big, b"\x02tail"]
+    wire = b"".join(len(f).to_bytes(4, "little") + f for f in frames)
+
+    async def send_in_pieces():
+        loop = asyncio.get_running_loop()
+        theirs.setblocking(False)
+        cuts = [0, 2, 3, 1500, 1507, len(wire) - 5, len(wire)]   # mid-length, mid-body, several at once
+        for a, b in zip(cuts, cuts[1:]):
+            await loop.sock_sendall(theirs, wire[a:b])
+            await asyncio.sleep(0.01)
+
+    sender = asyncio.create_task(send_in_pieces())
+    assert [await framed.read_frame() for _ in frames] == frames
+    await sender
+    # A length beyond the limit, then a peer that goes away halfway through a frame.
+    theirs.sendall((MAX_FRAME_BYTES + 1).to_bytes(4, "little"))
+    with pytest.raises(FrameError):
+        await framed.read_frame()
+    framed.close()
+    ours, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    framed = FramedSocket(ours)
+    theirs2.sendall((100).to_bytes(4, "little") + b"only part")
+    theirs2.close()
+    with pytest.raises(asyncio.IncompleteReadError):
+        await framed.read_frame()
+    framed.close()
+    theirs.close()
