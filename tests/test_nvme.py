@@ -218,3 +218,55 @@ async def test_concurrent_persists_share_flushes_and_every_one_is_durable_when_i
         assert {(b.key, b.checksum) for b in again.recover()} == {(r.key, r.checksum) for r in records}
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_batch_written_as_runs_of_back_to_back_blocks_lands_byte_for_byte(tmp_path, direct):
+    """write_many joins blocks that lie back to back into vectored writes (capped in bytes and
+    buffers), keeps gaps apart, sends unaligned buffers through the bounce path, and reports a
+    failed write on every block of its run."""
+    import mmap
+
+    from kvstore.tiers import file_io
+
+    io = file_io.PosixFileIO(str(tmp_path / "data"), threads=2, direct=direct)
+    try:
+        io.preallocate(64 * MiB)
+        page = 4096
+        items, expected = [], {}
+
+        def aligned(nbytes: int) -> memoryview:
+            view = memoryview(mmap.mmap(-1, nbytes))
+            view[:] = os.urandom(nbytes)
+            return view
+
+        offset = 0
+        for _ in range(1500):                 # one long run: beyond the iovec limit per call
+            items.append((offset, aligned(page)))
+            offset += page
+        offset += 3 * page                     # a gap, then a run beyond RUN_BYTES
+        for _ in range(3):
+            items.append((offset, aligned(file_io.RUN_BYTES // 2)))
+            offset += file_io.RUN_BYTES // 2
+        unaligned = memoryview(bytearray(os.urandom(page + 1)))[1:]
+        items.append((offset + page, unaligned))   # needs the bounce buffer under O_DIRECT
+        items.reverse()                            # the order given does not matter
+        outcomes = await io.write_many(items)
+        assert outcomes == [None] * len(items)
+        for at, view in items:
+            expected[at] = bytes(view)
+        await io.sync()
+        with open(tmp_path / "data", "rb") as f:
+            for at, data in expected.items():
+                f.seek(at)
+                assert f.read(len(data)) == data
+        # Writes the file refuses fail on every block of each run (two runs here).
+        writable, io._fd = io._fd, os.open(tmp_path / "data", os.O_RDONLY)
+        try:
+            outcomes = await io.write_many([(0, aligned(page)), (page, aligned(page)), (8 * page, aligned(page))])
+        finally:
+            os.close(io._fd)
+            io._fd = writable
+        assert all(isinstance(o, OSError) for o in outcomes)
+    finally:
+        io.close()
