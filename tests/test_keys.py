@@ -122,3 +122,37 @@ def test_logs_name_a_block_by_its_key_not_its_namespace_tag():
 
     key = bytes(range(32))
     assert key_label(scoped([key], b"tenant-a")[0]) == key[:8].hex() == key_label(scoped([key], b"")[0])
+
+
+def test_block_keys_keep_their_packed_form_until_the_list_changes():
+    import copy
+    import pickle
+
+    from kvstore.keys import BlockKeys
+
+    keys = block_keys(list(range(16 * 6)), block_size=16, namespace=NS)
+    assert isinstance(keys, list) and isinstance(keys, BlockKeys)
+    assert keys.packed == b"".join(keys)
+    assert keys[1:4].packed == b"".join(keys[1:4]) and keys[4:2].packed == b""
+    assert type(keys[::2]) is list                     # a strided slice is a plain list
+    assert copy.copy(keys).packed == keys.packed == pickle.loads(pickle.dumps(keys)).packed
+    for change in (lambda k: k.append(b"x" * 5), lambda k: k.__setitem__(0, b"y"), lambda k: k.pop(),
+                   lambda k: k.sort(), lambda k: k.extend([b"z"]), lambda k: k.__delitem__(slice(0, 1))):
+        changed = copy.copy(keys)
+        change(changed)
+        assert changed.packed is None
+    assert BlockKeys([b"short", b"x" * KEY_BYTES]).packed is None   # built by hand: checked
+    assert BlockKeys([b"a" * KEY_BYTES] * 2).packed == b"a" * (2 * KEY_BYTES)
+
+
+async def test_lookups_of_block_keys_and_of_changed_ones_agree(kv):
+    keys = block_keys(list(range(16 * 8)), block_size=16, namespace=NS)
+    await kv.put(keys[:5], [os.urandom(100)] * 5)
+    assert (await kv.lookup(keys)).count == 5          # sent packed as block_keys made them
+    changed = keys[:]
+    changed.insert(2, b"not-a-block-key")               # packed form dropped: keys of two lengths
+    assert changed.packed is None
+    assert (await kv.lookup(changed)).count == 2
+    del changed[2]                                      # one length again, but no packed form
+    assert changed == keys and changed.packed is None
+    assert (await kv.lookup(changed)).count == 5
