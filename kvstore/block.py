@@ -224,6 +224,10 @@ class BlockRecord:
         """Level -> copy, for the copies in the levels (not those that left)."""
         return self._copies if self._cat is None else self._cat.copies_of(self.slot)
 
+    def has_copy(self, level: int) -> bool:
+        """Whether ``level in self.copies``, without making the copies' views."""
+        return level in self._copies if self._cat is None else bool(self._cat.columns[level].state[self.slot])
+
     def advance(self, state: BlockState) -> None:
         """Move to ``state``; raises on a transition the lifecycle forbids."""
         current = self.state

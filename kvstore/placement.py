@@ -101,11 +101,11 @@ def evict(layout: Layout, victims: Sequence[Copy], shared_available: Callable[[i
     level = victims[0].level
     below = layout.below(level)
     if below is not None:
-        demote = tuple(c for c in victims if below not in c.record.copies)
+        demote = tuple(c for c in victims if not c.record.has_copy(below))
         return Plan(victims=tuple(victims), to=below, demote=demote)
     for share in layout.shared:
         if shared_available(share):
-            upload = tuple(c.record for c in victims if share not in c.record.copies)
+            upload = tuple(c.record for c in victims if not c.record.has_copy(share))
             return Plan(victims=tuple(victims), share=share, upload=upload)
     return Plan(victims=tuple(victims))
 

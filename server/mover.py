@@ -183,7 +183,7 @@ class Mover:
         results = [False] * len(records)
         todo: list[tuple[int, Copy]] = []
         for i, record in enumerate(records):
-            if to in record.copies:
+            if record.has_copy(to):
                 results[i] = True
                 continue
             source = record.primary()
@@ -220,8 +220,12 @@ class Mover:
         bug, is raised once the copies that were written are adopted."""
         results: list[bool | BaseException | None] = [None] * len(sources)
         placed: list[tuple[int, Copy, Location]] = []
+        tier = self.tiers[to]
         for i, source in enumerate(sources):
-            location = await self.make_room(to, source.record)
+            # Room now needs nothing awaited (a batch into free space: no coroutine per block).
+            location = tier.reserve(source.record)
+            if location is None:
+                location = await self.make_room(to, source.record)
             if location is not None:
                 placed.append((i, source, location))
         live = []
@@ -330,7 +334,7 @@ class Mover:
 
     async def _adopt(self, record: BlockRecord, level: int, location: Location) -> bool:
         """Attach a freshly written (and persisted) copy, unless the block went away meanwhile."""
-        if record.state is not BlockState.READY or level in record.copies:
+        if record.state is not BlockState.READY or record.has_copy(level):
             if record.state is not BlockState.READY and self.layout.levels[level].shared:
                 await self._unpublish(record, level)
             await self._drop([self.catalog.orphan(record, level, location)])  # un-index exactly this copy
@@ -381,7 +385,7 @@ class Mover:
             location = await self.make_room(landing, record)
             if location is None:
                 return NO_ROOM
-            if record.state is not BlockState.READY or landing in record.copies:
+            if record.state is not BlockState.READY or record.has_copy(landing):
                 self.tiers[landing].release(location)
                 return record.readable_at(landing)
             copy = self.catalog.attach(record, landing, location)

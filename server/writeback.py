@@ -24,7 +24,7 @@ class UploadQueue:
         self._counters = counters
 
     def put(self, record: BlockRecord) -> None:
-        if self.level in record.copies:
+        if record.has_copy(self.level):
             return
         try:
             self._queue.put_nowait(record)
