@@ -10,14 +10,17 @@ from any thread, including one that already runs its own event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from kvstore.client.client import KVClient
 from kvstore.client.config import ClientConfig
 from kvstore.errors import UnavailableError
 from kvstore.client.results import LookupResult, PutResult, Stats
+
+T = TypeVar("T")
 
 
 class SyncKVClient:
@@ -55,6 +58,11 @@ class SyncKVClient:
                 self._stop_loop()
 
     @property
+    def path(self) -> str:
+        """The data path in use (:attr:`KVClient.path`)."""
+        return self._client.path
+
+    @property
     def config(self) -> ClientConfig:
         """The client's settings (:attr:`KVClient.config`)."""
         return self._client.config
@@ -70,6 +78,20 @@ class SyncKVClient:
             coro.close()
             raise UnavailableError("SyncKVClient is not connected (use `with SyncKVClient(...)`)")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, call: Callable[[KVClient], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        """Start ``call(client)`` on the client's loop without waiting: for callers that must not
+        block (an engine's scheduler), which poll or wait on the future with their own deadline.
+
+            future = kv.submit(lambda client: client.lookup(keys))
+        """
+        if self._loop is None:
+            raise UnavailableError("SyncKVClient is not connected (use `with SyncKVClient(...)`)")
+
+        async def run() -> T:
+            return await call(self._client)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         return self._run(self._client.lookup(keys))

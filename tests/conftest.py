@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import threading
 
 import pytest
 
@@ -61,6 +63,59 @@ def moto(request):
 async def server():
     async with KVStoreServer(make_config()) as srv:
         yield srv
+
+
+class DaemonThread:
+    """A real daemon on its own event loop in a background thread, for code under test that calls
+    it synchronously (engine connectors): ``address`` is ``host:port``; ``stop()`` ends it."""
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self._config = config or make_config()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.server: KVStoreServer | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        try:
+            async with KVStoreServer(self._config) as srv:
+                self.server = srv
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> DaemonThread:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def run(self, coro):
+        """Run ``coro`` on the daemon's loop (to inspect it) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+
+
+@pytest.fixture
+def daemon_thread():
+    """A real daemon (64 MiB DRAM, no NVMe) in a background thread; yields its :class:`DaemonThread`."""
+    daemon = DaemonThread().start()
+    yield daemon
+    daemon.stop()
 
 
 @pytest.fixture(params=["local", "remote"])
