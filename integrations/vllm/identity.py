@@ -4,7 +4,8 @@ vLLM hashes every full block of a request itself (``request.block_hashes``: a ch
 ids, with multimodal inputs, LoRA and ``cache_salt`` mixed in, seeded so it is the same in every
 process for sha256). kvstore stores a block under that hash, in a namespace that fingerprints what
 makes the bytes of the same tokens incompatible: model, KV dtype, layers, this rank's KV heads,
-head size, block size, tensor-parallel rank and size, the hash algorithm and the payload layout.
+head size, block size, tensor-parallel rank and size, the hash algorithm, and the payload layout
+and platform (the CPU backend's block bytes are not a GPU backend's).
 A request's ``cache_salt`` is also mixed into its keys here, so salted blocks are separate even
 where an engine's hash would not be.
 
@@ -28,9 +29,16 @@ from kvstore.errors import ConfigError
 from kvstore.keys import MAX_KEY_BYTES, Namespace
 
 # The payload of a block, per layer: vLLM >= 0.33 gives connectors every layer as a logical
-# [blocks, kv heads, tokens, content] view whatever the backend (its KVCacheLayout RFC), so one
-# layout serves every backend; older versions name theirs by version.
+# [blocks, kv heads, tokens, content] view whatever the backend (its KVCacheLayout RFC); older
+# versions are named by version. What "content" holds is up to the platform's kernels (the CPU
+# backend keeps K transposed within a block), so the platform is part of the layout too.
 LAYOUT = "BHNC" if importlib.util.find_spec("vllm.v1.kv_cache_layout") else f"vllm-{vllm.__version__}"
+
+
+def _platform() -> str:
+    from vllm.platforms import current_platform
+
+    return str(getattr(current_platform, "device_type", "") or "unknown")
 
 
 def namespace_of(vllm_config: Any, *, tp_rank: int, model_id: str | None = None) -> Namespace:
@@ -46,7 +54,7 @@ def namespace_of(vllm_config: Any, *, tp_rank: int, model_id: str | None = None)
         model_id=name, dtype=dtype, num_layers=model.get_num_layers(parallel),
         num_kv_heads=model.get_num_kv_heads(parallel), head_dim=model.get_head_size(),
         block_size=cache.block_size, tp_rank=tp_rank, tp_size=parallel.tensor_parallel_size,
-        salt=f"vllm;layout={LAYOUT};hash={cache.prefix_caching_hash_algo}",
+        salt=f"vllm;layout={LAYOUT};platform={_platform()};hash={cache.prefix_caching_hash_algo}",
     )
 
 
