@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +67,10 @@ class WorkerSide:
             future = self.link.submit(lambda client, keys=transfer.keys, buffers=buffers: client.get_into(keys, buffers))
             started.append((transfer, staging, future))
         ids, rows = [], []
+        deadline = time.monotonic() + self.link.config.timeout_s   # one deadline for the step's loads
         for transfer, staging, future in started:
-            count = 0 if future is None else self.link.result("load", future, 0)
+            left = max(deadline - time.monotonic(), 0.001)
+            count = 0 if future is None else self.link.result("load", future, 0, timeout_s=left)
             if count < len(transfer.keys):
                 self._load_errors.update(transfer.block_ids[count:])
                 self.counts["failed"] += len(transfer.keys) - count
