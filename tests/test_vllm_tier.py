@@ -105,11 +105,17 @@ class Engine:
             assert time.monotonic() < deadline, "transfers did not finish"
             time.sleep(0.005)
 
-    def store(self, req_id: str, keys: list[bytes], payloads: list[np.ndarray]) -> None:
-        """A request computes ``keys``: GPU -> primary (this test writes the rows), then the cascade."""
+    def new_request(self, req_id: str) -> ReqContext:
+        """A request the manager has been told about."""
         ctx = ReqContext(req_id=req_id)
         with self.manager.lock:
             self.manager.on_new_request(ctx)
+        return ctx
+
+    def store(self, req_id: str, keys: list[bytes], payloads: list[np.ndarray]) -> None:
+        """A request computes ``keys``: GPU -> primary (this test writes the rows), then the cascade."""
+        ctx = self.new_request(req_id)
+        with self.manager.lock:
             out = self.manager.prepare_store(keys, ctx)
             assert out is not None and out.keys_to_store == keys
             rows = self.rows()
@@ -189,9 +195,7 @@ def test_cascade_reset_and_promote_back(daemon_thread):
             engine.manager.reset_cache()
             engine.manager.on_reset_flushed()
         engine.scribble()
-        ctx = ReqContext(req_id="b")
-        with engine.manager.lock:
-            engine.manager.on_new_request(ctx)
+        ctx = engine.new_request("b")
         # Acknowledged by the daemon: a HIT in this tier at once, so the manager starts promoting.
         seen = engine.lookup_until(ctx, keys, all_are(LookupResult.HIT))
         assert seen[0] == [LookupResult.HIT_PENDING] * 4
@@ -219,9 +223,7 @@ def test_another_engine_finds_them_and_a_deleted_chunk_never_loads(daemon_thread
         assert engine.tier.wait_connected(10)
         assert engine.tier.namespace == first.tier.namespace
         engine.scribble()
-        ctx = ReqContext(req_id="b")
-        with engine.manager.lock:
-            engine.manager.on_new_request(ctx)
+        ctx = engine.new_request("b")
         seen = engine.lookup_until(ctx, keys, all_are(LookupResult.HIT_PENDING))
         assert seen[0] == [LookupResult.RETRY] * 4
         # The promotion is queued (submitted at the end of this step); the daemon loses chunk 2.
@@ -239,9 +241,7 @@ def test_another_engine_finds_them_and_a_deleted_chunk_never_loads(daemon_thread
         engine.step()
 
         # Another request asks afresh: chunk 3 is there, but past the gap it is no use.
-        ctx = ReqContext(req_id="c")
-        with engine.manager.lock:
-            engine.manager.on_new_request(ctx)
+        ctx = engine.new_request("c")
         seen = engine.lookup_until(ctx, keys, lambda r: LookupResult.RETRY not in r)
         assert seen[-1] == [LookupResult.HIT, LookupResult.HIT, LookupResult.MISS, LookupResult.MISS]
         engine.finish(ctx)
@@ -271,9 +271,7 @@ def test_daemon_down_is_misses_and_failed_jobs(local):
         with engine.manager.lock:
             engine.manager.reset_cache()
             engine.manager.on_reset_flushed()
-        ctx = ReqContext(req_id="c")
-        with engine.manager.lock:
-            engine.manager.on_new_request(ctx)
+        ctx = engine.new_request("c")
         assert engine.lookup(ctx, keys) == [LookupResult.HIT_PENDING] * 3
         engine.settle()
         assert engine.results[-1].success is False and not engine.results[-1].successful_keys
@@ -287,9 +285,7 @@ def test_daemon_down_is_misses_and_failed_jobs(local):
     # Never reachable: every lookup a miss at once, every store a failed job.
     engine = Engine(address)
     try:
-        ctx = ReqContext(req_id="d")
-        with engine.manager.lock:
-            engine.manager.on_new_request(ctx)
+        ctx = engine.new_request("d")
         assert engine.lookup(ctx, keys) == [LookupResult.MISS] * 3
         engine.finish(ctx)
         engine.store("e", keys, data)
