@@ -114,7 +114,8 @@ class WorkerSide:
         if step.staging.is_cuda:   # the gathers are queued on torch's stream; the puts read them
             torch.cuda.current_stream(step.staging.device).synchronize()
         self._reap()
-        nbytes = step.staging.numel() * step.staging.element_size()
+        block_bytes = self.layout.block_bytes
+        nbytes = len(step.ids) * block_bytes
         if self._pending_bytes + nbytes > self.max_pending_save_bytes:
             self.counts["dropped"] += len(step.ids)
             self.link.warn(f"{self._pending_bytes} bytes of saves still in flight; this step's "
@@ -129,7 +130,6 @@ class WorkerSide:
             if future is None:
                 self.counts["dropped"] += n
                 continue
-            block_bytes = nbytes // len(step.ids)
             self._pending.append((future, n * block_bytes, n))
             self._pending_bytes += n * block_bytes
 
