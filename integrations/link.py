@@ -147,11 +147,38 @@ class DaemonLink:
             return None
 
     def call(self, what: str, call: Callable[[KVClient], Awaitable[T]], default: T, *, timeout_s: float | None = None) -> T:
-        """``call(client)`` within ``timeout_s`` (``config.timeout_s``), or ``default`` on any failure."""
-        future = self.submit(call)
+        """``call(client)`` within ``timeout_s`` (``config.timeout_s``), or ``default`` on any failure.
+
+        It does not return while an abandoned call still runs: a call given up on before it
+        started never starts, and one that started is waited for (up to ``config.timeout_s``
+        more), so it cannot still read or write the caller's buffers (an engine's pages) after.
+        """
+        lock, state, settled = threading.Lock(), {"started": False, "abandoned": False}, threading.Event()
+
+        async def guarded(client: KVClient) -> T:
+            with lock:
+                if state["abandoned"]:
+                    return default
+                state["started"] = True
+            try:
+                return await call(client)
+            finally:
+                settled.set()
+
+        future = self.submit(guarded)
         if future is None:
             return default
-        return self.result(what, future, default, timeout_s=timeout_s)
+        failed = object()
+        result = self.result(what, future, failed, timeout_s=timeout_s)
+        if result is not failed:
+            return result
+        with lock:
+            state["abandoned"] = True
+            started = state["started"]
+        if started and not settled.wait(self.config.timeout_s):
+            log.error("%s: kvstore %s still runs after it was abandoned; the buffers it was given may change",
+                      self.owner, what)
+        return default
 
     def result(self, what: str, future: concurrent.futures.Future[T], default: T, *, timeout_s: float | None = None) -> T:
         """The value of a :meth:`submit`-ted call, waiting up to ``timeout_s``; ``default`` on failure."""

@@ -48,7 +48,6 @@ import functools
 import hashlib
 import logging
 import re
-import threading
 from typing import Any
 
 try:
@@ -88,8 +87,6 @@ def _never_raises(default):
         return call
     return wrap
 
-
-_FAILED = object()
 
 
 def _no_pages(keys, *_):
@@ -190,32 +187,12 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
     def _call(self, what: str, call, default, *, timeout_s: float | None = None):
         """``call(client)`` on the link, or ``default`` on failure once the call has let go of
-        the host pages it was given (an abandoned load must not write into pages SGLang reuses)."""
+        the host pages it was given (:meth:`DaemonLink.call`: an abandoned load must not write
+        into pages SGLang reuses)."""
         if self._link is None:
             log.debug("no host memory pool registered yet: %s is a miss", what)
             return default
-        lock, state, settled = threading.Lock(), {"started": False, "abandoned": False}, threading.Event()
-
-        async def run(client):
-            with lock:
-                if state["abandoned"]:   # given up on before it started: touch nothing
-                    return _FAILED
-                state["started"] = True
-            try:
-                return await call(client)
-            finally:
-                settled.set()
-
-        future = self._link.submit(run)
-        result = _FAILED if future is None else self._link.result(what, future, _FAILED, timeout_s=timeout_s)
-        if result is not _FAILED:
-            return result
-        with lock:
-            state["abandoned"] = True
-            started = state["started"]
-        if started and not settled.wait(self.link_config.timeout_s):
-            log.error("kvstore %s still runs after it was abandoned; the host pages it was given may change", what)
-        return default
+        return self._link.call(what, call, default, timeout_s=timeout_s)
 
     def _load(self, keys: list[str], buffers: list[torch.Tensor]) -> int:
         """Fill ``buffers`` (page components, in order) from the leading pages cached; pages filled."""
