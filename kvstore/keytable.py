@@ -33,6 +33,7 @@ _OVERFLOW = 0xFF  # length code of a slot whose key is in the overflow dict
 _MIN_CAPACITY = 1024
 _MAX_LOAD = 4   # buckets per key at least: short probes (linear probing clusters past half full)
 _ROUNDS = 8   # buckets a batch probe reads one round at a time before going key by key
+_RUNS = 4   # runs of consecutive slots a batch lookup follows before hashing the keys left
 _LOW = 0xFFFFFFFF
 _LOW_NP = np.uint64(_LOW)
 _32 = np.uint64(32)
@@ -137,6 +138,17 @@ def _repeated(values: np.ndarray, order: np.ndarray) -> np.ndarray:
     ranked = values[order]
     same = np.flatnonzero(ranked[1:] == ranked[:-1])
     return np.unique(np.concatenate([order[same], order[same + 1]]))
+
+
+def _rows_hold(held: np.ndarray, lengths: np.ndarray, asked: np.ndarray, head: Sequence[int], length: int) -> np.ndarray:
+    """Whether each of the rows ``held`` (with their ``lengths``) is the key ``head + asked[j]`` of
+    ``length`` bytes: the constant prefix words, then the asked words."""
+    same = lengths == length
+    for k, word in enumerate(head):
+        same &= held[:, k] == np.uint64(word)
+    for j in range(asked.shape[1]):
+        same &= held[:, len(head) + j] == asked[:, j]
+    return same
 
 
 class KeyTable:
@@ -286,14 +298,17 @@ class KeyTable:
             body = raw.view(np.uint64)
         else:
             body = np.frombuffer(packed, dtype=np.uint64, count=n * key_bytes // 8).reshape(n, key_bytes // 8)
-        h = _mix_np(np.full(n, _rounds(_start(length, self._seed), head), dtype=np.uint64), body)
-        found = np.full(n, -1, dtype=np.int64)
+        found = self._follow_runs(packed, key_bytes, prefix, body, head, length)
+        todo = np.flatnonzero(found < 0)
+        if not len(todo):
+            return found
+        h = np.zeros(n, dtype=np.uint64)
+        h[todo] = _mix_np(np.full(len(todo), _rounds(_start(length, self._seed), head), dtype=np.uint64), body[todo])
         # Round r reads bucket home + r of every key still unresolved: most keys sit at home (the
         # table is at most a quarter full), a few one or two along. The fingerprint picks the
         # candidate, the whole key (its length and words) decides; an empty bucket ends a probe.
-        todo = np.arange(n)
-        fp = h & _LOW_NP
-        at = (h >> np.uint64(self._shift)).astype(np.int64)
+        fp = h[todo] & _LOW_NP
+        at = (h[todo] >> np.uint64(self._shift)).astype(np.int64)
         for _ in range(_ROUNDS):
             b = np.take(self._buckets, at)
             hit = np.flatnonzero((b >> _32) == fp)
@@ -312,18 +327,41 @@ class KeyTable:
             found[i] = self._probe(int(h[i]), row, length, int(h[i]) >> self._shift)
         return found
 
+    def _follow_runs(
+        self, packed: bytes, key_bytes: int, prefix: bytes, body: np.ndarray, head: Sequence[int], length: int
+    ) -> np.ndarray:
+        """Slots of the keys found where the keys before them suggest (-1 for the rest).
+
+        A batch put takes consecutive slots, so the chain of a prefix sits in a few runs of slots:
+        the first unresolved key is found alone, and the keys after it are compared with the rows
+        after its slot, which are read in order (no hash, no bucket). A row holds a key only while
+        its length is set (a freed slot's length is 0), so a matching row is that key's slot."""
+        n = len(body)
+        found = np.full(n, -1, dtype=np.int64)
+        i = 0
+        for _ in range(_RUNS):
+            first = self.find(prefix + packed[i * key_bytes : (i + 1) * key_bytes])
+            if first < 0:
+                break
+            m = min(n - i, self._next - first)
+            same = self._same_run(first, m, body[i : i + m], head, length)
+            found[i : i + m][same] = np.arange(first, first + m)[same]
+            left = np.flatnonzero(found[i:] < 0)
+            if not len(left):
+                break
+            i += int(left[0])
+        return found
+
+    def _same_run(self, first: int, m: int, asked: np.ndarray, head: Sequence[int], length: int) -> np.ndarray:
+        """Whether slot ``first + j`` holds ``head + asked[j]`` of ``length`` bytes, for j < m."""
+        return _rows_hold(self._rows[first : first + m], self._lengths[first : first + m], asked, head, length)
+
     def _same(
         self, slots: np.ndarray, which: np.ndarray, body: np.ndarray, head: Sequence[int], length: int
     ) -> np.ndarray:
         """Whether the key in each of ``slots`` is ``head + body[which]`` of ``length`` bytes."""
-        same = np.take(self._lengths, slots) == length
-        held = np.take(self._rows, slots, axis=0)
-        for i, word in enumerate(head):
-            same &= held[:, i] == np.uint64(word)
-        asked = np.take(body, which, axis=0)
-        for j in range(body.shape[1]):
-            same &= held[:, len(head) + j] == asked[:, j]
-        return same
+        return _rows_hold(np.take(self._rows, slots, axis=0), np.take(self._lengths, slots),
+                          np.take(body, which, axis=0), head, length)
 
     def add_many(self, keys: Sequence[bytes]) -> np.ndarray:
         """New slots for ``keys``, which must be distinct and absent (a recovery's bulk insert)."""
@@ -359,8 +397,13 @@ class KeyTable:
 
     def prime(self, keys: Sequence[bytes]) -> None:
         """Hash ``keys`` now, in one vectorised pass, for the finds and adds about to come one key at
-        a time (a put batch); the previous batch's hashes are forgotten."""
+        a time (a put batch); the previous batch's hashes are forgotten. The next ``len(keys)``
+        freed slots are handed out in ascending order, so the batch's keys lie in runs of
+        consecutive slots where the freed slots allow (what lookups follow)."""
         self._primed = {}
+        if len(self._free) > 1:
+            k = min(len(keys), len(self._free))
+            self._free[-k:] = sorted(self._free[-k:], reverse=True)   # pop() takes from the end
         longest = max(map(len, keys), default=0)
         if 0 < longest <= MAX_ROW_BYTES:
             rows, lengths = _rows_of(keys, b"", -(-longest // 8))

@@ -112,6 +112,44 @@ def test_packed_finds_agree_with_single_finds_for_any_key_width():
     assert table.find_packed(b"", 8, tag).tolist() == []
 
 
+def test_a_chain_stored_in_runs_of_slots_is_found_as_the_single_finds_find_it():
+    # A prefix lookup follows runs of consecutive slots: the chain here is split over several put
+    # batches with other keys between them, has keys removed (their slots reused by other keys)
+    # and keys added again elsewhere, and more runs than a lookup follows before hashing the rest.
+    rng = random.Random(3)
+    table, tag = KeyTable(), b"T" * 8
+    chain = [rng.randbytes(32) for _ in range(4000)]
+    for start in range(0, len(chain), 200):
+        for key in chain[start : start + 200]:
+            table.add(tag + key)
+        for _ in range(rng.randrange(3)):
+            table.add(tag + rng.randbytes(32))
+    for i in rng.sample(range(len(chain)), 300):
+        table.remove(table.find(tag + chain[i]))
+    for i in rng.sample(range(len(chain)), 100):
+        if table.find(tag + chain[i]) < 0:
+            table.add(tag + chain[i])
+    for _ in range(150):
+        table.add(tag + rng.randbytes(32))   # into the freed slots, beside the chain's runs
+    want = [table.find(tag + key) for key in chain]
+    assert 0 < want.count(-1) < 300
+    assert table.find_packed(b"".join(chain), 32, tag).tolist() == want
+    assert table.find_many(chain[::-1], tag).tolist() == want[::-1]
+    assert table.find_packed(b"".join(chain), 32, b"U" * 8).tolist() == [-1] * len(chain)
+
+
+def test_a_primed_batch_takes_freed_slots_in_ascending_order():
+    table = KeyTable()
+    slots = [table.add(random.randbytes(32)) for _ in range(100)]
+    for slot in slots[10:60]:   # freed oldest first, as an LRU evicts a batch
+        table.remove(slot)
+    batch = [random.randbytes(32) for _ in range(30)]
+    table.prime(batch)
+    got = [table.add(key) for key in batch]
+    assert got == sorted(got) and set(got) <= set(slots[10:60])
+    assert table.find_packed(b"".join(batch), 32).tolist() == got
+
+
 def test_primed_hashes_are_the_hashes():
     table = KeyTable()
     keys = [random.randbytes(n) for n in (8, 13, 40, 40, 72)]
