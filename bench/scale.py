@@ -5,7 +5,8 @@
 - **memory**: the daemon's anonymous memory (``RssAnon``, the arena is shared memory and not in
   it) after the puts minus before, per block.
 - **lookup**: the 8192 keys of one put batch (as ``block_keys`` returned them) at that index size,
-  on both paths (p50/p99 of 50 calls).
+  on both paths (p50/p99 of 50 calls), and a lookup of one key: the path's per-call floor, so
+  what the index adds can be told from what the transport costs.
 - **write-through**: up to 20,000 blocks of 16 KiB put with ``--write-through`` in batches of
   256, against raw ``pwrite`` of the same blocks with one ``fdatasync`` per batch, same filesystem:
   with ``O_DIRECT`` (how the NVMe tier opens its file by default) and through the page cache.
@@ -80,6 +81,12 @@ async def _fill_and_look(target: str, n: int, pid: int) -> dict:
             if hit.count != len(keys):
                 raise SystemExit("kvstore bench --scale: the lookup missed blocks it just stored")
             out[f"lookup_{name}_ms"] = _pcts(samples)
+            samples = []
+            for _ in range(50):   # the call's floor on this path: what 8192 keys cost beyond it is the index
+                start = time.perf_counter()
+                await client.lookup(keys[:1])
+                samples.append(time.perf_counter() - start)
+            out[f"lookup1_{name}_ms"] = _pcts(samples)
     return out
 
 
@@ -193,6 +200,8 @@ def run(n: int, directory: str | None, json_path: str | None) -> int:
     for path in ("local", "remote"):
         p50, p99 = results[f"lookup_{path}_ms"]
         print(f"  lookup of 8192 keys, {path:<6}                {p50:.2f} ms p50, {p99:.2f} ms p99")
+        p50, p99 = results[f"lookup1_{path}_ms"]
+        print(f"    (one key, the call's floor:              {p50:.2f} ms p50, {p99:.2f} ms p99)")
     print(f"  write-through (16 KiB, batches of {WT_BATCH}):      {wt:,.0f} blocks/s")
     if raw_direct:
         print(f"    vs raw O_DIRECT pwrite+fdatasync (the tier's mode): {wt / raw_direct:.2f}x ({raw_direct:,.0f} blocks/s)")
