@@ -118,6 +118,21 @@ class Catalog:
         bad = np.flatnonzero(~ok)
         return slots[: bad[0] if len(bad) else len(slots)]
 
+    def held_here(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each of ``slots`` (-1: absent): the level of its fastest readable copy in a local
+        (not shared) level, or -1; and the sizes and checksums of the blocks held (0 where none is
+        known yet: same-host puts are checksummed on first need)."""
+        found = slots >= 0
+        safe = np.where(found, slots, 0)
+        local = sum(1 << i for i, shared in enumerate(self._shared) if not shared)
+        bits = np.take(as_numpy(self._readable), safe) & local
+        ok = found & (np.take(as_numpy(self.state), safe) == _READY_RECORD) & (bits != 0)
+        levels = np.where(ok, np.take(_LOWEST_BIT, bits), -1)
+        held = safe[ok]
+        return levels, np.take(as_numpy(self.size), held), np.where(
+            np.take(as_numpy(self._has_checksum), held) != 0, np.take(as_numpy(self._checksum), held), 0
+        ).astype(np.uint64)
+
     def primary_levels(self, slots: np.ndarray) -> np.ndarray:
         """The level of each slot's fastest readable copy (the slots must have one)."""
         return np.take(_LOWEST_BIT, np.take(as_numpy(self._readable), slots))

@@ -229,10 +229,70 @@ class S3Config:
         return bool(self.bucket)
 
 
+class Transfer(enum.Enum):
+    """How block bytes move between daemons."""
+
+    AUTO = "auto"   # NIXL when it is installed and the peer offers it, else the gRPC stream
+    NIXL = "nixl"
+    GRPC = "grpc"
+
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
+
+
+def check_address(value: str, setting: str) -> None:
+    """Refuse anything but ``HOST:PORT`` (``[v6]:PORT`` too), naming ``setting``."""
+    m = _ADDRESS.match(value)
+    _check(m is not None and 0 < int(m.group(2)) <= 65535, f"{setting} must be HOST:PORT, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerConfig:
+    """The peer tier: other kvstore daemons, found from a static list or a DNS name, whose
+    capacities pool into one cache (each block has a home among the live members)."""
+
+    peers: tuple[str, ...] = ()      # HOST:PORT of each daemon (this one may be listed too)
+    dns: str = ""                    # NAME:PORT resolved every refresh_s (a headless Service)
+    advertise: str = ""              # how the others reach this daemon; empty: host:port (see docs)
+    refresh_s: float = 5.0           # how often the DNS name is resolved again
+    timeout_s: float = 0.5           # deadline of every call to a peer
+    transfer_timeout_s: float = 5.0  # deadline of moving one batch of block bytes
+    backoff_s: float = 2.0           # after a failure a peer is skipped this long, doubling to 30x
+    transfer: Transfer = Transfer.AUTO
+    queue_blocks: int = 4096         # blocks waiting to travel to their home (beyond: dropped, counted)
+    lookup_window: int = 8192        # keys asked of peers at once past the local prefix
+    negative_ttl_s: float = 1.0      # how long "no peer has this key" is believed
+    max_remembered_blocks: int = 1_000_000  # blocks known only at peers kept in the index
+
+    def __post_init__(self) -> None:
+        if isinstance(self.peers, str):   # "a:1,b:2" from a flag or an environment variable
+            object.__setattr__(self, "peers", tuple(p.strip() for p in self.peers.split(",") if p.strip()))
+        object.__setattr__(self, "peers", tuple(self.peers))
+        for peer in self.peers:
+            check_address(peer, "peer.peers")
+        if self.dns:
+            check_address(self.dns, "peer.dns")
+        if self.advertise:
+            check_address(self.advertise, "peer.advertise")
+        for name in ("refresh_s", "timeout_s", "transfer_timeout_s", "backoff_s"):
+            value = getattr(self, name)
+            _check(0 < value < math.inf, f"peer.{name} must be finite and > 0, got {value}")
+        _check(0 <= self.negative_ttl_s < math.inf, f"peer.negative_ttl_s must be finite, got {self.negative_ttl_s}")
+        _check(self.queue_blocks >= 1, f"peer.queue_blocks must be >= 1, got {self.queue_blocks}")
+        _check(1 <= self.lookup_window <= 65536, f"peer.lookup_window must be in [1, 65536], got {self.lookup_window}")
+        _check(self.max_remembered_blocks >= 1, f"peer.max_remembered_blocks must be >= 1, got {self.max_remembered_blocks}")
+        coerce_enum(self, "transfer", Transfer, "peer.transfer")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.peers or self.dns)
+
+
 BUILTIN_TIERS = {
     "hbm": "kvstore.tiers.hbm:HbmTier",
     "dram": "kvstore.tiers.dram:DramTier",
     "nvme": "kvstore.tiers.nvme:NvmeTier",
+    "peer": "kvstore.tiers.peer:PeerTier",
     "s3": "kvstore.tiers.s3:S3Tier",
 }
 """The built-in tiers, fastest first: config section -> the class implementing it."""
@@ -292,6 +352,7 @@ class ServerConfig:
     hbm: HbmConfig = field(default_factory=HbmConfig)
     dram: DramConfig = field(default_factory=DramConfig)
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     s3: S3Config = field(default_factory=S3Config)
     plugin_tiers: tuple[PluginTierConfig, ...] = ()
 
@@ -426,6 +487,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[name] = value  # no default to take the type from: the dataclass checks it
         else:
             expected = type(f.default)
+            if expected is tuple and isinstance(value, list):
+                value = tuple(value)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):

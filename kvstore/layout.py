@@ -29,6 +29,7 @@ class Capabilities:
     addressing: Addressing = Addressing.EXTENT
     mappable: bool = False     # byte-addressable host memory same-host clients can map
     bounded: bool = True       # has a capacity that evictions must respect
+    pooled: bool = False       # other daemons' capacity, pooled: every put travels to its home there
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -103,7 +103,8 @@ def evict(layout: Layout, victims: Sequence[Copy], shared_available: Callable[[i
     if below is not None:
         demote = tuple(c for c in victims if not c.record.has_copy(below))
         return Plan(victims=tuple(victims), to=below, demote=demote)
-    for share in layout.shared:
+    # A durable shared level (a bucket) first: a pooled one (the peers) got the block at its put.
+    for share in sorted(layout.shared, key=lambda i: not layout.levels[i].capabilities.persistent):
         if shared_available(share):
             upload = tuple(c.record for c in victims if not c.record.has_copy(share))
             return Plan(victims=tuple(victims), share=share, upload=upload)
@@ -143,7 +144,8 @@ def read_ahead(records: Sequence[BlockRecord], start: int, landing: int, window:
 
 def after_put(layout: Layout, policy: WritePolicy) -> AfterPut:
     persist_to = layout.first_persistent() if policy.persist else None
-    share_to = layout.shared[0] if policy.share and layout.shared else None
+    durable = [i for i in layout.shared if layout.levels[i].capabilities.persistent]
+    share_to = durable[0] if policy.share and durable else None
     queue = share_to is None and bool(layout.shared) and layout.landing == layout.bottom
     return AfterPut(persist_to=persist_to, share_to=share_to, queue=queue)
 

@@ -73,6 +73,9 @@ class StatField:
 
 _BLOCKS = Metric("kvstore_blocks", "Blocks by operation and result", labels=("op", "result"))
 _DATA = Metric("kvstore_data_bytes", "Block bytes moved", labels=("direction",))
+_PEER_MEMBERS = Metric("kvstore_peer_members", "Other daemons this one knows of", MetricKind.GAUGE, ("state",))
+_PEER_BLOCKS = Metric("kvstore_peer_blocks", "Keys asked of and answered by peer daemons", labels=("result",))
+_PEER_DATA = Metric("kvstore_peer_bytes", "Block bytes moved between daemons", labels=("direction", "transport"))
 
 
 def _daemon(name: str, help: str, title: str, metric: Metric, *label_values: str, unit: Unit = Unit.COUNT) -> StatField:
@@ -107,6 +110,20 @@ SCHEMA: tuple[StatField, ...] = (
         "integrity_failures", "Blocks that failed checksum verification", "integrity failures",
         Metric("kvstore_integrity_failures", "Blocks that failed checksum verification"),
     ),
+    _daemon("peer_members", "Other daemons this one knows of", "peers known",
+            _PEER_MEMBERS, "known"),
+    _daemon("peer_live", "Other daemons not in backoff after a failure", "peers live",
+            _PEER_MEMBERS, "live"),
+    _daemon("peer_asked_blocks", "Keys this daemon asked peers about", "peer keys asked", _PEER_BLOCKS, "asked"),
+    _daemon("peer_found_blocks", "Keys a peer had when asked", "peer keys found", _PEER_BLOCKS, "found"),
+    _daemon("peer_probed_blocks", "Blocks this daemon told asking peers it holds", "peer keys answered", _PEER_BLOCKS,
+            "answered"),
+    _daemon("peer_errors", "Calls to peers that failed or missed their deadline", "peer errors",
+            Metric("kvstore_peer_errors", "Calls to peers that failed or missed their deadline")),
+    _daemon("peer_bytes_in_grpc", "Block bytes fetched from peers over the gRPC stream", "peer bytes in (grpc)",
+            _PEER_DATA, "in", "grpc", unit=Unit.BYTES),
+    _daemon("peer_bytes_out_grpc", "Block bytes sent to peers over the gRPC stream", "peer bytes out (grpc)",
+            _PEER_DATA, "out", "grpc", unit=Unit.BYTES),
     # Per tier, in the order of the `kvstore stats` columns.
     _tier("hits", "Blocks served from this tier (their fastest copy was here)", "hits", "kvstore_tier_hits"),
     _tier("promotions", "Blocks copied up from this tier into a faster one", "promoted", "kvstore_tier_promotions"),

@@ -7,10 +7,10 @@ after each ``await``. The servicer converts protobuf to the plain arguments thes
 The daemon wires components that only call downward: the :class:`~kvstore.tiers.stack.TierStack`
 (built from config), the :class:`~kvstore.catalog.Catalog` (the only writer of block state), the
 :class:`~kvstore.server.mover.Mover` (carries out :mod:`kvstore.placement`'s plans), and, when the
-stack has a shared level, a :class:`~kvstore.server.shared.SharedLookup` and the write-behind
-:class:`~kvstore.server.writeback.UploadQueue`. No code here names a medium: levels have roles
+stack has shared levels (peers, a bucket), :class:`~kvstore.server.shared.SharedLevels`: their
+lookups, health, misses and write-behind queues. No code here names a medium: levels have roles
 (the landing level where puts land and same-host clients map, the bottom local level, the shared
-level) given by :class:`~kvstore.layout.Layout`.
+levels) given by :class:`~kvstore.layout.Layout`.
 
 A put is two-phase: :meth:`Daemon.reserve` validates the whole batch and reserves landing space
 (records WRITING, invisible to readers), the bytes are written, then :meth:`Daemon.commit` or
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore import __version__, placement
-from kvstore.backoff import Backoff
 from kvstore.block import BlockRecord, BlockState, Copy, check_sizes
 from kvstore.catalog import Catalog
 from kvstore.checksum import checksum
@@ -45,16 +44,11 @@ from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.base import MemoryTier
 from kvstore.tiers.stack import build_stack
-from kvstore.server.health import TierHealth
 from kvstore.server.mover import NO_ROOM, Mover
-from kvstore.server.shared import MissCache, SharedLookup
-from kvstore.server.writeback import UploadQueue
+from kvstore.server.shared import SharedLevels
 
 log = logging.getLogger("kvstore.daemon")
 
-DEFAULT_BACKOFF_S = 2.0
-DEFAULT_LOOKUP_WINDOW = 16
-DEFAULT_MISS_TTL_S = 5.0
 SETTLE_BATCH = 256
 """Blocks of one put written through at once (one group commit each, at most)."""
 NO_ROOM_TRIES, NO_ROOM_WAIT_S = 5, 0.05
@@ -98,31 +92,15 @@ class Daemon:
             release=self.stack.release,
             counters=self.counters,
         )
-        self.health: dict[int, TierHealth] = {}
-        self.misses: MissCache | None = None
-        self.shared: SharedLookup | None = None
-        self.uploads: UploadQueue | None = None
-        self.remembered_limit = 0
-        if layout.shared:
-            level = layout.shared[0]
-            tier = self.stack.tiers[level]
-            tier_config = getattr(tier, "config", None)
-            name = layout.levels[level].name
-            health = self.health[level] = TierHealth(
-                name, Backoff(getattr(tier_config, "backoff_s", DEFAULT_BACKOFF_S)), self.counters.tier(name)
-            )
-            self.misses = MissCache(getattr(tier_config, "negative_ttl_s", DEFAULT_MISS_TTL_S))
-            self.shared = SharedLookup(
-                level, tier, self.catalog, health, window=getattr(tier_config, "lookup_window", DEFAULT_LOOKUP_WINDOW),
-                misses=self.misses, max_block_bytes=self.block_limit()[0],
-            )
-            self.uploads = UploadQueue(level, getattr(tier_config, "queue_blocks", 4096), self.counters.tier(name))
-            self.remembered_limit = getattr(tier_config, "max_remembered_blocks", 1_000_000)
+        self.shared = SharedLevels.build(layout, self.stack.tiers, self.catalog, self.counters, self.block_limit()[0])
+        self.health = self.shared.health if self.shared is not None else {}
+        for tier in self.stack.tiers:
+            tier.bind(self.counters)
         write_policy = placement.WritePolicy(
-            persist=config.write_through, share=bool(layout.shared) and config.share_write_through
+            persist=config.write_through, share=config.share_write_through
         )
         self.after_put = placement.after_put(layout, write_policy)
-        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.uploads, self.misses)
+        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.shared)
         self._kinds = [level.kind for level in layout.levels]
         self._kind_codes = np.array([int(kind) for kind in self._kinds], dtype=np.int64)
         self._names = [level.name for level in layout.levels]
@@ -153,6 +131,11 @@ class Daemon:
         """Open what needs the event loop (a bucket's client). Does not wait for remote media."""
         await self.stack.open()
 
+    def serving_at(self, port: int) -> None:
+        """The gRPC port is bound: tell the tiers that advertise this daemon (the peers)."""
+        for tier in self.stack.tiers:
+            tier.serving_at(self.config.host, port)
+
     async def warm(self) -> None:
         """Let every tier prepare its medium (in a thread each); the server runs this once it serves."""
         for tier in self.stack.tiers:
@@ -167,24 +150,25 @@ class Daemon:
     async def rebalance(self) -> None:
         await self.mover.rebalance()
         if self.shared is not None:
-            self.catalog.trim_remote(self.remembered_limit)
+            self.catalog.trim_remote(self.shared.remembered_limit)
 
-    async def write_behind(self) -> None:
-        """Upload one batch of queued blocks to the shared level (waits for one)."""
-        batch = await self.uploads.batch()
-        await asyncio.gather(*(self.mover.replicate(record, self.uploads.level) for record in batch))
+    async def write_behind(self, level: int) -> None:
+        """Copy one batch of blocks queued for the shared ``level`` there (waits for one)."""
+        uploads = next(s.uploads for s in self.shared.levels if s.level == level)
+        batch = await uploads.batch()
+        await self.mover.replicate_many(batch, level)
 
     # -- reads -----------------------------------------------------------------------------------
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
         check_keys(keys, max_keys=self.config.max_keys_per_request, max_key_bytes=self.config.max_key_bytes)
 
-    async def _prefix(self, keys: Sequence[bytes], namespace: bytes) -> list[BlockRecord]:
+    async def _prefix(self, keys: Sequence[bytes], namespace: bytes, local_only: bool = False) -> list[BlockRecord]:
         """One walk of the catalog, continued in the shared level past the local prefix."""
         self._check_keys(keys)
         index_keys = scoped(keys, namespace)
         found = self.catalog.prefix(index_keys)
-        if len(found) < len(keys) and self.shared is not None:
+        if len(found) < len(keys) and self.shared is not None and not local_only:
             found += await self.shared.extend(index_keys, keys, namespace, len(found))
             found = _leading_ready(found)
         return found
@@ -219,14 +203,18 @@ class Daemon:
         self.counters.lookup_miss_blocks += asked - len(slots)
         return np.take(self._kind_codes, self.catalog.primary_levels(slots))
 
-    async def acquire(self, keys: Sequence[bytes], namespace: bytes = b"") -> tuple[list[Copy], bool]:
+    async def acquire(
+        self, keys: Sequence[bytes], namespace: bytes = b"", *, local_only: bool = False
+    ) -> tuple[list[Copy], bool]:
         """Hold the landing copies of the leading present blocks, promoting the others first.
 
         Stops at the first block that is absent or failed verification, or that the landing level
         has no room for while the earlier ones are held: then ``partial`` is True and the caller
         should release these and ask again for the rest. The caller must :meth:`release` them.
         """
-        found = await self._prefix(keys, namespace)
+        found = await self._prefix(keys, namespace, local_only)
+        if local_only:   # a peer asks: blocks this daemon holds only in a shared tier are not its to give
+            found = list(itertools.takewhile(lambda r: any(not self.layout.levels[c].shared for c in r.copies), found))
         landing, catalog, names = self.layout.landing, self.catalog, self._names
         held: list[Copy] = []
         partial = False
@@ -401,9 +389,8 @@ class Daemon:
     def _stored(self, slots: Sequence[PutSlot]) -> None:
         """Count committed blocks and queue them for write-behind, as the write policy says."""
         self.counters.put_stored_blocks += len(slots)
-        if self.after_put.queue and self.uploads is not None:
-            for slot in slots:
-                self.uploads.put(slot.record)
+        if self.shared is not None:
+            self.shared.queue_put((slot.record for slot in slots), bottom=self.after_put.queue)
 
     async def settle(self, slots: Sequence[PutSlot]) -> None:
         """Write committed blocks through, as the write policy says (``slot.persisted`` when durable
@@ -425,7 +412,9 @@ class Daemon:
 
     # -- deletes ---------------------------------------------------------------------------------
 
-    async def delete(self, keys: Sequence[bytes], if_checksums: Sequence[int] = (), namespace: bytes = b"") -> int:
+    async def delete(
+        self, keys: Sequence[bytes], if_checksums: Sequence[int] = (), namespace: bytes = b"", *, local_only: bool = False
+    ) -> int:
         """Remove ``keys``; with ``if_checksums``, only blocks whose checksum is the one given."""
         self._check_keys(keys)
         if if_checksums and len(if_checksums) != len(keys):
@@ -448,19 +437,24 @@ class Daemon:
             deleted += 1
         await self.mover.drop(doomed)
         self.counters.deleted_blocks += deleted
-        if self.shared is not None and shared_keys:
-            await self._delete_shared(shared_keys, namespace)
+        if self.shared is not None and shared_keys and not local_only:
+            await self.shared.delete(shared_keys, scoped(shared_keys, namespace), namespace)
         return deleted
 
-    async def _delete_shared(self, keys: list[bytes], namespace: bytes) -> None:
-        """Delete the objects of ``keys`` from the shared level; raises UnavailableError if it could
-        not be reached, so the caller learns the delete is incomplete."""
-        self.misses.remember(scoped(keys, namespace))
-        try:
-            await self.shared.tier.remove(keys, namespace)
-        except UnavailableError as exc:
-            self.shared.health.failed(exc)
-            raise UnavailableError(f"deleted locally, but not from {self.shared.health.name}: {exc}") from None
+    def probe(self, packed: bytes, key_bytes: int, namespace: bytes = b"") -> tuple[bytes, list[int], list[int]]:
+        """What a peer asks: for each key, the tier of this daemon's own fastest readable copy (0:
+        none here; copies in shared tiers do not count), and the sizes and checksums of those held."""
+        check_packed_keys(len(packed), key_bytes, max_keys=self.config.max_keys_per_request,
+                          max_key_bytes=self.config.max_key_bytes)
+        slots = self.catalog.keys.find_packed(packed, key_bytes, namespace_tag(namespace))
+        levels, sizes, sums = self.catalog.held_here(slots)
+        held = np.flatnonzero(levels >= 0)
+        for j in np.flatnonzero(sums == 0).tolist():   # not checksummed yet
+            sums[j] = self.checksum_of(self.catalog.record_at(int(slots[held[j]])))
+        present = np.zeros(len(slots), dtype=np.uint8)
+        present[held] = np.take(self._kind_codes, levels[held])
+        self.counters.peer_probed_blocks += len(held)
+        return present.tobytes(), sizes.tolist(), sums.tolist()
 
     # -- facts -----------------------------------------------------------------------------------
 

@@ -36,8 +36,7 @@ from kvstore.stats import Counters
 from kvstore.tiers.base import Location, MemoryTier
 from kvstore.tiers.stack import TierStack
 from kvstore.server.health import TierHealth
-from kvstore.server.shared import MissCache
-from kvstore.server.writeback import UploadQueue
+from kvstore.server.shared import SharedLevels
 
 log = logging.getLogger("kvstore.mover")
 
@@ -56,16 +55,14 @@ class Mover:
         catalog: Catalog,
         counters: Counters,
         health: dict[int, TierHealth],
-        uploads: UploadQueue | None,
-        misses: MissCache | None = None,
+        shared: SharedLevels | None = None,
     ) -> None:
         self.layout = stack.layout
         self.tiers = stack.tiers
         self.catalog = catalog
         self.counters = counters
         self.health = health
-        self.uploads = uploads
-        self.misses = misses
+        self.shared = shared
         self._names = [level.name for level in self.layout.levels]
         self._promoting: dict[bytes, asyncio.Future] = {}
         self._running: set[asyncio.Task] = set()
@@ -96,6 +93,8 @@ class Mover:
     async def make_room(self, level: int, record: BlockRecord) -> Location | None:
         """Reserve a location for ``record`` in ``level``, evicting its coldest copies as needed."""
         tier = self.tiers[level]
+        if not self.layout.levels[level].capabilities.bounded:
+            return tier.reserve(record)   # nothing to evict there: it has room or it does not take this block
         waited = 0.0
         for _ in range(ROOM_ROUNDS):  # others may take freed room while evictions wait for a disk
             location = tier.reserve(record)
@@ -340,8 +339,8 @@ class Mover:
             await self._drop([self.catalog.orphan(record, level, location)])  # un-index exactly this copy
             return False
         self.catalog.fill(self.catalog.attach(record, level, location))
-        if self.uploads is not None and placement.after_adopt(self.layout, level):
-            self.uploads.put(record)
+        if self.shared is not None and placement.after_adopt(self.layout, level):
+            self.shared.queue_adopted(record)
         return True
 
     async def _unpublish(self, record: BlockRecord, level: int) -> None:
@@ -416,8 +415,8 @@ class Mover:
                 self.counters.integrity_failures += 1
                 self.counters.tier(name).integrity_failures += 1
                 self.catalog.discard(copy)
-                if self.misses is not None and self.layout.levels[source.level].shared:
-                    self.misses.remember([record.key])
+                if self.shared is not None:
+                    self.shared.missed(source.level, [record.key])
                 await self._drop([source])
                 return None
             self.catalog.fill(copy)

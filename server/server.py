@@ -8,6 +8,7 @@ tiers are closed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -72,6 +73,7 @@ class KVStoreServer:
                 self.port = 0
             if self.port == 0:
                 raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
+            self.daemon.serving_at(self.port)   # the peers learn this daemon's own address
             path = config.local_socket_path(self.port)
             if path is not None:
                 self._local = LocalSocket(self.daemon, self.leasing, servicer, path)
@@ -133,8 +135,8 @@ class KVStoreServer:
         background = Background()
         background.once("warm", daemon.warm)
         background.every("rebalance", config.demote_interval_s, daemon.rebalance)
-        if daemon.uploads is not None:
-            background.every("write-behind", 0, daemon.write_behind)
+        for shared in daemon.shared.levels if daemon.shared is not None else ():
+            background.every(f"write-behind-{shared.name}", 0, functools.partial(daemon.write_behind, shared.level))
 
         async def expire_leases() -> None:
             leasing.expire(time.monotonic())

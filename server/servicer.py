@@ -101,6 +101,7 @@ class KVStoreServicer:
             "Commit": (pb.CommitRequest, pb.PutResponse, self.commit),
             "Acquire": (pb.AcquireRequest, pb.AcquireResponse, self.acquire),
             "Release": (pb.ReleaseRequest, pb.ReleaseResponse, self.release),
+            "Probe": (pb.ProbeRequest, pb.ProbeResponse, self.probe),
         }
 
     def _unary(self, method: str, request_cls: type[Message], fn: Callable[[Any], Any]):
@@ -195,7 +196,7 @@ class KVStoreServicer:
     async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
         async with self._rpc("Get", context):
             request = _parse(pb.GetRequest, raw)
-            copies, partial = await self.daemon.acquire(request.keys, request.namespace)
+            copies, partial = await self.daemon.acquire(request.keys, request.namespace, local_only=request.local_only)
             try:
                 records = [c.record for c in copies]
                 yield pb.GetResponse(
@@ -215,8 +216,14 @@ class KVStoreServicer:
 
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
         return pb.DeleteResponse(
-            deleted=await self.daemon.delete(request.keys, request.if_checksums, request.namespace)
+            deleted=await self.daemon.delete(
+                request.keys, request.if_checksums, request.namespace, local_only=request.local_only
+            )
         )
+
+    def probe(self, request: pb.ProbeRequest) -> pb.ProbeResponse:
+        present, sizes, checksums = self.daemon.probe(request.packed_keys, request.key_bytes, request.namespace)
+        return pb.ProbeResponse(present=present, sizes=sizes, checksums=checksums)
 
     def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         d = self.daemon

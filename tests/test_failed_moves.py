@@ -163,7 +163,7 @@ def s3_config(url: str, **overrides):
 
 
 def s3_tier_of(d: Daemon):
-    return d.shared.tier
+    return d.shared.levels[0].tier
 
 
 def s3_counters(d: Daemon):

@@ -74,6 +74,13 @@ class Tier(ABC):
         """One line for the start-up log."""
         return self.name
 
+    def bind(self, counters: Any) -> None:
+        """Given the daemon's :class:`~kvstore.stats.Counters`, for tiers that count more than
+        the per-tier fields the mover keeps (the peers)."""
+
+    def serving_at(self, host: str, port: int) -> None:
+        """The daemon listens on ``host:port`` now (called once, after :meth:`open`)."""
+
     async def open(self) -> None:
         """Connect to what needs the event loop. Must not wait for a remote medium to answer."""
 

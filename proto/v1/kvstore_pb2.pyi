@@ -86,12 +86,14 @@ class PutResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., present: _Optional[int] = ..., dropped: _Optional[int] = ..., persisted: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys", "namespace")
+    __slots__ = ("keys", "namespace", "local_only")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     namespace: bytes
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., namespace: _Optional[bytes] = ...) -> None: ...
+    local_only: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., namespace: _Optional[bytes] = ..., local_only: _Optional[bool] = ...) -> None: ...
 
 class GetHeader(_message.Message):
     __slots__ = ("count", "sizes", "checksums", "tiers", "partial")
@@ -116,14 +118,16 @@ class GetResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[GetHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "if_checksums")
+    __slots__ = ("namespace", "keys", "if_checksums", "local_only")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     IF_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     namespace: bytes
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     if_checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, namespace: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., if_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    local_only: bool
+    def __init__(self, namespace: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., if_checksums: _Optional[_Iterable[int]] = ..., local_only: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -168,7 +172,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., errors: _Optional[int] = ..., uploads: _Optional[int] = ..., dropped_uploads: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures")
+    __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures", "peer_members", "peer_live", "peer_asked_blocks", "peer_found_blocks", "peer_probed_blocks", "peer_errors", "peer_bytes_in_grpc", "peer_bytes_out_grpc")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +187,14 @@ class StatsResponse(_message.Message):
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PEER_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PEER_LIVE_FIELD_NUMBER: _ClassVar[int]
+    PEER_ASKED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PEER_FOUND_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PEER_PROBED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_IN_GRPC_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_OUT_GRPC_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -197,7 +209,15 @@ class StatsResponse(_message.Message):
     bytes_in: int
     bytes_out: int
     integrity_failures: int
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ...) -> None: ...
+    peer_members: int
+    peer_live: int
+    peer_asked_blocks: int
+    peer_found_blocks: int
+    peer_probed_blocks: int
+    peer_errors: int
+    peer_bytes_in_grpc: int
+    peer_bytes_out_grpc: int
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., peer_members: _Optional[int] = ..., peer_live: _Optional[int] = ..., peer_asked_blocks: _Optional[int] = ..., peer_found_blocks: _Optional[int] = ..., peer_probed_blocks: _Optional[int] = ..., peer_errors: _Optional[int] = ..., peer_bytes_in_grpc: _Optional[int] = ..., peer_bytes_out_grpc: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ()
@@ -294,3 +314,23 @@ class ReleaseResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("namespace", "packed_keys", "key_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: bytes
+    packed_keys: bytes
+    key_bytes: int
+    def __init__(self, namespace: _Optional[bytes] = ..., packed_keys: _Optional[bytes] = ..., key_bytes: _Optional[int] = ...) -> None: ...
+
+class ProbeResponse(_message.Message):
+    __slots__ = ("present", "sizes", "checksums")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    present: bytes
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, present: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -84,6 +84,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/kvstore.v1.KVStore/Probe',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -168,6 +173,15 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """---- Between daemons (the peer tier) --------------------------------------------------------
+        Which of the keys this daemon holds itself (not a prefix: every key is answered), with their
+        sizes and checksums. Never asks this daemon's own shared tiers: a peer's question ends here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +234,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -492,6 +511,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Release',
             kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
             kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Probe',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

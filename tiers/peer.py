@@ -1,0 +1,244 @@
+"""The peer tier: the other kvstore daemons of the cluster, as one shared, pooled level.
+
+Every block has a *home*: the live member (this daemon included) of highest rendezvous weight for
+its key (:mod:`kvstore.rendezvous`). A put lands locally as always and is queued to travel to its
+home in the background; the local copy then acts as a near cache, and evicting it loses nothing.
+A lookup or get that misses locally asks the homes of the keys past the local prefix
+(:meth:`PeerTier.probe`), and a get fetches their bytes from there, verified against the
+checksum the home announced before they are used or stored. So N daemons hold about N times the
+distinct blocks one holds, and a block put on any node is found from every other.
+
+Failures are misses: every call has a deadline (``timeout_s`` for questions, ``transfer_timeout_s``
+for bytes), a peer that failed is skipped for a backoff period (:class:`Membership`), and this
+tier raises only :class:`~kvstore.errors.UnavailableError` or
+:class:`~kvstore.errors.IntegrityError`, which the daemon turns into misses. Blocks whose home is
+this daemon are not sent anywhere: this node's capacity is their capacity.
+
+Bytes move through a transport; the gRPC stream (:mod:`kvstore.tiers.peer_grpc`) works wherever
+the control plane does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvstore.block import BlockRecord
+from kvstore.config import PeerConfig, Transfer
+from kvstore.errors import ConfigError, UnavailableError
+from kvstore.keys import unscoped
+from kvstore.layout import Addressing, Capabilities
+from kvstore.rendezvous import homes
+from kvstore.tier_kind import TierKind
+from kvstore.tiers.base import KeyedTier, ObjectRef, ProbeInfo
+from kvstore.tiers.membership import DnsMembers, Membership, StaticMembers, join_address
+from kvstore.tiers.peer_grpc import GrpcPeers
+
+log = logging.getLogger("kvstore.peers")
+
+
+class PeerTier(KeyedTier):
+    name = "peer"
+    kind = TierKind.PEER
+    capabilities = Capabilities(shared=True, addressing=Addressing.KEY, bounded=False, pooled=True)
+    config_class = PeerConfig
+
+    def __init__(self, config: PeerConfig) -> None:
+        if not config.enabled:
+            raise ConfigError("peer.peers or peer.dns must be set for the peer tier")
+        if config.transfer is Transfer.NIXL:
+            raise ConfigError("peer.transfer = nixl: the NIXL transport is not built yet; use grpc or auto")
+        self.config = config
+        source = StaticMembers(config.peers) if config.peers else DnsMembers(config.dns)
+        self.members = Membership(source, backoff_s=config.backoff_s)
+        self.transport = GrpcPeers()
+        self.counters: Any = None
+        self._refreshing: asyncio.Task | None = None
+        self._sent = 0   # bytes this daemon sent home (what the others hold for it, as far as it knows)
+
+    @classmethod
+    def from_config(cls, config: PeerConfig) -> PeerTier:
+        return cls(config)
+
+    @property
+    def description(self) -> str:
+        return f"peers ({self.members.source.description}, advertised as {self.members.me or 'not yet'})"
+
+    def bind(self, counters: Any) -> None:
+        self.counters = counters
+
+    def serving_at(self, host: str, port: int) -> None:
+        me = self.config.advertise
+        if not me:
+            if host in ("0.0.0.0", "::", ""):
+                host = socket.gethostbyname(socket.gethostname())
+            me = join_address(host, port)
+        self.members.advertise(me)
+        self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loop(), name="kvstore-peers")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            before = set(self.members.peers)
+            await self.members.refresh()
+            await self.transport.forget(sorted(before - set(self.members.peers)))
+            self._count_members()
+            await asyncio.sleep(self.config.refresh_s)
+
+    def _count_members(self) -> None:
+        if self.counters is not None:
+            self.counters.peer_members = len(self.members.peers)
+            self.counters.peer_live = len(self.members.live()) - 1
+
+    async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+        await self.transport.close()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._sent
+
+    # -- where blocks live -----------------------------------------------------------------------
+
+    def _homes(self, keys: Sequence[bytes]) -> list[str]:
+        """The home of each key among the live members (this daemon's address for its own)."""
+        live = self.members.live()
+        return [live[i] for i in homes(keys, live).tolist()]
+
+    def reserve(self, record: BlockRecord) -> ObjectRef | None:
+        """A place for the block at its home; None when that is this daemon (nothing to send)."""
+        if not self.members.me or self._homes([unscoped(record.key)])[0] == self.members.me:
+            return None
+        return ObjectRef(key=unscoped(record.key), namespace=record.namespace, length=record.size)
+
+    def release(self, location: ObjectRef) -> None:
+        pass
+
+    def locate(self, key: bytes, namespace: bytes, size: int) -> ObjectRef:
+        return ObjectRef(key=key, namespace=namespace, length=size)
+
+    def _failed(self, peer: str, exc: BaseException) -> None:
+        self.members.failed(peer, exc)
+        if self.counters is not None:
+            self.counters.peer_errors += 1
+        self._count_members()
+
+    def _succeeded(self, peer: str) -> None:
+        self.members.succeeded(peer)
+
+    # -- questions -------------------------------------------------------------------------------
+
+    async def probe(self, keys: Sequence[bytes], namespace: bytes) -> list[ProbeInfo | None]:
+        """Ask each key's home whether it holds the block; None for keys homed here, at a peer that
+        does not answer in time, or that the home does not have."""
+        out: list[ProbeInfo | None] = [None] * len(keys)
+        if not keys or not self.members.me:
+            return out
+        by_home: dict[str, list[int]] = defaultdict(list)
+        for i, home in enumerate(self._homes(keys)):
+            if home != self.members.me:
+                by_home[home].append(i)
+        if len({len(k) for k in keys}) != 1:
+            return out   # probes travel packed: keys of one length (block digests always are)
+
+        async def ask(peer: str, which: list[int]) -> None:
+            try:
+                response = await self.transport.probe(peer, [keys[i] for i in which], namespace, self.config.timeout_s)
+            except UnavailableError as exc:
+                self._failed(peer, exc)
+                return
+            self._succeeded(peer)
+            held = np.flatnonzero(np.frombuffer(response.present, dtype=np.uint8)).tolist()
+            for j, size, value in zip(held, response.sizes, response.checksums):
+                out[which[j]] = ProbeInfo(size=size, checksum=value, namespace=namespace)
+
+        await asyncio.gather(*(ask(peer, which) for peer, which in by_home.items()))
+        if self.counters is not None:
+            self.counters.peer_asked_blocks += sum(map(len, by_home.values()))
+            self.counters.peer_found_blocks += sum(info is not None for info in out)
+        return out
+
+    # -- bytes -----------------------------------------------------------------------------------
+
+    async def read_into(self, location: ObjectRef, offset: int, out: memoryview) -> None:
+        self._check_range(location, offset, out.nbytes)
+        home = self._homes([location.key])[0]
+        if home == self.members.me:
+            raise UnavailableError("the block's home is this daemon now (a member left or joined)")
+        whole = out if offset == 0 and out.nbytes == location.length else memoryview(bytearray(location.length))
+        try:
+            await self.transport.fetch(home, location.key, location.namespace, whole, self.config.transfer_timeout_s)
+        except UnavailableError as exc:
+            self._failed(home, exc)
+            raise
+        self._succeeded(home)
+        if whole is not out:
+            out[:] = whole[offset : offset + out.nbytes]
+        if self.counters is not None:
+            self.counters.peer_bytes_in_grpc += location.length
+
+    async def write(self, location: ObjectRef, offset: int, data: memoryview) -> None:
+        if offset:
+            raise ValueError("a peer block is sent whole")
+        (outcome,) = await self.write_many([(location, data)])
+        if outcome is not None:
+            raise outcome
+
+    async def write_many(self, items: Sequence[tuple[ObjectRef, memoryview]]) -> list[BaseException | None]:
+        """Send each block to its home, one put stream per (home, namespace)."""
+        outcomes: list[BaseException | None] = [None] * len(items)
+        groups: dict[tuple[str, bytes], list[int]] = defaultdict(list)
+        for i, home in enumerate(self._homes([loc.key for loc, _ in items])):
+            if home == self.members.me:
+                outcomes[i] = UnavailableError("the block's home is this daemon now")
+            else:
+                groups[home, items[i][0].namespace].append(i)
+
+        async def send(peer: str, namespace: bytes, which: list[int]) -> None:
+            views = [items[i][1][: items[i][0].length] for i in which]
+            try:
+                response = await self.transport.send(
+                    peer, [items[i][0].key for i in which], namespace, views, self.config.transfer_timeout_s
+                )
+            except UnavailableError as exc:
+                self._failed(peer, exc)
+                for i in which:
+                    outcomes[i] = exc
+                return
+            self._succeeded(peer)
+            sent = sum(v.nbytes for v in views)
+            self._sent += sent
+            if self.counters is not None:
+                self.counters.peer_bytes_out_grpc += sent
+            if response.dropped:   # the home had no room for some: which ones is not said, so none count
+                for i in which:
+                    outcomes[i] = UnavailableError(f"peer {peer} had no room for {response.dropped} blocks")
+
+        await asyncio.gather(*(send(peer, ns, which) for (peer, ns), which in groups.items()))
+        return outcomes
+
+    async def remove(self, keys: Sequence[bytes], namespace: bytes) -> None:
+        """Delete ``keys`` at every live peer (their homes, and the near copies others hold). A peer
+        that does not answer keeps its copies until they are evicted: logged, not raised."""
+        peers = [p for p in self.members.peers if self.members.up(p)]
+
+        async def delete(peer: str) -> None:
+            try:
+                await self.transport.delete(peer, keys, namespace, self.config.timeout_s)
+            except UnavailableError as exc:
+                self._failed(peer, exc)
+
+        await asyncio.gather(*(delete(peer) for peer in peers))

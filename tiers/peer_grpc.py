@@ -1,0 +1,107 @@
+"""Moving block bytes between daemons over gRPC: the transport that works everywhere.
+
+A fetch is one ``Get`` stream from the block's home, asked with ``local_only`` so the home answers
+from its own tiers and never asks its own peers in turn; a send is one ``Put`` stream to the home,
+each block with its checksum, so the home verifies the bytes before it stores them. Each call has
+a deadline. Errors are raised as :class:`~kvstore.errors.UnavailableError` (the peer is then left
+alone for a while by the caller) or :class:`~kvstore.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from kvstore.checksum import checksum
+from kvstore.errors import IntegrityError, InvalidArgumentError, UnavailableError
+from kvstore.framing import Unpacker, pack
+from kvstore.proto import CHANNEL_OPTIONS
+from kvstore.proto.v1 import kvstore_pb2 as pb
+from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 1 << 20
+
+
+class GrpcPeers:
+    """One channel per peer, opened on first use and closed when the peer leaves."""
+
+    name = "grpc"
+
+    def __init__(self) -> None:
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.KVStoreStub]] = {}
+
+    def stub(self, peer: str) -> pb_grpc.KVStoreStub:
+        entry = self._channels.get(peer)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS)
+            entry = self._channels[peer] = (channel, pb_grpc.KVStoreStub(channel))
+        return entry[1]
+
+    async def forget(self, peers: Sequence[str]) -> None:
+        for peer in peers:
+            entry = self._channels.pop(peer, None)
+            if entry is not None:
+                await entry[0].close()
+
+    async def close(self) -> None:
+        await self.forget(list(self._channels))
+
+    async def probe(self, peer: str, keys: Sequence[bytes], namespace: bytes, timeout_s: float) -> pb.ProbeResponse:
+        request = pb.ProbeRequest(namespace=namespace, packed_keys=b"".join(keys), key_bytes=len(keys[0]))
+        try:
+            response = await self.stub(peer).Probe(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(f"probe: {exc.code().name}: {exc.details()}") from None
+        held = sum(1 for b in response.present if b)
+        if len(response.present) != len(keys) or len(response.sizes) != held or len(response.checksums) != held:
+            raise UnavailableError("probe: a malformed answer")
+        return response
+
+    async def fetch(self, peer: str, key: bytes, namespace: bytes, out: memoryview, timeout_s: float) -> int:
+        """Read one block from ``peer`` into ``out`` (its size exactly); returns the bytes read."""
+        call = self.stub(peer).Get(pb.GetRequest(keys=[key], namespace=namespace, local_only=True), timeout=timeout_s)
+        try:
+            stream = aiter(call)
+            first = await anext(stream, None)
+            header = first.header if first is not None else None
+            if header is None or header.count != 1 or len(header.sizes) != 1:
+                raise UnavailableError(f"the peer no longer holds block {key[:8].hex()}")
+            if header.sizes[0] != out.nbytes:
+                raise IntegrityError(f"the peer holds {header.sizes[0]} bytes for a block of {out.nbytes}")
+            unpacker = Unpacker(header.sizes)
+            async for message in stream:
+                for _, offset, piece in unpacker.feed(message.data):
+                    out[offset : offset + piece.nbytes] = piece
+            unpacker.check_complete()
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(f"get: {exc.code().name}: {exc.details()}") from None
+        except InvalidArgumentError as exc:   # the stream's framing did not add up
+            raise IntegrityError(f"the peer's stream: {exc}") from None
+        finally:
+            call.cancel()
+        return out.nbytes
+
+    async def send(
+        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float
+    ) -> pb.PutResponse:
+        """Put ``views`` under ``keys`` at ``peer`` (checksums computed here, verified there)."""
+        header = pb.PutHeader(
+            namespace=namespace, keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]
+        )
+
+        def messages():
+            yield pb.PutRequest(header=header)
+            for chunk in pack(views, CHUNK_BYTES):
+                yield pb.PutRequest(data=chunk)
+
+        try:
+            return await self.stub(peer).Put(messages(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(f"put: {exc.code().name}: {exc.details()}") from None
+
+    async def delete(self, peer: str, keys: Sequence[bytes], namespace: bytes, timeout_s: float) -> None:
+        try:
+            await self.stub(peer).Delete(pb.DeleteRequest(keys=keys, namespace=namespace, local_only=True), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(f"delete: {exc.code().name}: {exc.details()}") from None
