@@ -1,0 +1,307 @@
+"""Three daemons on loopback as one cache: the peer tier end to end.
+
+Clients stay on the remote path (``local="off"``), so nothing crosses between daemons by shared
+memory: every byte a daemon serves for a block it did not hold came from a peer over the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from kvstore import block_keys
+from kvstore.client import KVClient
+from kvstore.config import PeerConfig
+from kvstore.errors import ConfigError
+from kvstore.rendezvous import homes
+from kvstore.server.process import DaemonProcess
+from kvstore.server.server import KVStoreServer
+from kvstore.tier_kind import TierKind
+from kvstore.tiers.membership import DnsMembers, Membership, MemberSource, StaticMembers
+
+from conftest import make_config
+
+MiB = 1 << 20
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def addresses(ports: list[int]) -> tuple[str, ...]:
+    return tuple(f"127.0.0.1:{p}" for p in ports)
+
+
+def chain(n: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return block_keys(rng.integers(0, 50_000, n * 16, dtype=np.uint32), block_size=16, namespace=b"cluster")
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int = 3, dram_bytes: int = 64 * MiB, **peer):
+    ports = free_ports(n)
+    members = addresses(ports)
+    servers = []
+    try:
+        for port in ports:
+            config = make_config(dram_bytes, port=port, local_socket="off",
+                                 peer=PeerConfig(peers=members, backoff_s=0.2, **peer))
+            server = KVStoreServer(config)
+            await server.start()
+            servers.append(server)
+        await asyncio.sleep(0.2)   # each has read its member list
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+async def settled(servers, timeout_s: float = 20.0) -> None:
+    """Wait until no daemon has blocks waiting to travel home."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(s.level_queue_empty() for s in map(_Queues, servers)):
+            await asyncio.sleep(0.1)
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("blocks were still waiting to travel to their homes")
+
+
+class _Queues:
+    def __init__(self, server: KVStoreServer) -> None:
+        self.daemon = server.daemon
+
+    def level_queue_empty(self) -> bool:
+        return all(s.uploads._queue.empty() for s in self.daemon.shared.levels) and not self.daemon.mover.busy
+
+
+async def test_a_block_put_on_one_daemon_is_found_and_fetched_byte_exact_on_the_others():
+    async with cluster() as servers:
+        keys = chain(48, seed=1)
+        blocks = [os.urandom(64 << 10) for _ in keys]
+        async with KVClient(servers[0].address, local="off") as first:
+            assert (await first.put(keys, blocks)).stored == len(keys)
+        await settled(servers)
+        for server in servers[1:]:
+            async with KVClient(server.address, local="off") as other:
+                hit = await other.lookup(keys)
+                assert hit.count == len(keys)
+                assert TierKind.PEER in set(hit.tiers)   # found at the others, reported as such
+                got = await other.get(keys)
+                assert [bytes(b) for b in got] == blocks
+                again = await other.lookup(keys)   # fetched blocks are kept: a near cache
+                assert again.count == len(keys) and set(again.tiers) == {TierKind.DRAM}
+        sent = sum(s.daemon.counters.peer_bytes_out_grpc for s in servers)
+        fetched = sum(s.daemon.counters.peer_bytes_in_grpc for s in servers)
+        assert sent > 0 and fetched > 0
+        assert all(s.daemon.counters.peer_members == 2 and s.daemon.counters.peer_live == 2 for s in servers)
+
+
+async def test_each_block_travels_to_its_rendezvous_home():
+    async with cluster() as servers:
+        keys = chain(60, seed=2)
+        async with KVClient(servers[1].address, local="off") as kv:
+            await kv.put(keys, [os.urandom(4096) for _ in keys])
+        await settled(servers)
+        members = sorted(s.address for s in servers)
+        home_of = [members[i] for i in homes(keys, members).tolist()]
+        for server in servers:
+            probe = server.daemon.probe(b"".join(keys), 32)[0]
+            held = [bool(b) for b in probe]
+            for key, home, has in zip(keys, home_of, held):
+                if home == server.address:
+                    assert has, "a block is missing at its home"
+        assert {home for home in home_of} == set(members)   # the test's keys reach every member
+
+
+async def test_three_small_daemons_pool_their_capacity():
+    # 64 MiB of DRAM each and no NVMe: one daemon alone keeps at most 64 MiB of 1 MiB blocks.
+    async with cluster(dram_bytes=64 * MiB) as servers:
+        keys = [os.urandom(32) for _ in range(150)]
+        data = {key: os.urandom(MiB) for key in keys}
+        async with KVClient(servers[0].address, local="off") as kv:
+            for start in range(0, len(keys), 10):
+                batch = keys[start : start + 10]
+                await kv.put(batch, [data[k] for k in batch])
+                await settled(servers)
+        async with KVClient(servers[2].address, local="off") as reader:
+            findable = [key for key in keys if (await reader.lookup([key])).count == 1]
+            sample = findable[::10]
+            got = await asyncio.gather(*(reader.get([key]) for key in sample))
+        assert len(findable) * MiB > 96 * MiB, f"only {len(findable)} MiB findable from one node"
+        assert [bytes(g[0]) for g in got] == [data[k] for k in sample]
+
+
+async def test_a_block_whose_peer_copy_is_corrupt_is_a_miss_never_wrong_bytes():
+    async with cluster(n=2) as servers:
+        keys = chain(8, seed=3)
+        blocks = [os.urandom(8192) for _ in keys]
+        async with KVClient(servers[0].address, local="off") as kv:
+            await kv.put(keys, blocks)
+        await settled(servers)
+        holder = next(s for s in servers if s.address != servers[1].address)
+        # Corrupt, in the holder's memory, a block the other daemon does not hold itself.
+        reader = servers[1]
+        probe = reader.daemon.probe(b"".join(keys), 32)[0]
+        victim = next(i for i, b in enumerate(probe) if not b)
+        from kvstore.keys import scoped
+
+        record = holder.daemon.catalog.get(scoped([keys[victim]], b"")[0])
+        view = holder.daemon.arena.view(record.primary().location, record.size)
+        view[0] ^= 0xFF
+        async with KVClient(reader.address, local="off") as kv:
+            got = await kv.get(keys)
+        assert len(got) == victim and [bytes(b) for b in got] == blocks[:victim]
+        assert reader.daemon.counters.integrity_failures == 1
+
+
+async def test_a_daemon_without_peers_runs_as_before_and_a_bad_peer_setting_is_one_error():
+    with pytest.raises(ConfigError, match="peer.peers must be HOST:PORT"):
+        PeerConfig(peers=("no-port",))
+    with pytest.raises(ConfigError, match="peer.transfer must be one of"):
+        PeerConfig(peers=("a:1",), transfer="carrier-pigeon")
+    with pytest.raises(ConfigError, match="peer.timeout_s"):
+        PeerConfig(peers=("a:1",), timeout_s=0)
+
+
+def test_a_bad_peers_flag_is_one_line_and_exit_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    for flag, value, setting in (("--peers", "10.0.0.1", "peer.peers"), ("--peers-dns", "svc", "peer.dns"),
+                                 ("--transfer", "smoke", "peer.transfer")):
+        extra = ["--peers", "127.0.0.1:1"] if flag == "--transfer" else []
+        done = subprocess.run(
+            [sys.executable, "-m", "kvstore.server.cli", "serve", "--port", "0", "--nvme-dir", "off", *extra, flag, value],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and setting in lines[0], done.stderr
+
+
+class _Flaky(MemberSource):
+    def __init__(self) -> None:
+        self.answer: list[str] | None = ["a:1", "b:2"]
+
+    async def resolve(self) -> list[str]:
+        if self.answer is None:
+            raise OSError("name resolution failed")
+        return list(self.answer)
+
+
+async def test_membership_keeps_its_members_when_the_source_fails_and_skips_failed_peers():
+    source = _Flaky()
+    members = Membership(source, backoff_s=0.2)
+    members.advertise("a:1")
+    await members.refresh()
+    assert members.peers == ["b:2"] and members.live() == ["a:1", "b:2"]
+    source.answer = None
+    await members.refresh()
+    assert members.peers == ["b:2"]   # a failed lookup of the source changes nothing
+    members.failed("b:2", OSError("refused"))
+    assert members.live() == ["a:1"]   # skipped during its backoff...
+    await asyncio.sleep(0.25)
+    assert members.live() == ["a:1", "b:2"]   # ...and back afterwards
+    source.answer = ["a:1", "c:3"]
+    await members.refresh()
+    assert members.peers == ["c:3"]
+
+
+async def test_the_dns_source_resolves_a_name_to_every_address_with_the_port():
+    found = await DnsMembers("localhost:7070").resolve()
+    assert "127.0.0.1:7070" in found
+    with pytest.raises(OSError):
+        await DnsMembers("no-such-host.invalid:7070").resolve()
+    assert await StaticMembers(["a:1", "a:1", "b:2"]).resolve() == ["a:1", "b:2"]
+
+
+def test_rendezvous_homes_move_only_the_keys_of_a_member_that_joins():
+    keys = [os.urandom(32) for _ in range(6000)]
+    three = ["a:1", "b:2", "c:3"]
+    before = homes(keys, three)
+    assert np.bincount(before).min() > 1800   # spread evenly
+    after = homes(keys, [*three, "d:4"])
+    moved = before != after
+    assert 0.2 < moved.mean() < 0.3 and (after[moved] == 3).all()
+    assert (homes(keys, three) == before).all()   # the same members give the same homes
+
+
+@pytest.mark.slow
+def test_a_daemon_killed_mid_run_costs_misses_within_the_deadline_and_a_late_one_joins():
+    ports = free_ports(3)
+    members = ",".join(addresses(ports))
+    common = ["--dram-bytes", "64MiB", "--local-socket", "off", "--peers", members, "--peer-timeout-s", "0.5"]
+    a = DaemonProcess([*common, "--port", str(ports[0])])
+    b = DaemonProcess([*common, "--port", str(ports[1])])
+    c = DaemonProcess([*common, "--port", str(ports[2])])
+    with a, b:
+        c.start()
+        try:
+            asyncio.run(_kill_and_join(a, b, c, ports))
+        except BaseException:
+            print("A:", a.log(), "B:", b.log(), sep="\n")
+            raise
+        finally:
+            c.stop()
+
+
+async def _kill_and_join(a: DaemonProcess, b: DaemonProcess, c: DaemonProcess, ports: list[int]) -> None:
+    keys = chain(90, seed=4)
+    blocks = [os.urandom(16384) for _ in keys]
+    members = sorted(addresses(ports))
+    home = [members[i] for i in homes(keys, members).tolist()]
+    async with KVClient(a.target, local="off") as ka, KVClient(b.target, local="off") as kb:
+        await ka.put(keys, blocks)
+        await _until(lambda: _count(kb, keys), len(keys))
+        c.proc.send_signal(signal.SIGKILL)   # mid-run: no goodbye
+        c.proc.wait()
+        # What lived on C is gone; lookups past it answer within the deadline, never with an error.
+        for client in (ka, kb):
+            start = time.monotonic()
+            hit = await client.lookup(keys)
+            assert time.monotonic() - start < 1.5
+            assert hit.count <= len(keys)
+        # A and B lose nothing of their own: every block homed at one of them is still served.
+        own = [i for i, h in enumerate(home) if h != c.target]
+        assert 0 < len(own) < len(keys)
+        for i in own:
+            got = await kb.get([keys[i]])
+            assert len(got) == 1 and bytes(got[0]) == blocks[i]
+        # A daemon started later on C's address joins and serves.
+        c.start()
+        later = chain(30, seed=5)
+        more = [os.urandom(16384) for _ in later]
+        async with KVClient(c.target, local="off") as kc:
+            await kc.put(later, more)
+        await _until(lambda: _count(ka, later), len(later), timeout_s=30)
+        got = await ka.get(later)
+        assert [bytes(g) for g in got] == more
+
+
+async def _count(client: KVClient, keys) -> int:
+    return (await client.lookup(keys)).count
+
+
+async def _until(probe, want: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    got = -1
+    while time.monotonic() < deadline:
+        got = await probe()
+        if got >= want:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"only {got} of {want} within {timeout_s}s")
