@@ -124,6 +124,10 @@ SCHEMA: tuple[StatField, ...] = (
             _PEER_DATA, "in", "grpc", unit=Unit.BYTES),
     _daemon("peer_bytes_out_grpc", "Block bytes sent to peers over the gRPC stream", "peer bytes out (grpc)",
             _PEER_DATA, "out", "grpc", unit=Unit.BYTES),
+    _daemon("peer_bytes_in_nixl", "Block bytes fetched from peers by NIXL", "peer bytes in (nixl)",
+            _PEER_DATA, "in", "nixl", unit=Unit.BYTES),
+    _daemon("peer_bytes_out_nixl", "Block bytes sent to peers by NIXL", "peer bytes out (nixl)",
+            _PEER_DATA, "out", "nixl", unit=Unit.BYTES),
     # Per tier, in the order of the `kvstore stats` columns.
     _tier("hits", "Blocks served from this tier (their fastest copy was here)", "hits", "kvstore_tier_hits"),
     _tier("promotions", "Blocks copied up from this tier into a faster one", "promoted", "kvstore_tier_promotions"),

@@ -95,7 +95,7 @@ class Daemon:
         self.shared = SharedLevels.build(layout, self.stack.tiers, self.catalog, self.counters, self.block_limit()[0])
         self.health = self.shared.health if self.shared is not None else {}
         for tier in self.stack.tiers:
-            tier.bind(self.counters)
+            tier.bind(self.counters, self.arena)
         write_policy = placement.WritePolicy(
             persist=config.write_through, share=config.share_write_through
         )
@@ -440,6 +440,20 @@ class Daemon:
         if self.shared is not None and shared_keys and not local_only:
             await self.shared.delete(shared_keys, scoped(shared_keys, namespace), namespace)
         return deleted
+
+    def peer_hello(self, agent: str, metadata: bytes) -> tuple[str, bytes, int, int] | None:
+        """A peer daemon's NIXL hello, answered by the tier that moves bytes between daemons."""
+        for level in self.shared.levels if self.shared is not None else ():
+            hello = getattr(level.tier, "hello", None)
+            if hello is not None:
+                if not agent or not metadata:
+                    raise InvalidArgumentError("a peer hello names its agent and sends its metadata")
+                try:
+                    return hello(agent, metadata)
+                except Exception as exc:   # metadata NIXL cannot read: that peer uses the gRPC stream
+                    log.warning("a peer's NIXL hello was refused (%s)", exc)
+                    return None
+        return None
 
     def probe(self, packed: bytes, key_bytes: int, namespace: bytes = b"") -> tuple[bytes, list[int], list[int]]:
         """What a peer asks: for each key, the tier of this daemon's own fastest readable copy (0:

@@ -27,6 +27,9 @@ class Leasing:
         # Copies of expired write leases whose session is still alive: the client may still be
         # copying into them, so they stay held (their bytes unused) until that session ends.
         self._quarantine: dict[str, list[Copy]] = {}
+        # Sessions of peer daemons (the NIXL transport), by their agent: their reads are answered
+        # from this daemon's own tiers only.
+        self._peers: dict[str, str] = {}
 
     def __len__(self) -> int:
         """Leases held right now."""
@@ -37,7 +40,8 @@ class Leasing:
     ) -> tuple[Lease | None, bool]:
         """Pin the leading present blocks for a same-host reader: (lease or None, partial)."""
         self.table.check(session)
-        copies, partial = await self.daemon.acquire(keys, namespace)
+        peer = session in self._peers.values()
+        copies, partial = await self.daemon.acquire(keys, namespace, local_only=peer)
         if not copies:
             return None, False
         try:
@@ -105,6 +109,15 @@ class Leasing:
             daemon.counters.integrity_failures += len(corrupt)
             raise IntegrityError(f"blocks {corrupt} did not match their checksums and were not stored")
         return stored, list(slots)
+
+    def open_peer_session(self, agent: str) -> str:
+        """A session for the peer daemon whose NIXL agent is ``agent`` (a second hello from the same
+        agent ends its first session)."""
+        old = self._peers.pop(agent, None)
+        if old is not None:
+            self.close_session(old)
+        session = self._peers[agent] = self.table.open_session()
+        return session
 
     def expire(self, now: float) -> int:
         """Take back every lease past its TTL; returns how many."""

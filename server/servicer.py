@@ -102,6 +102,7 @@ class KVStoreServicer:
             "Acquire": (pb.AcquireRequest, pb.AcquireResponse, self.acquire),
             "Release": (pb.ReleaseRequest, pb.ReleaseResponse, self.release),
             "Probe": (pb.ProbeRequest, pb.ProbeResponse, self.probe),
+            "PeerHello": (pb.PeerHelloRequest, pb.PeerHelloResponse, self.peer_hello),
         }
 
     def _unary(self, method: str, request_cls: type[Message], fn: Callable[[Any], Any]):
@@ -220,6 +221,14 @@ class KVStoreServicer:
                 request.keys, request.if_checksums, request.namespace, local_only=request.local_only
             )
         )
+
+    def peer_hello(self, request: pb.PeerHelloRequest) -> pb.PeerHelloResponse:
+        answer = self.daemon.peer_hello(request.agent, request.metadata)
+        if answer is None:   # no NIXL here: an empty answer, and the peer uses the gRPC stream
+            return pb.PeerHelloResponse()
+        agent, metadata, address, size = answer
+        return pb.PeerHelloResponse(session=self.leasing.open_peer_session(request.agent), agent=agent,
+                                    metadata=metadata, arena_address=address, arena_bytes=size)
 
     def probe(self, request: pb.ProbeRequest) -> pb.ProbeResponse:
         present, sizes, checksums = self.daemon.probe(request.packed_keys, request.key_bytes, request.namespace)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -25,10 +26,14 @@ from kvstore.server.process import DaemonProcess
 from kvstore.server.server import KVStoreServer
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.membership import DnsMembers, Membership, MemberSource, StaticMembers
+from kvstore.tiers.peer_nixl import nixl_module
 
 from conftest import make_config
 
 MiB = 1 << 20
+
+needs_nixl = pytest.mark.skipif(nixl_module() is None, reason="NIXL is not installed (pip install nixl-cu12)")
+TRANSFERS = [pytest.param("grpc", id="grpc"), pytest.param("nixl", id="nixl", marks=needs_nixl)]
 
 
 def free_ports(n: int) -> list[int]:
@@ -51,14 +56,15 @@ def chain(n: int, seed: int) -> list[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def cluster(n: int = 3, dram_bytes: int = 64 * MiB, **peer):
+async def cluster(n: int = 3, dram_bytes: int = 64 * MiB, transfers: Sequence[str] = ("grpc",), **peer):
     ports = free_ports(n)
     members = addresses(ports)
     servers = []
     try:
-        for port in ports:
+        for i, port in enumerate(ports):
+            transfer = transfers[i % len(transfers)]
             config = make_config(dram_bytes, port=port, local_socket="off",
-                                 peer=PeerConfig(peers=members, backoff_s=0.2, **peer))
+                                 peer=PeerConfig(peers=members, backoff_s=0.2, transfer=transfer, **peer))
             server = KVStoreServer(config)
             await server.start()
             servers.append(server)
@@ -88,8 +94,9 @@ class _Queues:
         return all(s.uploads._queue.empty() for s in self.daemon.shared.levels) and not self.daemon.mover.busy
 
 
-async def test_a_block_put_on_one_daemon_is_found_and_fetched_byte_exact_on_the_others():
-    async with cluster() as servers:
+@pytest.mark.parametrize("transfer", TRANSFERS)
+async def test_a_block_put_on_one_daemon_is_found_and_fetched_byte_exact_on_the_others(transfer):
+    async with cluster(transfers=[transfer]) as servers:
         keys = chain(48, seed=1)
         blocks = [os.urandom(64 << 10) for _ in keys]
         async with KVClient(servers[0].address, local="off") as first:
@@ -104,9 +111,10 @@ async def test_a_block_put_on_one_daemon_is_found_and_fetched_byte_exact_on_the_
                 assert [bytes(b) for b in got] == blocks
                 again = await other.lookup(keys)   # fetched blocks are kept: a near cache
                 assert again.count == len(keys) and set(again.tiers) == {TierKind.DRAM}
-        sent = sum(s.daemon.counters.peer_bytes_out_grpc for s in servers)
-        fetched = sum(s.daemon.counters.peer_bytes_in_grpc for s in servers)
-        assert sent > 0 and fetched > 0
+        counted = lambda name: sum(getattr(s.daemon.counters, name) for s in servers)  # noqa: E731
+        assert counted(f"peer_bytes_out_{transfer}") > 0 and counted(f"peer_bytes_in_{transfer}") > 0
+        other = "nixl" if transfer == "grpc" else "grpc"
+        assert counted(f"peer_bytes_out_{other}") == counted(f"peer_bytes_in_{other}") == 0
         assert all(s.daemon.counters.peer_members == 2 and s.daemon.counters.peer_live == 2 for s in servers)
 
 
@@ -127,9 +135,10 @@ async def test_each_block_travels_to_its_rendezvous_home():
         assert {home for home in home_of} == set(members)   # the test's keys reach every member
 
 
-async def test_three_small_daemons_pool_their_capacity():
+@pytest.mark.parametrize("transfer", TRANSFERS)
+async def test_three_small_daemons_pool_their_capacity(transfer):
     # 64 MiB of DRAM each and no NVMe: one daemon alone keeps at most 64 MiB of 1 MiB blocks.
-    async with cluster(dram_bytes=64 * MiB) as servers:
+    async with cluster(dram_bytes=64 * MiB, transfers=[transfer]) as servers:
         keys = [os.urandom(32) for _ in range(150)]
         data = {key: os.urandom(MiB) for key in keys}
         async with KVClient(servers[0].address, local="off") as kv:
@@ -166,6 +175,20 @@ async def test_a_block_whose_peer_copy_is_corrupt_is_a_miss_never_wrong_bytes():
             got = await kv.get(keys)
         assert len(got) == victim and [bytes(b) for b in got] == blocks[:victim]
         assert reader.daemon.counters.integrity_failures == 1
+
+
+@needs_nixl
+async def test_auto_takes_the_grpc_stream_to_a_peer_without_nixl():
+    async with cluster(n=2, transfers=["auto", "grpc"]) as servers:
+        keys = chain(40, seed=6)
+        blocks = [os.urandom(16384) for _ in keys]
+        async with KVClient(servers[0].address, local="off") as kv:
+            await kv.put(keys, blocks)
+        await settled(servers)
+        async with KVClient(servers[1].address, local="off") as kv:
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+        auto = servers[0].daemon.counters
+        assert auto.peer_bytes_out_grpc > 0 and auto.peer_bytes_out_nixl == 0
 
 
 async def test_a_daemon_without_peers_runs_as_before_and_a_bad_peer_setting_is_one_error():
@@ -241,10 +264,12 @@ def test_rendezvous_homes_move_only_the_keys_of_a_member_that_joins():
 
 
 @pytest.mark.slow
-def test_a_daemon_killed_mid_run_costs_misses_within_the_deadline_and_a_late_one_joins():
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_a_daemon_killed_mid_run_costs_misses_within_the_deadline_and_a_late_one_joins(transfer):
     ports = free_ports(3)
     members = ",".join(addresses(ports))
-    common = ["--dram-bytes", "64MiB", "--local-socket", "off", "--peers", members, "--peer-timeout-s", "0.5"]
+    common = ["--dram-bytes", "64MiB", "--local-socket", "off", "--peers", members, "--peer-timeout-s", "0.5",
+              "--transfer", transfer]
     a = DaemonProcess([*common, "--port", str(ports[0])])
     b = DaemonProcess([*common, "--port", str(ports[1])])
     c = DaemonProcess([*common, "--port", str(ports[2])])

@@ -32,6 +32,13 @@ from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
 
 
+def address_of(view: memoryview) -> int:
+    """The address of a (writable or read-only) memoryview's first byte in this process."""
+    import numpy as np
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectRef:
     """Where a key-addressed tier keeps one block: the block key (unscoped) and its namespace."""
@@ -74,9 +81,10 @@ class Tier(ABC):
         """One line for the start-up log."""
         return self.name
 
-    def bind(self, counters: Any) -> None:
-        """Given the daemon's :class:`~kvstore.stats.Counters`, for tiers that count more than
-        the per-tier fields the mover keeps (the peers)."""
+    def bind(self, counters: Any, landing: MemoryTier) -> None:
+        """Given the daemon's :class:`~kvstore.stats.Counters` and its landing tier, for tiers that
+        count more than the per-tier fields the mover keeps, or move bytes straight into the
+        landing tier's memory (the peers)."""
 
     def serving_at(self, host: str, port: int) -> None:
         """The daemon listens on ``host:port`` now (called once, after :meth:`open`)."""
@@ -222,6 +230,7 @@ class MemoryTier(ExtentTier):
 
     fd: int = -1
     prefaulted: bool = False
+    base_address: int = 0   # where its bytes start in this process; 0 where that is not known
 
     @abstractmethod
     def view(self, extent: Extent, nbytes: int) -> memoryview:

@@ -19,7 +19,7 @@ from kvstore.config import DramConfig, format_bytes
 from kvstore.errors import ConfigError
 from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import MemoryTier
+from kvstore.tiers.base import MemoryTier, address_of
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -119,6 +119,11 @@ class DramTier(MemoryTier):
 
     def view(self, extent: Extent, nbytes: int) -> memoryview:
         return self._view[extent.offset : extent.offset + nbytes]
+
+    @property
+    def base_address(self) -> int:
+        """Where the arena starts in this process (for registering it with a transfer library)."""
+        return address_of(self._view)
 
     async def close(self) -> None:
         self.unmap()

@@ -14,8 +14,10 @@ tier raises only :class:`~kvstore.errors.UnavailableError` or
 :class:`~kvstore.errors.IntegrityError`, which the daemon turns into misses. Blocks whose home is
 this daemon are not sent anywhere: this node's capacity is their capacity.
 
-Bytes move through a transport; the gRPC stream (:mod:`kvstore.tiers.peer_grpc`) works wherever
-the control plane does.
+Bytes move through a transport: NIXL (:mod:`kvstore.tiers.peer_nixl`: one-sided transfers
+between the daemons' registered arenas, RDMA where there is a NIC) when it is installed and the
+peer offers it, else the gRPC stream (:mod:`kvstore.tiers.peer_grpc`), which works wherever the
+control plane does (``peer.transfer``: auto, nixl, grpc).
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from kvstore.keys import unscoped
 from kvstore.layout import Addressing, Capabilities
 from kvstore.rendezvous import homes
 from kvstore.tier_kind import TierKind
-from kvstore.tiers.base import KeyedTier, ObjectRef, ProbeInfo
+from kvstore.tiers.base import KeyedTier, MemoryTier, ObjectRef, ProbeInfo
 from kvstore.tiers.membership import DnsMembers, Membership, StaticMembers, join_address
 from kvstore.tiers.peer_grpc import GrpcPeers
+from kvstore.tiers.peer_nixl import NixlAgent, NixlPeers, nixl_module
 
 log = logging.getLogger("kvstore.peers")
 
@@ -53,12 +56,15 @@ class PeerTier(KeyedTier):
     def __init__(self, config: PeerConfig) -> None:
         if not config.enabled:
             raise ConfigError("peer.peers or peer.dns must be set for the peer tier")
-        if config.transfer is Transfer.NIXL:
-            raise ConfigError("peer.transfer = nixl: the NIXL transport is not built yet; use grpc or auto")
+        if config.transfer is Transfer.NIXL and nixl_module() is None:
+            raise ConfigError("peer.transfer = nixl, but NIXL is not installed (pip install 'kvstore[rdma]')")
         self.config = config
         source = StaticMembers(config.peers) if config.peers else DnsMembers(config.dns)
         self.members = Membership(source, backoff_s=config.backoff_s)
         self.transport = GrpcPeers()
+        self.nixl: NixlPeers | None = None
+        self._grpc_only: set[str] = set()   # peers that said they have no NIXL
+        self._landing: MemoryTier | None = None
         self.counters: Any = None
         self._refreshing: asyncio.Task | None = None
         self._sent = 0   # bytes this daemon sent home (what the others hold for it, as far as it knows)
@@ -71,8 +77,9 @@ class PeerTier(KeyedTier):
     def description(self) -> str:
         return f"peers ({self.members.source.description}, advertised as {self.members.me or 'not yet'})"
 
-    def bind(self, counters: Any) -> None:
+    def bind(self, counters: Any, landing: MemoryTier) -> None:
         self.counters = counters
+        self._landing = landing
 
     def serving_at(self, host: str, port: int) -> None:
         me = self.config.advertise
@@ -81,13 +88,59 @@ class PeerTier(KeyedTier):
                 host = socket.gethostbyname(socket.gethostname())
             me = join_address(host, port)
         self.members.advertise(me)
+        if self.config.transfer is not Transfer.GRPC:
+            self._start_nixl(me)
         self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loop(), name="kvstore-peers")
+
+    def _start_nixl(self, me: str) -> None:
+        landing = self._landing
+        try:
+            if landing is None or not landing.base_address:
+                raise UnavailableError("the landing tier has no address to register")
+            self.nixl = NixlPeers(NixlAgent(me, landing.base_address, landing.capacity_bytes), self.transport)
+        except Exception as exc:   # NIXL missing, no UCX, registration refused: all mean the same here
+            if self.config.transfer is Transfer.NIXL:
+                raise ConfigError(f"peer.transfer = nixl: NIXL cannot start ({exc})") from None
+            log.info("peer transfers use the gRPC stream (NIXL: %s)", exc)
+            return
+        log.info("peer transfers use NIXL (agent %s), the gRPC stream where a peer has no NIXL", self.nixl.agent.name)
+
+    def hello(self, agent: str, metadata: bytes) -> tuple[str, bytes, int, int] | None:
+        """A peer's ``PeerHello``: add its agent; (our agent, metadata, arena address, size), or
+        None without NIXL."""
+        if self.nixl is None:
+            return None
+        self.nixl.agent.add(metadata)
+        landing = self._landing
+        return self.nixl.agent.name, self.nixl.agent.metadata, landing.base_address, landing.capacity_bytes
+
+    async def _channel(self, peer: str):
+        """The transport for ``peer``: NIXL when both sides have it, else the gRPC stream."""
+        if self.nixl is None or peer in self._grpc_only:
+            return self.transport
+        remote = await self.nixl.remote(peer, self.config.timeout_s)
+        if not remote.agent:
+            self._grpc_only.add(peer)
+            self.nixl.forget([peer])
+            if self.config.transfer is Transfer.NIXL:
+                raise UnavailableError(f"peer {peer} has no NIXL (peer.transfer = nixl)")
+            return self.transport
+        return self.nixl
+
+    def _count_bytes(self, transport, direction: str, n: int) -> None:
+        if self.counters is not None:
+            name = f"peer_bytes_{direction}_{transport.name}"
+            setattr(self.counters, name, getattr(self.counters, name) + n)
 
     async def _refresh_loop(self) -> None:
         while True:
             before = set(self.members.peers)
             await self.members.refresh()
-            await self.transport.forget(sorted(before - set(self.members.peers)))
+            gone = sorted(before - set(self.members.peers))
+            await self.transport.forget(gone)
+            if self.nixl is not None:
+                self.nixl.forget(gone)
+            self._grpc_only -= set(gone)
             self._count_members()
             await asyncio.sleep(self.config.refresh_s)
 
@@ -102,6 +155,9 @@ class PeerTier(KeyedTier):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refreshing
         await self.transport.close()
+        if self.nixl is not None:
+            self.nixl.agent.close()
+            self.nixl = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -180,15 +236,17 @@ class PeerTier(KeyedTier):
             raise UnavailableError("the block's home is this daemon now (a member left or joined)")
         whole = out if offset == 0 and out.nbytes == location.length else memoryview(bytearray(location.length))
         try:
-            await self.transport.fetch(home, location.key, location.namespace, whole, self.config.transfer_timeout_s)
+            transport = await self._channel(home)
+            if transport is self.nixl and self.nixl.agent.inside(whole) is None:
+                transport = self.transport   # not arena memory: NIXL cannot write there
+            await transport.fetch(home, location.key, location.namespace, whole, self.config.transfer_timeout_s)
         except UnavailableError as exc:
             self._failed(home, exc)
             raise
         self._succeeded(home)
         if whole is not out:
             out[:] = whole[offset : offset + out.nbytes]
-        if self.counters is not None:
-            self.counters.peer_bytes_in_grpc += location.length
+        self._count_bytes(transport, "in", location.length)
 
     async def write(self, location: ObjectRef, offset: int, data: memoryview) -> None:
         if offset:
@@ -210,7 +268,10 @@ class PeerTier(KeyedTier):
         async def send(peer: str, namespace: bytes, which: list[int]) -> None:
             views = [items[i][1][: items[i][0].length] for i in which]
             try:
-                response = await self.transport.send(
+                transport = await self._channel(peer)
+                if transport is self.nixl and any(self.nixl.agent.inside(v) is None for v in views):
+                    transport = self.transport
+                response = await transport.send(
                     peer, [items[i][0].key for i in which], namespace, views, self.config.transfer_timeout_s
                 )
             except UnavailableError as exc:
@@ -221,8 +282,7 @@ class PeerTier(KeyedTier):
             self._succeeded(peer)
             sent = sum(v.nbytes for v in views)
             self._sent += sent
-            if self.counters is not None:
-                self.counters.peer_bytes_out_grpc += sent
+            self._count_bytes(transport, "out", sent)
             if response.dropped:   # the home had no room for some: which ones is not said, so none count
                 for i in which:
                     outcomes[i] = UnavailableError(f"peer {peer} had no room for {response.dropped} blocks")

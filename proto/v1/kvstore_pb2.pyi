@@ -172,7 +172,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., errors: _Optional[int] = ..., uploads: _Optional[int] = ..., dropped_uploads: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures", "peer_members", "peer_live", "peer_asked_blocks", "peer_found_blocks", "peer_probed_blocks", "peer_errors", "peer_bytes_in_grpc", "peer_bytes_out_grpc")
+    __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures", "peer_members", "peer_live", "peer_asked_blocks", "peer_found_blocks", "peer_probed_blocks", "peer_errors", "peer_bytes_in_grpc", "peer_bytes_out_grpc", "peer_bytes_in_nixl", "peer_bytes_out_nixl")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,8 @@ class StatsResponse(_message.Message):
     PEER_ERRORS_FIELD_NUMBER: _ClassVar[int]
     PEER_BYTES_IN_GRPC_FIELD_NUMBER: _ClassVar[int]
     PEER_BYTES_OUT_GRPC_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_IN_NIXL_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_OUT_NIXL_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -217,7 +219,9 @@ class StatsResponse(_message.Message):
     peer_errors: int
     peer_bytes_in_grpc: int
     peer_bytes_out_grpc: int
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., peer_members: _Optional[int] = ..., peer_live: _Optional[int] = ..., peer_asked_blocks: _Optional[int] = ..., peer_found_blocks: _Optional[int] = ..., peer_probed_blocks: _Optional[int] = ..., peer_errors: _Optional[int] = ..., peer_bytes_in_grpc: _Optional[int] = ..., peer_bytes_out_grpc: _Optional[int] = ...) -> None: ...
+    peer_bytes_in_nixl: int
+    peer_bytes_out_nixl: int
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., peer_members: _Optional[int] = ..., peer_live: _Optional[int] = ..., peer_asked_blocks: _Optional[int] = ..., peer_found_blocks: _Optional[int] = ..., peer_probed_blocks: _Optional[int] = ..., peer_errors: _Optional[int] = ..., peer_bytes_in_grpc: _Optional[int] = ..., peer_bytes_out_grpc: _Optional[int] = ..., peer_bytes_in_nixl: _Optional[int] = ..., peer_bytes_out_nixl: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ()
@@ -334,3 +338,25 @@ class ProbeResponse(_message.Message):
     sizes: _containers.RepeatedScalarFieldContainer[int]
     checksums: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, present: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PeerHelloRequest(_message.Message):
+    __slots__ = ("agent", "metadata")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    metadata: bytes
+    def __init__(self, agent: _Optional[str] = ..., metadata: _Optional[bytes] = ...) -> None: ...
+
+class PeerHelloResponse(_message.Message):
+    __slots__ = ("session", "agent", "metadata", "arena_address", "arena_bytes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    ARENA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    agent: str
+    metadata: bytes
+    arena_address: int
+    arena_bytes: int
+    def __init__(self, session: _Optional[str] = ..., agent: _Optional[str] = ..., metadata: _Optional[bytes] = ..., arena_address: _Optional[int] = ..., arena_bytes: _Optional[int] = ...) -> None: ...

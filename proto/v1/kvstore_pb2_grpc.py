@@ -89,6 +89,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.PeerHello = channel.unary_unary(
+                '/kvstore.v1.KVStore/PeerHello',
+                request_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PeerHelloRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PeerHelloResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -182,6 +187,16 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PeerHello(self, request, context):
+        """Open a peer session for the NIXL transport: each side registers the other's NIXL agent, and
+        the caller gets a session for Acquire/Release (reading blocks out of this daemon's arena under
+        a lease) and Reserve/Commit (writing blocks into it), with the arena's address for its
+        transfer descriptors. FAILED_PRECONDITION where this daemon has no NIXL (use the gRPC stream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +254,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeResponse.SerializeToString,
+            ),
+            'PeerHello': grpc.unary_unary_rpc_method_handler(
+                    servicer.PeerHello,
+                    request_deserializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PeerHelloRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PeerHelloResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -538,6 +558,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Probe',
             kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeRequest.SerializeToString,
             kvstore_dot_proto_dot_v1_dot_kvstore__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PeerHello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/PeerHello',
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PeerHelloRequest.SerializeToString,
+            kvstore_dot_proto_dot_v1_dot_kvstore__pb2.PeerHelloResponse.FromString,
             options,
             channel_credentials,
             insecure,
