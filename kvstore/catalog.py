@@ -434,6 +434,18 @@ class Catalog:
         self._leave(copy, evicted=False)
         self._free_if_done(copy)
 
+    def forget_remote(self, record: BlockRecord) -> bool:
+        """Forget ``record`` if all it has are copies in shared levels that nothing holds (a put of
+        its bytes is about to give it a local copy: the block is then stored as a new one). Returns
+        whether it was forgotten."""
+        slot = record.slot
+        if self.state[slot] != _READY_RECORD or not self._only_shared(slot):
+            return False
+        if any(c.holds[slot] for c in self.columns if c.state[slot]):
+            return False
+        self.drop(list(self.copies_of(slot).values()))
+        return True
+
     def trim_remote(self, limit: int) -> int:
         """Forget the oldest records whose only copies are shared, beyond ``limit`` (a later lookup
         finds them again). Returns how many were forgotten."""

@@ -348,8 +348,8 @@ class Daemon:
 
     def _present(self, key: bytes) -> bool:
         existing = self.catalog.get(key)
-        if existing is None:
-            return False
+        if existing is None or self.catalog.forget_remote(existing):
+            return False   # absent, or known only in a shared level: stored here now (a block sent home)
         if existing.state is BlockState.READY:
             self.catalog.touch(existing)
         self.counters.put_present_blocks += 1

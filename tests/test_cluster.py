@@ -135,6 +135,29 @@ async def test_each_block_travels_to_its_rendezvous_home():
         assert {home for home in home_of} == set(members)   # the test's keys reach every member
 
 
+async def test_a_block_known_only_at_a_peer_is_stored_when_its_bytes_arrive():
+    # A daemon that learnt of blocks at a peer (a lookup when another member was their home) and
+    # then becomes their home must keep the bytes sent to it, not take them for present.
+    from kvstore.checksum import checksum
+    from kvstore.keys import scoped
+
+    async with cluster(n=2) as servers:
+        home = servers[0]
+        d = home.daemon
+        peer = d.shared.levels[0]
+        keys = [os.urandom(32) for _ in range(10)]
+        blocks = [os.urandom(8192) for _ in keys]
+        for key, data in zip(keys, blocks):
+            record = d.catalog.known(scoped([key], b"")[0], len(data), checksum(data), b"")
+            d.catalog.fill(d.catalog.attach(record, peer.level, peer.tier.locate(key, b"", len(data))))
+        assert not any(d.probe(b"".join(keys), 32)[0])   # known, but held elsewhere
+        async with KVClient(home.address, local="off") as kv:
+            result = await kv.put(keys, blocks)
+            assert result.stored == len(keys) and result.present == 0
+            assert all(d.probe(b"".join(keys), 32)[0])
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+
 @pytest.mark.parametrize("transfer", TRANSFERS)
 async def test_three_small_daemons_pool_their_capacity(transfer):
     # 64 MiB of DRAM each and no NVMe: one daemon alone keeps at most 64 MiB of 1 MiB blocks.
