@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="S3-compatible endpoint for the S3 rows (default: a moto server started on loopback, when installed)",
     )
     parser.add_argument("--s3-bucket", default="kvstore-bench", help="bucket for the S3 rows")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="leave out the peer rows (two daemons, NIXL and the gRPC stream, against raw NIXL)")
     parser.add_argument(
         "--scale", type=int, metavar="N",
         help="instead: put N blocks, then report put rate, daemon memory per block, lookup at that size, "
@@ -113,6 +115,10 @@ def main(args: argparse.Namespace) -> int:
                                       directory=args.nvme_dir))
     if not args.no_s3:
         rows += _s3(args, plan)
+    if not args.no_peers:
+        from kvstore.bench.peers import peer_rows
+
+        rows += peer_rows(rounds=2 if args.quick else 3)
     print(f"kvstore bench on {machine()}")
     print(table(rows))
     if redis_port is None:

@@ -130,10 +130,15 @@ def rebalance(
     return plans
 
 
-def read_window(landing_capacity: int, block_bytes: int) -> int:
+PROMOTE_AHEAD_POOLED = 64
+"""Blocks a get reads ahead from peers: their fetches from one peer travel together, so a wider
+window is fewer, larger transfers."""
+
+
+def read_window(landing_capacity: int, block_bytes: int, ahead: int = PROMOTE_AHEAD) -> int:
     """How many blocks a get reads ahead: :data:`PROMOTE_AHEAD`, but at most a quarter of what the
     landing level holds, so read-ahead never crowds out the block the get needs now."""
-    return max(1, min(PROMOTE_AHEAD, landing_capacity // (4 * max(block_bytes, 1))))
+    return max(1, min(ahead, landing_capacity // (4 * max(block_bytes, 1))))
 
 
 def read_ahead(records: Sequence[BlockRecord], start: int, landing: int, window: int = PROMOTE_AHEAD) -> list[int]:

@@ -223,7 +223,10 @@ class Daemon:
         ahead: dict[int, asyncio.Future] = {}
         try:
             for i, record in enumerate(found):
-                window = placement.read_window(self.arena.capacity_bytes, record.size)
+                source = record.primary()
+                pooled = source is not None and self.layout.levels[source.level].capabilities.pooled
+                window = placement.read_window(self.arena.capacity_bytes, record.size,
+                                               placement.PROMOTE_AHEAD_POOLED if pooled else placement.PROMOTE_AHEAD)
                 for j in placement.read_ahead(found, i, landing, window):
                     if j not in ahead:
                         ahead[j] = asyncio.ensure_future(self.mover.promote(found[j]))

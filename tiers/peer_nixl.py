@@ -158,6 +158,8 @@ class NixlPeers:
         self.grpc = grpc_peers
         self._remotes: dict[str, _Remote] = {}
         self._hellos: dict[str, asyncio.Future] = {}
+        self._pending: dict[tuple[str, bytes], list] = {}   # fetches waiting for this turn's batch
+        self._flushing: set[asyncio.Task] = set()
 
     async def remote(self, peer: str, timeout_s: float) -> _Remote:
         """The peer's session and arena, saying hello the first time (one hello at a time)."""
@@ -204,27 +206,68 @@ class NixlPeers:
         raise AssertionError("unreachable")
 
     async def fetch(self, peer: str, key: bytes, namespace: bytes, out: memoryview, timeout_s: float) -> int:
+        """Read one block from ``peer`` into ``out``. Fetches from one peer that are asked for in
+        the same turn of the event loop (a get's read-ahead) travel together: one lease, one
+        transfer of all their extents, one release."""
         at = self.agent.inside(out)
         if at is None:
             raise UnavailableError("the target is outside the registered arena")
-        deadline = time.monotonic() + timeout_s
-        remote, lease = await self._leased(peer, lambda stub, remote: stub.Acquire(
-            pb.AcquireRequest(session=remote.session, keys=[key], namespace=namespace), timeout=timeout_s
-        ), timeout_s)
-        stub = self.grpc.stub(peer)
-        if lease.count != 1:
-            raise UnavailableError(f"the peer no longer holds block {key[:8].hex()}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        batch = self._pending.setdefault((peer, namespace), [])
+        batch.append((key, at, out.nbytes, future))
+        if len(batch) == 1:
+            loop.call_soon(lambda: self._flushing.add(asyncio.ensure_future(self._flush(peer, namespace, timeout_s))))
+        return await future
+
+    async def _flush(self, peer: str, namespace: bytes, timeout_s: float) -> None:
+        batch = self._pending.pop((peer, namespace), [])
         try:
-            if lease.sizes[0] != out.nbytes or lease.offsets[0] + out.nbytes > remote.size:
-                raise UnavailableError(f"the peer holds {lease.sizes[0]} bytes for a block of {out.nbytes}")
-            await self.agent.move("READ", [(at, out.nbytes)], [(remote.base + lease.offsets[0], out.nbytes)],
-                                  remote.agent, deadline)
+            done = await self._fetch_many(peer, namespace, batch, timeout_s)
+            for i, (key, _, _, future) in enumerate(batch):
+                if future.done():
+                    continue
+                if i < done:
+                    future.set_result(batch[i][2])
+                else:
+                    future.set_exception(UnavailableError(f"the peer no longer holds block {key[:8].hex()}"))
+        except BaseException as exc:
+            for _, _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else UnavailableError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._flushing.discard(asyncio.current_task())
+
+    async def _fetch_many(self, peer: str, namespace: bytes, batch, timeout_s: float) -> int:
+        """Lease the batch's leading blocks at ``peer``, READ them in one transfer, release: how
+        many of the batch (in order) arrived."""
+        deadline = time.monotonic() + timeout_s
+        keys = [key for key, _, _, _ in batch]
+        remote, lease = await self._leased(peer, lambda stub, remote: stub.Acquire(
+            pb.AcquireRequest(session=remote.session, keys=keys, namespace=namespace), timeout=timeout_s
+        ), timeout_s)
+        if lease.count == 0:
+            return 0
+        try:
+            count = lease.count
+            for i in range(count):
+                if lease.sizes[i] != batch[i][2] or lease.offsets[i] + batch[i][2] > remote.size:
+                    count = i   # a block of another size under this key: not this one
+                    break
+            if count:
+                await self.agent.move(
+                    "READ", [(at, n) for _, at, n, _ in batch[:count]],
+                    [(remote.base + lease.offsets[i], batch[i][2]) for i in range(count)], remote.agent, deadline,
+                )
+            return count
         finally:
             try:
-                await stub.Release(pb.ReleaseRequest(session=remote.session, leases=[lease.lease]), timeout=timeout_s)
+                await self.grpc.stub(peer).Release(pb.ReleaseRequest(session=remote.session, leases=[lease.lease]),
+                                                   timeout=timeout_s)
             except grpc.aio.AioRpcError:
                 pass   # the lease expires on its own
-        return out.nbytes
 
     async def send(
         self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float
