@@ -32,18 +32,6 @@ from kvstore.bench.measure import Result, ratio, summarize
 MiB = 1 << 20
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _holder(directory: str, nbytes: int) -> None:
     """Child process of the raw baseline: a registered buffer, its address and agent metadata in
     ``directory``, kept until stdin closes."""
@@ -119,9 +107,9 @@ def _homed_at(home: str, members: list[str], count: int) -> list[bytes]:
 
 async def _transfer_rows(transfer: str, block: int, batch: int, rounds: int) -> tuple[Result, Result]:
     from kvstore.client import KVClient
-    from kvstore.server.process import DaemonProcess
+    from kvstore.server.process import DaemonProcess, free_ports
 
-    ports = _free_ports(2)
+    ports = free_ports(2)
     members = sorted(f"127.0.0.1:{p}" for p in ports)
     common = ["--dram-bytes", str(max(2 * (rounds + 2) * block * batch, 256 * MiB)), "--dram-prefault",
               "--peers", ",".join(members), "--transfer", transfer]

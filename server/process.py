@@ -22,6 +22,21 @@ from pathlib import Path
 from kvstore.errors import UnavailableError
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free right now, for daemons that must know each other's ports
+    before they start (peers list each other). Another process may take one meanwhile: rare."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class DaemonProcess:
     def __init__(self, args: Sequence[str] = (), *, start_timeout_s: float = 30.0) -> None:
         self.args = list(args)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ from kvstore.client import KVClient
 from kvstore.config import PeerConfig
 from kvstore.errors import ConfigError
 from kvstore.rendezvous import homes
-from kvstore.server.process import DaemonProcess
+from kvstore.server.process import DaemonProcess, free_ports
 from kvstore.server.server import KVStoreServer
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.membership import DnsMembers, Membership, MemberSource, StaticMembers
@@ -34,16 +33,6 @@ MiB = 1 << 20
 
 needs_nixl = pytest.mark.skipif(nixl_module() is None, reason="NIXL is not installed (pip install nixl-cu12)")
 TRANSFERS = [pytest.param("grpc", id="grpc"), pytest.param("nixl", id="nixl", marks=needs_nixl)]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def addresses(ports: list[int]) -> tuple[str, ...]:
