@@ -342,3 +342,37 @@ async def _until(probe, want: int, timeout_s: float = 15.0) -> None:
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"only {got} of {want} within {timeout_s}s")
+
+
+@pytest.mark.slow
+def test_a_stuck_peer_holds_a_lookup_at_most_its_deadline_then_is_skipped():
+    ports = free_ports(2)
+    members = ",".join(addresses(ports))
+    common = ["--dram-bytes", "64MiB", "--local-socket", "off", "--peers", members, "--peer-timeout-s", "0.5"]
+    with DaemonProcess([*common, "--port", str(ports[0])]) as a, DaemonProcess([*common, "--port", str(ports[1])]) as b:
+        asyncio.run(_stuck(a, b))
+
+
+async def _stuck(a: DaemonProcess, b: DaemonProcess) -> None:
+    keys = chain(64, seed=7)
+    homed = sorted([a.target, b.target])
+    at_b = [k for k, i in zip(keys, homes(keys, homed).tolist()) if homed[i] == b.target]
+    assert at_b
+    async with KVClient(b.target, local="off") as kb, KVClient(a.target, local="off", timeout_s=10) as ka:
+        await kb.put(at_b, [os.urandom(4096) for _ in at_b])   # held by B, their home
+        assert (await ka.lookup(at_b)).count == len(at_b)    # found from A
+        b.proc.send_signal(signal.SIGSTOP)   # alive but silent: connections open, no answers
+        try:
+            fresh = chain(64, seed=8)
+            fresh_at_b = [k for k, i in zip(fresh, homes(fresh, homed).tolist()) if homed[i] == b.target]
+            start = time.monotonic()
+            hit = await ka.lookup(fresh_at_b)
+            first = time.monotonic() - start
+            start = time.monotonic()
+            again = await ka.lookup(fresh_at_b[::-1])
+            second = time.monotonic() - start
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        assert hit.count == 0 and again.count == 0   # misses, not errors
+        assert first < 1.5, f"a silent peer held a lookup {first:.2f}s (deadline 0.5s)"
+        assert second < 0.3, f"the silent peer was asked again at once ({second:.2f}s)"
