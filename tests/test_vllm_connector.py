@@ -284,8 +284,9 @@ def test_a_request_salt_separates_its_blocks(model_dir, daemon_thread):
 def test_a_lookup_in_flight_asks_vllm_again_and_a_stuck_one_is_a_miss(model_dir, daemon_thread):
     engine = Engine(model_dir, daemon_thread.address, lookup_wait_s=0, lookup_timeout_s=0.3)
     engine.wait_connected()
+    daemon_thread.loop.call_soon_threadsafe(time.sleep, 0.2)   # busy: the lookup cannot be answered yet
     engine.add("a", prompt(64, seed=7))
-    out = engine.scheduler.schedule()                        # the lookup has only just started
+    out = engine.scheduler.schedule()                        # the lookup is in flight
     assert "a" not in out.num_scheduled_tokens
     daemon_thread.loop.call_soon_threadsafe(time.sleep, 1.0)   # the daemon stops answering for a second
     engine.add("b", prompt(64, seed=8))
