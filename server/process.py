@@ -61,11 +61,13 @@ class DaemonProcess:
 
     def start(self) -> None:
         ready = Path(self._dir.name) / "ready.json"
+        # No NVMe tier and no metrics unless asked for: a child daemon leaves nothing behind.
+        defaults = {"--host": "127.0.0.1", "--port": "0", "--metrics-port": "0", "--nvme-dir": "off"}
+        given = {arg.partition("=")[0] for arg in self.args}
         cmd = [
             sys.executable, "-m", "kvstore.server.cli", "serve",
-            # No NVMe tier and no metrics unless asked for: a child daemon leaves nothing behind.
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--nvme-dir", "off", *self.args,
-            "--ready-file", str(ready),
+            *(part for flag, value in defaults.items() if flag not in given for part in (flag, value)),
+            *self.args, "--ready-file", str(ready),
         ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
