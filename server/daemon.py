@@ -94,6 +94,9 @@ class Daemon:
         )
         self.shared = SharedLevels.build(layout, self.stack.tiers, self.catalog, self.counters, self.block_limit()[0])
         self.health = self.shared.health if self.shared is not None else {}
+        # Same-host puts are checksummed on first need, unless peers may ask for any block at any
+        # time: then at commit, so a peer's question never waits for a checksum of the bytes.
+        self.checksum_at_commit = self.shared is not None and any(s.pooled for s in self.shared.levels)
         for tier in self.stack.tiers:
             tier.bind(self.counters, self.arena)
         write_policy = placement.WritePolicy(

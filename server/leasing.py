@@ -90,9 +90,9 @@ class Leasing:
                     daemon.abort(slot)
                     continue
                 actual = None
-                if checksums:
+                if checksums or daemon.checksum_at_commit:
                     actual = checksum(daemon.arena.view(slot.copy.location, slot.size))
-                    if actual != checksums[i]:
+                    if checksums and actual != checksums[i]:
                         corrupt.append(i)
                         daemon.abort(slot)
                         continue

@@ -45,14 +45,15 @@ def chain(n: int, seed: int) -> list[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def cluster(n: int = 3, dram_bytes: int = 64 * MiB, transfers: Sequence[str] = ("grpc",), **peer):
+async def cluster(n: int = 3, dram_bytes: int = 64 * MiB, transfers: Sequence[str] = ("grpc",), socket_dir=None, **peer):
     ports = free_ports(n)
     members = addresses(ports)
     servers = []
     try:
         for i, port in enumerate(ports):
             transfer = transfers[i % len(transfers)]
-            config = make_config(dram_bytes, port=port, local_socket="off",
+            local = f"{socket_dir}/{port}.sock" if socket_dir else "off"
+            config = make_config(dram_bytes, port=port, local_socket=local,
                                  peer=PeerConfig(peers=members, backoff_s=0.2, transfer=transfer, **peer))
             server = KVStoreServer(config)
             await server.start()
@@ -201,6 +202,18 @@ async def test_auto_takes_the_grpc_stream_to_a_peer_without_nixl():
             assert [bytes(b) for b in await kv.get(keys)] == blocks
         auto = servers[0].daemon.counters
         assert auto.peer_bytes_out_grpc > 0 and auto.peer_bytes_out_nixl == 0
+
+
+async def test_same_host_puts_are_checksummed_at_commit_when_peers_may_ask(tmp_path):
+    from kvstore.keys import scoped
+
+    async with cluster(n=2, socket_dir=tmp_path) as servers:
+        d = servers[0].daemon
+        keys = chain(8, seed=9)
+        async with KVClient(servers[0].address, local="require") as kv:
+            await kv.put(keys, [os.urandom(8192) for _ in keys])
+        records = [d.catalog.get(k) for k in scoped(keys, b"")]
+        assert all(r is not None and d.catalog.checksum_at(r.slot) is not None for r in records)
 
 
 async def test_a_daemon_without_peers_runs_as_before_and_a_bad_peer_setting_is_one_error():
