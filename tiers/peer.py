@@ -114,9 +114,12 @@ class PeerTier(KeyedTier):
         landing = self._landing
         return self.nixl.agent.name, self.nixl.agent.metadata, landing.base_address, landing.capacity_bytes
 
-    async def _channel(self, peer: str):
-        """The transport for ``peer``: NIXL when both sides have it, else the gRPC stream."""
+    async def _channel(self, peer: str, views: Sequence[memoryview]):
+        """The transport for moving ``views`` to or from ``peer``: NIXL when both sides have it and
+        every view lies in the registered arena (NIXL reaches no other memory), else the gRPC stream."""
         if self.nixl is None or peer in self._grpc_only:
+            return self.transport
+        if any(self.nixl.agent.inside(v) is None for v in views):
             return self.transport
         remote = await self.nixl.remote(peer, self.config.timeout_s)
         if not remote.agent:
@@ -236,9 +239,7 @@ class PeerTier(KeyedTier):
             raise UnavailableError("the block's home is this daemon now (a member left or joined)")
         whole = out if offset == 0 and out.nbytes == location.length else memoryview(bytearray(location.length))
         try:
-            transport = await self._channel(home)
-            if transport is self.nixl and self.nixl.agent.inside(whole) is None:
-                transport = self.transport   # not arena memory: NIXL cannot write there
+            transport = await self._channel(home, [whole])
             await transport.fetch(home, location.key, location.namespace, whole, self.config.transfer_timeout_s)
         except UnavailableError as exc:
             self._failed(home, exc)
@@ -268,9 +269,7 @@ class PeerTier(KeyedTier):
         async def send(peer: str, namespace: bytes, which: list[int]) -> None:
             views = [items[i][1][: items[i][0].length] for i in which]
             try:
-                transport = await self._channel(peer)
-                if transport is self.nixl and any(self.nixl.agent.inside(v) is None for v in views):
-                    transport = self.transport
+                transport = await self._channel(peer, views)
                 response = await transport.send(
                     peer, [items[i][0].key for i in which], namespace, views, self.config.transfer_timeout_s
                 )
