@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass
 
 from kvstore.errors import ConfigError
@@ -44,6 +45,13 @@ class ClientConfig:
         max_put_stream_bytes: a remote put of more bytes is split into several streams.
         max_keys_per_call: longer batches are split into several calls (the daemon's
             ``max_keys_per_request``).
+        tls: connect with TLS, checking the daemon's certificate against the system's roots;
+            implied by ``tls_ca`` or ``tls_cert``.
+        tls_ca: PEM file of the CA that signed the daemon's certificate (turns TLS on).
+        tls_cert, tls_key: PEM files of this client's certificate and key, for a daemon that
+            requires client certificates (mTLS).
+        tls_server_name: the name to expect in the daemon's certificate when the target address
+            is not one it names.
 
     Raises:
         ConfigError: (an :class:`~kvstore.errors.InvalidArgumentError`) naming the bad field.
@@ -56,6 +64,11 @@ class ClientConfig:
     chunk_bytes: int = 1 * MiB
     max_put_stream_bytes: int = 256 * MiB
     max_keys_per_call: int = 65536
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         # Normalize the edge forms (a Namespace, a string mode) so readers only see one type.
@@ -73,6 +86,15 @@ class ClientConfig:
         for name in ("max_put_stream_bytes", "max_keys_per_call"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        _check(isinstance(self.tls, bool), f"tls must be True or False, got {self.tls!r}")
+        for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            _check(isinstance(getattr(self, name), str), f"{name} must be a path (a string), got {value!r}")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together: give both or neither")
+        if self.tls_ca or self.tls_cert or self.tls_server_name:
+            object.__setattr__(self, "tls", True)
 
 
 def _check(condition: bool, message: str) -> None:

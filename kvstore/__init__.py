@@ -15,9 +15,11 @@ from kvstore.errors import (
     InvalidArgumentError,
     KVStoreError,
     LeaseExpiredError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     RetryableError,
     StaleSessionError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from kvstore.keys import KEY_BYTES, MAX_KEY_BYTES, Namespace, block_keys
@@ -28,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "KEY_BYTES", "MAX_KEY_BYTES", "BlockTooLargeError", "ConfigError", "DeadlineExceededError",
     "DramConfig", "IntegrityError", "InternalError", "InvalidArgumentError", "KVStoreError", "LeaseExpiredError",
-    "Namespace", "ResourceExhaustedError", "RetryableError", "ServerConfig", "StaleSessionError", "TierKind",
-    "UnavailableError", "block_keys", "parse_bytes",
+    "Namespace", "PermissionDeniedError", "ResourceExhaustedError", "RetryableError", "ServerConfig", "StaleSessionError", "TierKind",
+    "UnauthenticatedError", "UnavailableError", "block_keys", "parse_bytes",
 ]

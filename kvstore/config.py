@@ -19,6 +19,7 @@ from typing import Any
 from kvstore.errors import ConfigError
 from kvstore.keys import MAX_KEY_BYTES
 from kvstore.policy import PolicyKind
+from kvstore.tls import TlsConfig
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {
@@ -263,6 +264,7 @@ class PeerConfig:
     lookup_window: int = 8192        # keys asked of peers at once past the local prefix
     negative_ttl_s: float = 1.0      # how long "no peer has this key" is believed
     max_remembered_blocks: int = 1_000_000  # blocks known only at peers kept in the index
+    tls: TlsConfig = field(default_factory=TlsConfig)  # filled in by the server from its [tls]
 
     def __post_init__(self) -> None:
         if isinstance(self.peers, str):   # "a:1,b:2" from a flag or an environment variable
@@ -354,6 +356,7 @@ class ServerConfig:
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     s3: S3Config = field(default_factory=S3Config)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     plugin_tiers: tuple[PluginTierConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -430,6 +433,10 @@ class ServerConfig:
             # "auto" is $XDG_CACHE_HOME/kvstore/<port>: named after the daemon's port.
             at = next(i for i, spec in enumerate(specs) if spec.name == "nvme")
             specs[at] = dataclasses.replace(specs[at], config=dataclasses.replace(self.nvme, port=self.port))
+        if self.peer.enabled:
+            # The peers are called with this daemon's own certificate and the cluster's CA.
+            at = next(i for i, spec in enumerate(specs) if spec.name == "peer")
+            specs[at] = dataclasses.replace(specs[at], config=dataclasses.replace(self.peer, tls=self.tls))
         pending = list(self.plugin_tiers)
         while pending:
             placed = [p for p in pending if any(s.name == p.after for s in specs)]
@@ -456,8 +463,9 @@ class ServerConfig:
         return self.local_socket
 
     def replace(self, **changes: Any) -> ServerConfig:
-        """A copy with fields changed; ``dram_<field>=`` (and hbm_, nvme_, s3_) reach into those tables."""
-        for section in BUILTIN_TIERS:
+        """A copy with fields changed; ``dram_<field>=`` (and hbm_, nvme_, peer_, s3_, tls_) reach
+        into those tables."""
+        for section in (*BUILTIN_TIERS, "tls"):
             prefix = section + "_"
             sub = {name[len(prefix):]: changes.pop(name) for name in list(changes) if name.startswith(prefix)}
             if sub:

@@ -1,8 +1,8 @@
 """The one exception hierarchy of kvstore.
 
 Every error a caller can see derives from :class:`KVStoreError`. Subclasses are grouped by what the
-caller can do about them: fix the request (:class:`InvalidArgumentError` and its children), try
-again later (:class:`RetryableError` and its children), or report a bug (:class:`InternalError`).
+caller can do about them: fix the request (:class:`InvalidArgumentError` and its children), fix
+the credentials (:class:`UnauthenticatedError`, :class:`PermissionDeniedError`), try again later (:class:`RetryableError` and its children), or report a bug (:class:`InternalError`).
 A cache miss is a result, never an exception.
 
 The server maps these to gRPC status codes in one place (``kvstore.proto.status``) and the client
@@ -32,6 +32,15 @@ class ConfigError(InvalidArgumentError):
 
 class StaleSessionError(KVStoreError):
     """A same-host session or lease the daemon no longer knows (it restarted, or the lease expired)."""
+
+
+class UnauthenticatedError(KVStoreError):
+    """The daemon does not know who is calling: a missing or unknown bearer token."""
+
+
+class PermissionDeniedError(KVStoreError):
+    """The caller is known but may not do this (write a namespace it may only read, a uid the
+    same-host socket does not admit)."""
 
 
 class IntegrityError(KVStoreError):

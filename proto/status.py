@@ -14,6 +14,8 @@ _CODES: list[tuple[type[errors.KVStoreError], grpc.StatusCode]] = [
     # Most specific first: code_for walks this list in order.
     (errors.BlockTooLargeError, grpc.StatusCode.OUT_OF_RANGE),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.StaleSessionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -72,6 +72,12 @@ SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--transfer", "peer_transfer", str, "how block bytes move between daemons: auto, nixl or grpc (default auto)"),
     ("--peer-timeout-s", "peer_timeout_s", float,
      f"deadline of every question to a peer (default {DEFAULTS.peer.timeout_s})"),
+    ("--tls-cert", "tls_cert", str, "PEM certificate chain to serve TLS with (default: plaintext; see docs/security.md)"),
+    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", str, "PEM CA bundle: require client certificates it signed (mTLS)"),
+    ("--tls-peer-ca", "tls_peer_ca", str, "PEM CA bundle the peers' certificates are checked against (default --tls-client-ca)"),
+    ("--tls-peer-server-name", "tls_peer_server_name", str,
+     "name expected in the peers' certificates when their addresses are not in them"),
     ("--policy", "policy", str, "eviction policy: lru or s3fifo (scan-resistant) (default lru)"),
     ("--local-socket", "local_socket", str, 'same-host socket path, "auto" or "off" (default auto)'),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
@@ -135,10 +141,25 @@ async def serve(config: ServerConfig, ready_file: str | None = None) -> None:
         logging.getLogger("kvstore.server").info("shutting down (grace %.1fs)", config.shutdown_grace_s)
 
 
-def _print_stats(target: str, as_json: bool, timeout_s: float) -> None:
+def client_tls(args: argparse.Namespace) -> dict[str, str]:
+    """The client TLS settings of ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-server-name``."""
+    names = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
+    return {name: getattr(args, name) for name in names if getattr(args, name)}
+
+
+def add_client_tls(parser: argparse.ArgumentParser) -> None:
+    """The flags a command that connects to a TLS daemon needs (``stats``, ``bench --target``)."""
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA that signed the daemon's certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon that requires one (mTLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls-server-name", metavar="NAME", help="name expected in the daemon's certificate")
+
+
+def _print_stats(args: argparse.Namespace) -> None:
     from kvstore.client import SyncKVClient
 
-    with SyncKVClient(target, timeout_s=timeout_s) as kv:
+    target, as_json = args.target, args.json
+    with SyncKVClient(target, timeout_s=args.timeout, connect_timeout_s=args.timeout, **client_tls(args)) as kv:
         stats = kv.stats()
     if as_json:
         print(json.dumps(stats.as_dict(), indent=2))
@@ -203,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--target", default=f"127.0.0.1:{DEFAULTS.port}", help="daemon address host:port")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
+    add_client_tls(st)
     b = sub.add_parser("bench", help="benchmark put/get/lookup against same-run baselines")
     from kvstore.bench.cli import add_arguments
 
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             asyncio.run(serve(config, args.ready_file))
         elif args.command == "stats":
-            _print_stats(args.target, args.json, args.timeout)
+            _print_stats(args)
         elif args.command == "bench":
             from kvstore.bench.cli import main as bench_main
 

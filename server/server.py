@@ -9,6 +9,7 @@ tiers are closed.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import time
 
@@ -26,6 +27,7 @@ from kvstore.server.leasing import Leasing
 from kvstore.server.local import LocalSocket
 from kvstore.server.metrics import Metrics
 from kvstore.server.servicer import SERVICE, KVStoreServicer
+from kvstore.server.tls import ReloadingCertificates
 
 log = logging.getLogger("kvstore.server")
 
@@ -42,6 +44,7 @@ class KVStoreServer:
         self._health: health_aio.HealthServicer | None = None
         self._local: LocalSocket | None = None
         self._background: Background | None = None
+        self.certificates: ReloadingCertificates | None = None
 
     @property
     def address(self) -> str:
@@ -56,6 +59,8 @@ class KVStoreServer:
 
     async def start(self) -> None:
         config = self.config
+        # The certificate files are read first: a bad one stops the start before anything opens.
+        self.certificates = ReloadingCertificates(config.tls) if config.tls.enabled else None
         self.daemon = Daemon(config)
         self.leasing = Leasing(self.daemon, LeaseTable(config.lease_ttl_s))
         try:
@@ -68,7 +73,11 @@ class KVStoreServer:
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
             try:
-                self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+                bind = f"{config.host}:{config.port}"
+                if self.certificates is None:
+                    self.port = self._grpc.add_insecure_port(bind)
+                else:
+                    self.port = self._grpc.add_secure_port(bind, self.certificates.credentials())
             except RuntimeError:
                 self.port = 0
             if self.port == 0:
@@ -94,9 +103,15 @@ class KVStoreServer:
         except BaseException:
             await self.stop()
             raise
+        if not config.tls.enabled and not _loopback(config.host):
+            log.warning(
+                "listening on %s in plaintext and without tenants: anyone who can reach this port can read "
+                "and write every block (see docs/security.md: --tls-cert, --tenants)", config.host,
+            )
         log.info(
-            "kvstore %s listening on %s (metrics %s; same-host socket %s); policy %s; %s%s",
+            "kvstore %s listening on %s%s (metrics %s; same-host socket %s); policy %s; %s%s",
             self.daemon.version, self.address,
+            "" if self.certificates is None else (" with mTLS" if config.tls.mutual else " with TLS"),
             f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
             self._local.path if self._local else "off", config.policy.value, self.daemon.describe(),
             ", write-through" if config.write_through else "",
@@ -143,3 +158,10 @@ class KVStoreServer:
 
         background.every("lease-expiry", min(1.0, config.lease_ttl_s / 4), expire_leases)
         return background
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -37,8 +37,10 @@ from kvstore.config import PeerConfig, Transfer
 from kvstore.errors import ConfigError, UnavailableError
 from kvstore.keys import unscoped
 from kvstore.layout import Addressing, Capabilities
+from kvstore.proto.channel import ReloadingChannelTls
 from kvstore.rendezvous import homes
 from kvstore.tier_kind import TierKind
+from kvstore.tls import TlsConfig
 from kvstore.tiers.base import KeyedTier, MemoryTier, ObjectRef, ProbeInfo
 from kvstore.tiers.membership import DnsMembers, Membership, StaticMembers, join_address
 from kvstore.tiers.peer_grpc import GrpcPeers
@@ -61,7 +63,7 @@ class PeerTier(KeyedTier):
         self.config = config
         source = StaticMembers(config.peers) if config.peers else DnsMembers(config.dns)
         self.members = Membership(source, backoff_s=config.backoff_s)
-        self.transport = GrpcPeers()
+        self.transport = GrpcPeers(_peer_tls(config.tls))
         self.nixl: NixlPeers | None = None
         self._grpc_only: set[str] = set()   # peers that said they have no NIXL
         self._landing: MemoryTier | None = None
@@ -88,8 +90,11 @@ class PeerTier(KeyedTier):
                 host = socket.gethostbyname(socket.gethostname())
             me = join_address(host, port)
         self.members.advertise(me)
-        if self.config.transfer is not Transfer.GRPC:
+        if self.config.transfer is Transfer.NIXL or (self.config.transfer is Transfer.AUTO and not self.config.tls.enabled):
             self._start_nixl(me)
+        elif self.config.transfer is Transfer.AUTO:
+            # UCX moves bytes unencrypted: with TLS on, NIXL only when asked for by name.
+            log.info("peer transfers use the gRPC stream over TLS (peer.transfer = nixl would send block bytes unencrypted)")
         self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loop(), name="kvstore-peers")
 
     def _start_nixl(self, me: str) -> None:
@@ -301,3 +306,12 @@ class PeerTier(KeyedTier):
                 self._failed(peer, exc)
 
         await asyncio.gather(*(delete(peer) for peer in peers))
+
+
+def _peer_tls(tls: TlsConfig) -> ReloadingChannelTls | None:
+    """The daemon calls its peers with its own certificate and the peers' CA, or in plaintext."""
+    if not tls.enabled:
+        return None
+    ca_setting = "tls.peer_ca" if tls.peer_ca else "tls.client_ca"
+    return ReloadingChannelTls(ca=tls.peer_roots, cert=tls.cert, key=tls.key, server_name=tls.peer_server_name,
+                               settings=(ca_setting, "tls.cert", "tls.key"))

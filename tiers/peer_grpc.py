@@ -9,6 +9,7 @@ alone for a while by the caller) or :class:`~kvstore.errors.IntegrityError`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -16,25 +17,37 @@ import grpc
 from kvstore.checksum import checksum
 from kvstore.errors import IntegrityError, InvalidArgumentError, UnavailableError
 from kvstore.framing import Unpacker, pack
-from kvstore.proto import CHANNEL_OPTIONS
+from kvstore.proto.channel import ReloadingChannelTls, open_channel
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 CHUNK_BYTES = 1 << 20
+TLS_REFRESH_S = 1.0
+"""How often the TLS files' stamps are looked at (when a peer is called)."""
 
 
 class GrpcPeers:
-    """One channel per peer, opened on first use and closed when the peer leaves."""
+    """One channel per peer, opened on first use and closed when the peer leaves; over TLS when
+    ``tls`` is given, all reopened when its files change (a renewed certificate)."""
 
     name = "grpc"
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ReloadingChannelTls | None = None) -> None:
+        self.tls = tls
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.KVStoreStub]] = {}
+        self._stale: list[grpc.aio.Channel] = []
+        self._next_refresh = 0.0
 
     def stub(self, peer: str) -> pb_grpc.KVStoreStub:
+        if self.tls is not None and time.monotonic() >= self._next_refresh:
+            self._next_refresh = time.monotonic() + TLS_REFRESH_S
+            if self.tls.refresh():
+                # Calls in flight finish on the old channels; they are closed with the tier.
+                self._stale += [channel for channel, _ in self._channels.values()]
+                self._channels.clear()
         entry = self._channels.get(peer)
         if entry is None:
-            channel = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS)
+            channel = open_channel(peer, self.tls.current if self.tls is not None else None)
             entry = self._channels[peer] = (channel, pb_grpc.KVStoreStub(channel))
         return entry[1]
 
@@ -46,6 +59,9 @@ class GrpcPeers:
 
     async def close(self) -> None:
         await self.forget(list(self._channels))
+        stale, self._stale = self._stale, []
+        for channel in stale:
+            await channel.close()
 
     async def probe(self, peer: str, keys: Sequence[bytes], namespace: bytes, timeout_s: float) -> pb.ProbeResponse:
         request = pb.ProbeRequest(namespace=namespace, packed_keys=b"".join(keys), key_bytes=len(keys[0]))
