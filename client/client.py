@@ -92,7 +92,7 @@ class KVClient:
             tls = ChannelTls.load(
                 ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key, server_name=config.tls_server_name
             )
-        channel = open_channel(self.target, tls)
+        channel = open_channel(self.target, tls, config.token)
         try:
             await wait_until_ready(channel, self.target, tls, config.connect_timeout_s)
             self._channel = channel

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvstore.errors import ConfigError
 from kvstore.keys import MAX_NAMESPACE_BYTES, Namespace
@@ -45,6 +45,8 @@ class ClientConfig:
         max_put_stream_bytes: a remote put of more bytes is split into several streams.
         max_keys_per_call: longer batches are split into several calls (the daemon's
             ``max_keys_per_request``).
+        token: the bearer token of this client's tenant, for a daemon with tenants (sent with
+            every call).
         tls: connect with TLS, checking the daemon's certificate against the system's roots;
             implied by ``tls_ca`` or ``tls_cert``.
         tls_ca: PEM file of the CA that signed the daemon's certificate (turns TLS on).
@@ -64,6 +66,7 @@ class ClientConfig:
     chunk_bytes: int = 1 * MiB
     max_put_stream_bytes: int = 256 * MiB
     max_keys_per_call: int = 65536
+    token: str = field(default="", repr=False)   # a secret: kept out of logs
     tls: bool = False
     tls_ca: str = ""
     tls_cert: str = ""
@@ -86,6 +89,7 @@ class ClientConfig:
         for name in ("max_put_stream_bytes", "max_keys_per_call"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        _check(isinstance(self.token, str) and "\n" not in self.token, "token must be a string (one line)")
         _check(isinstance(self.tls, bool), f"tls must be True or False, got {self.tls!r}")
         for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
             value = getattr(self, name)

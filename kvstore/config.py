@@ -264,6 +264,7 @@ class PeerConfig:
     lookup_window: int = 8192        # keys asked of peers at once past the local prefix
     negative_ttl_s: float = 1.0      # how long "no peer has this key" is believed
     max_remembered_blocks: int = 1_000_000  # blocks known only at peers kept in the index
+    token_file: str = ""             # the bearer token this daemon presents to its peers (with tenants)
     tls: TlsConfig = field(default_factory=TlsConfig)  # filled in by the server from its [tls]
 
     def __post_init__(self) -> None:
@@ -346,6 +347,7 @@ class ServerConfig:
     stream_idle_timeout_s: float = 30.0
     lease_ttl_s: float = 60.0
     local_socket: str = "auto"
+    tenants: str = ""             # a tenants file (TOML): bearer tokens, shared namespaces; empty: one implicit tenant
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
     policy: PolicyKind = PolicyKind.LRU  # eviction policy of every tier: "lru" or "s3fifo" (scan-resistant)

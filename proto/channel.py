@@ -150,11 +150,48 @@ class ReloadingChannelTls:
         return True
 
 
-def open_channel(target: str, tls: ChannelTls | None) -> grpc.aio.Channel:
-    """A channel to ``target``: TLS when ``tls`` is given, plaintext otherwise."""
+class _Bearer:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata (the daemon's tenants)."""
+
+    def __init__(self, token: str) -> None:
+        self._pair = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(*self._pair)
+        return details._replace(metadata=metadata)
+
+
+# One class per call shape: a channel files each interceptor under the first shape it implements.
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._with_token(details), request)
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._with_token(details), request)
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._with_token(details), request_iterator)
+
+
+def bearer_token(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that send ``token`` with every call of a channel."""
+    return [_BearerUnaryUnary(token), _BearerUnaryStream(token), _BearerStreamUnary(token)]
+
+
+def open_channel(target: str, tls: ChannelTls | None, token: str = "") -> grpc.aio.Channel:
+    """A channel to ``target``: TLS when ``tls`` is given, plaintext otherwise; every call carries
+    ``token`` as its bearer token when one is given."""
+    interceptors = bearer_token(token) if token else None
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options()])
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options()], interceptors=interceptors
+    )
 
 
 async def wait_until_ready(channel: grpc.aio.Channel, target: str, tls: ChannelTls | None, timeout_s: float) -> None:

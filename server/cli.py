@@ -78,6 +78,10 @@ SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--tls-peer-ca", "tls_peer_ca", str, "PEM CA bundle the peers' certificates are checked against (default --tls-client-ca)"),
     ("--tls-peer-server-name", "tls_peer_server_name", str,
      "name expected in the peers' certificates when their addresses are not in them"),
+    ("--tenants", "tenants", str,
+     "tenants file (TOML): bearer tokens (hashed), shared namespaces, request rates; see docs/security.md"),
+    ("--peer-token-file", "peer_token_file", str,
+     "file holding the bearer token this daemon presents to its peers (a tenant with peer = true)"),
     ("--policy", "policy", str, "eviction policy: lru or s3fifo (scan-resistant) (default lru)"),
     ("--local-socket", "local_socket", str, 'same-host socket path, "auto" or "off" (default auto)'),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
@@ -170,6 +174,18 @@ def _print_stats(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _print_token(name: str) -> None:
+    import secrets
+
+    from kvstore.tenants import hash_token
+
+    token = secrets.token_urlsafe(32)
+    # The token to stderr, the table to stdout: `kvstore token >> tenants.toml` stores only the hash.
+    print(f"token for {name} (give it to its workers: KVClient(..., token=...); it is not stored): {token}",
+          file=sys.stderr)
+    print(f'[[tenant]]\nname = "{name}"\ntoken_sha256 = ["{hash_token(token)}"]')
+
+
 def format_stats(stats: Stats) -> list[str]:
     """The ``kvstore stats`` report: a table with a row per tier, then the daemon's counters.
 
@@ -225,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
     add_client_tls(st)
+    tk = sub.add_parser("token", help="make a bearer token for a tenant and print it with its hash")
+    tk.add_argument("--name", default="my-tenant", help="the tenant's name in the printed [[tenant]] table")
     b = sub.add_parser("bench", help="benchmark put/get/lookup against same-run baselines")
     from kvstore.bench.cli import add_arguments
 
@@ -241,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
             asyncio.run(serve(config, args.ready_file))
+        elif args.command == "token":
+            _print_token(args.name)
         elif args.command == "stats":
             _print_stats(args)
         elif args.command == "bench":

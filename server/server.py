@@ -23,6 +23,7 @@ from kvstore.lease import LeaseTable
 from kvstore.proto import CHANNEL_OPTIONS
 from kvstore.server.background import Background
 from kvstore.server.daemon import Daemon
+from kvstore.server.gate import Gate, load_tenants
 from kvstore.server.leasing import Leasing
 from kvstore.server.local import LocalSocket
 from kvstore.server.metrics import Metrics
@@ -45,6 +46,7 @@ class KVStoreServer:
         self._local: LocalSocket | None = None
         self._background: Background | None = None
         self.certificates: ReloadingCertificates | None = None
+        self.gate = Gate(None)
 
     @property
     def address(self) -> str:
@@ -61,6 +63,7 @@ class KVStoreServer:
         config = self.config
         # The certificate files are read first: a bad one stops the start before anything opens.
         self.certificates = ReloadingCertificates(config.tls) if config.tls.enabled else None
+        self.gate = Gate(load_tenants(config.tenants) if config.tenants else None)
         self.daemon = Daemon(config)
         self.leasing = Leasing(self.daemon, LeaseTable(config.lease_ttl_s))
         try:
@@ -68,7 +71,7 @@ class KVStoreServer:
             self.metrics = Metrics(self.daemon)
             # No SO_REUSEPORT: a second daemon on a busy port must fail, not silently share it.
             self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-            servicer = KVStoreServicer(self.daemon, self.leasing, self.metrics)
+            servicer = KVStoreServicer(self.daemon, self.leasing, self.metrics, gate=self.gate)
             self._grpc.add_generic_rpc_handlers((servicer.handler(),))
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -84,6 +87,10 @@ class KVStoreServer:
                 raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
             self.daemon.serving_at(self.port)   # the peers learn this daemon's own address
             path = config.local_socket_path(self.port)
+            if path is not None and not self.gate.open:
+                # A same-host client maps the whole arena: with tenants, that would be every tenant's.
+                log.info("same-host socket off: with tenants every client takes the gRPC path (docs/security.md)")
+                path = None
             if path is not None:
                 self._local = LocalSocket(self.daemon, self.leasing, servicer, path)
                 await self._local.start()
@@ -105,8 +112,10 @@ class KVStoreServer:
             raise
         if not config.tls.enabled and not _loopback(config.host):
             log.warning(
-                "listening on %s in plaintext and without tenants: anyone who can reach this port can read "
-                "and write every block (see docs/security.md: --tls-cert, --tenants)", config.host,
+                "listening on %s in plaintext%s: %s (see docs/security.md: --tls-cert, --tenants)", config.host,
+                "" if not self.gate.open else " and without tenants",
+                "bearer tokens and blocks cross the network unencrypted" if not self.gate.open
+                else "anyone who can reach this port can read and write every block",
             )
         log.info(
             "kvstore %s listening on %s%s (metrics %s; same-host socket %s); policy %s; %s%s",

@@ -19,11 +19,15 @@ from contextlib import asynccontextmanager
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from kvstore.errors import DeadlineExceededError, IntegrityError, InvalidArgumentError, KVStoreError
+from kvstore.errors import (
+    DeadlineExceededError, IntegrityError, InvalidArgumentError, KVStoreError, PermissionDeniedError, UnauthenticatedError,
+)
 from kvstore.proto.status import code_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.stats import stats_to_proto
+from kvstore.tenants import Tenant
 from kvstore.server.daemon import Daemon
+from kvstore.server.gate import Gate
 from kvstore.server.leasing import Leasing
 from kvstore.server.metrics import Metrics
 from kvstore.framing import pack
@@ -71,8 +75,12 @@ async def _next_within(stream: AsyncIterator[bytes], timeout_s: float) -> bytes 
 
 
 class KVStoreServicer:
-    def __init__(self, daemon: Daemon, leasing: Leasing, metrics: Metrics, local_socket_path: str | None = None) -> None:
+    def __init__(
+        self, daemon: Daemon, leasing: Leasing, metrics: Metrics, local_socket_path: str | None = None,
+        gate: Gate | None = None,
+    ) -> None:
         self.daemon = daemon
+        self.gate = gate or Gate(None)
         self.leasing = leasing
         self.metrics = metrics
         self.local_socket_path = local_socket_path
@@ -108,7 +116,9 @@ class KVStoreServicer:
     def _unary(self, method: str, request_cls: type[Message], fn: Callable[[Any], Any]):
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
             async with self._rpc(method, context):
-                return await _result(fn(_parse(request_cls, raw)))
+                request = _parse(request_cls, raw)
+                self._admit(method, request, context)
+                return await _result(fn(request))
 
         return handle
 
@@ -131,6 +141,17 @@ class KVStoreServicer:
             return grpc.StatusCode.INTERNAL.value[0], f"{method} failed inside the daemon ({type(exc).__name__})".encode()
         finally:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
+
+    def _admit(self, method: str, request: Message, context: grpc.aio.ServicerContext) -> Tenant | None:
+        """Check the caller against the gate; scope the request's namespace to its tenant."""
+        if self.gate.open:
+            return None
+        fields = request.DESCRIPTOR.fields_by_name
+        local_only = "local_only" in fields and request.local_only
+        tenant = self.gate.caller(method, context.invocation_metadata(), local_only=local_only)
+        if "namespace" in fields:
+            request.namespace = self.gate.namespace(tenant, method, request.namespace)
+        return tenant
 
     @asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -165,15 +186,16 @@ class KVStoreServicer:
         async with self._rpc("Put", context):
             stream = aiter(requests)
             try:
-                return await self._put(stream)
-            except (InvalidArgumentError, IntegrityError):
+                tenant = None if self.gate.open else self.gate.caller("Put", context.invocation_metadata())
+                return await self._put(stream, tenant)
+            except (InvalidArgumentError, IntegrityError, UnauthenticatedError, PermissionDeniedError):
                 # Answering while the client still writes makes grpc report a bare INTERNAL to it
                 # instead of this status: read what it is sending (bounded) before answering, but
                 # a client that keeps the stream open and sends nothing is answered at once.
                 await _drain(stream, DRAIN_LIMIT_BYTES, DRAIN_IDLE_S)
                 raise
 
-    async def _put(self, stream: AsyncIterator[bytes]) -> pb.PutResponse:
+    async def _put(self, stream: AsyncIterator[bytes], tenant: Tenant | None) -> pb.PutResponse:
         idle_s = self.daemon.config.stream_idle_timeout_s
         first = await _next_within(stream, idle_s)
         header = _parse(pb.PutRequest, first) if first is not None else None
@@ -181,7 +203,8 @@ class KVStoreServicer:
             raise InvalidArgumentError("a put stream must start with a header message")
         h = header.header
         self.daemon.check_put(h.keys, h.sizes, h.checksums)
-        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums, h.namespace)
+        namespace = self.gate.namespace(tenant, "Put", h.namespace)
+        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums, namespace)
         try:
             # A stream that stalls must not hold its reservation for ever.
             while (raw := await _next_within(stream, idle_s)) is not None:
@@ -197,6 +220,7 @@ class KVStoreServicer:
     async def get(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
         async with self._rpc("Get", context):
             request = _parse(pb.GetRequest, raw)
+            self._admit("Get", request, context)
             copies, partial = await self.daemon.acquire(request.keys, request.namespace, local_only=request.local_only)
             try:
                 records = [c.record for c in copies]

@@ -169,7 +169,7 @@ async def test_three_small_daemons_pool_their_capacity(transfer):
 
 async def test_a_block_whose_peer_copy_is_corrupt_is_a_miss_never_wrong_bytes():
     async with cluster(n=2) as servers:
-        keys = chain(8, seed=3)
+        keys = chain(32, seed=3)   # enough that some surely have their home on the other daemon
         blocks = [os.urandom(8192) for _ in keys]
         async with KVClient(servers[0].address, local="off") as kv:
             await kv.put(keys, blocks)

@@ -32,8 +32,9 @@ class GrpcPeers:
 
     name = "grpc"
 
-    def __init__(self, tls: ReloadingChannelTls | None = None) -> None:
+    def __init__(self, tls: ReloadingChannelTls | None = None, token: str = "") -> None:
         self.tls = tls
+        self.token = token
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.KVStoreStub]] = {}
         self._stale: list[grpc.aio.Channel] = []
         self._next_refresh = 0.0
@@ -47,7 +48,7 @@ class GrpcPeers:
                 self._channels.clear()
         entry = self._channels.get(peer)
         if entry is None:
-            channel = open_channel(peer, self.tls.current if self.tls is not None else None)
+            channel = open_channel(peer, self.tls.current if self.tls is not None else None, self.token)
             entry = self._channels[peer] = (channel, pb_grpc.KVStoreStub(channel))
         return entry[1]
 

@@ -1,0 +1,253 @@
+"""Tenants: bearer tokens, the tenant in every block's identity, shared namespaces, peers.
+
+The attacks of the issue are replayed between two tenants of one daemon: putting first under the
+victim's public keys (poisoning), reading the victim's keys, writing a namespace one may only
+read. Clients stay on the gRPC path: with tenants the daemon offers no same-host mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvstore.client import KVClient
+from kvstore.config import PeerConfig
+from kvstore.errors import (
+    ConfigError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, UnavailableError,
+)
+from kvstore.keys import Namespace
+from kvstore.server.process import free_ports
+from kvstore.server.server import KVStoreServer
+from kvstore.tenants import TenantTable, hash_token, tenant_namespace
+from kvstore.tier_kind import TierKind
+
+from conftest import chain, make_config, random_blocks
+
+SHARED = Namespace(model_id="shared/system-prompts", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_dim=64,
+                   block_size=16).digest
+TOKENS = {"alice": "alice-secret", "bob": "bob-secret", "reader": "reader-secret", "writer": "writer-secret",
+          "cluster": "cluster-secret", "slow": "slow-secret"}
+
+
+def tenants_file(path) -> str:
+    h = {name: hash_token(token) for name, token in TOKENS.items()}
+    path.write_text(f"""
+[[tenant]]
+name = "alice"
+token_sha256 = ["{h['alice']}"]
+
+[[tenant]]
+name = "bob"
+token_sha256 = ["{h['bob']}"]
+
+[[tenant]]
+name = "reader"
+token_sha256 = ["{h['reader']}"]
+read = ["{SHARED.hex()}"]
+
+[[tenant]]
+name = "writer"
+token_sha256 = ["{h['writer']}"]
+write = ["{SHARED.hex()}"]
+
+[[tenant]]
+name = "cluster"
+token_sha256 = ["{h['cluster']}"]
+peer = true
+
+[[tenant]]
+name = "slow"
+token_sha256 = ["{h['slow']}"]
+requests_per_s = 5
+""")
+    return str(path)
+
+
+@pytest.fixture
+async def daemon(tmp_path):
+    async with KVStoreServer(make_config(tenants=tenants_file(tmp_path / "tenants.toml"))) as server:
+        yield server
+
+
+def client(server, tenant: str | None, **options) -> KVClient:
+    token = {"token": TOKENS[tenant]} if tenant else {}
+    return KVClient(server.address, local="off", **token, **options)
+
+
+async def test_calls_without_a_token_or_with_an_unknown_one_are_unauthenticated(daemon):
+    keys = chain(2, seed=1)
+    for kv in (client(daemon, None), KVClient(daemon.address, local="off", token="guess")):
+        async with kv:
+            with pytest.raises(UnauthenticatedError):
+                await kv.lookup(keys)
+            with pytest.raises(UnauthenticatedError):
+                await kv.put(keys, random_blocks(2, 4096))
+            with pytest.raises(UnauthenticatedError):
+                await kv.get(keys)
+    # A same-host attach asks too, so a client in "auto" mode fails at connect.
+    with pytest.raises(UnauthenticatedError):
+        async with KVClient(daemon.address):
+            pass
+
+
+async def test_putting_first_under_a_victims_keys_does_not_poison_the_victim(daemon):
+    keys = chain(8, seed=2)   # public: anyone can compute block_keys(prompt, namespace)
+    poison, real = random_blocks(8, 16384), random_blocks(8, 16384)
+    async with client(daemon, "bob") as attacker:
+        assert (await attacker.put(keys, poison)).stored == 8
+    async with client(daemon, "alice") as victim:
+        result = await victim.put(keys, real)
+        assert result.stored == 8 and result.present == 0   # not "already present"
+        assert [bytes(b) for b in await victim.get(keys)] == real
+    async with client(daemon, "bob") as attacker:
+        assert [bytes(b) for b in await attacker.get(keys)] == poison
+
+
+async def test_another_tenants_blocks_are_misses_and_cannot_be_deleted(daemon):
+    keys, blocks = chain(6, seed=3), random_blocks(6, 8192)
+    async with client(daemon, "alice") as alice:
+        await alice.put(keys, blocks)
+    async with client(daemon, "bob") as bob:
+        assert (await bob.lookup(keys)).count == 0
+        assert await bob.get(keys) == []
+        assert await bob.delete(keys) == 0
+    async with client(daemon, "alice") as alice:
+        assert (await alice.lookup(keys)).count == 6
+
+
+async def test_a_shared_namespace_is_shared_and_a_read_only_tenant_cannot_write_it(daemon):
+    keys, blocks = chain(4, seed=4), random_blocks(4, 8192)
+    async with client(daemon, "reader", namespace=SHARED) as reader:
+        with pytest.raises(PermissionDeniedError, match="may read the shared namespace"):
+            await reader.put(keys, blocks)
+        with pytest.raises(PermissionDeniedError):
+            await reader.delete(keys)
+    async with client(daemon, "writer", namespace=SHARED) as writer:
+        assert (await writer.put(keys, blocks)).stored == 4
+    async with client(daemon, "reader", namespace=SHARED) as reader:
+        assert [bytes(b) for b in await reader.get(keys)] == blocks
+    # A tenant without access to it gets its own namespace of that name: a miss.
+    async with client(daemon, "alice", namespace=SHARED) as alice:
+        assert (await alice.lookup(keys)).count == 0
+    # The reader's own namespaces it writes as it likes.
+    async with client(daemon, "reader") as reader:
+        assert (await reader.put(keys, blocks)).stored == 4
+
+
+async def test_the_calls_between_daemons_are_only_for_the_cluster_tenant(daemon):
+    from kvstore.proto.v1 import kvstore_pb2 as pb
+
+    keys = chain(2, seed=5)
+    async with client(daemon, "alice") as alice:
+        with pytest.raises(Exception) as info:
+            await alice.stub.Probe(pb.ProbeRequest(packed_keys=b"".join(keys), key_bytes=32), timeout=5)
+        assert "PERMISSION_DENIED" in str(info.value.code())
+        with pytest.raises(Exception) as info:
+            call = alice.stub.Get(pb.GetRequest(keys=keys, local_only=True), timeout=5)
+            async for _ in call:
+                pass
+        assert "PERMISSION_DENIED" in str(info.value.code())
+
+
+async def test_a_tenant_over_its_request_rate_is_told_to_slow_down(daemon):
+    keys = chain(1, seed=6)
+    refused = 0
+    async with client(daemon, "slow") as slow:
+        for _ in range(20):
+            try:
+                await slow.lookup(keys)
+            except ResourceExhaustedError:
+                refused += 1
+    assert refused >= 10   # a burst of 5, then about 5 per second
+    async with client(daemon, "alice") as alice:   # others are not slowed
+        for _ in range(20):
+            await alice.lookup(keys)
+
+
+async def test_with_tenants_there_is_no_same_host_mapping(daemon):
+    async with KVClient(daemon.address, token=TOKENS["alice"]) as kv:
+        assert kv.path == "remote"
+    with pytest.raises(UnavailableError, match="same-host path required"):
+        async with KVClient(daemon.address, token=TOKENS["alice"], local="require"):
+            pass
+
+
+async def test_peers_present_the_cluster_token_and_tenants_stay_apart_across_nodes(tmp_path):
+    tenants = tenants_file(tmp_path / "tenants.toml")
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(TOKENS["cluster"] + "\n")
+    ports = free_ports(2)
+    members = tuple(f"127.0.0.1:{p}" for p in ports)
+    servers = []
+    try:
+        for port in ports:
+            config = make_config(port=port, local_socket="off", tenants=tenants,
+                                 peer=PeerConfig(peers=members, backoff_s=0.2, token_file=str(token_file)))
+            servers.append(KVStoreServer(config))
+            await servers[-1].start()
+        keys, blocks = chain(24, seed=7), random_blocks(24, 8192)
+        async with client(servers[0], "alice") as alice:
+            assert (await alice.put(keys, blocks)).stored == 24
+        async with client(servers[1], "alice") as alice:
+            deadline = time.monotonic() + 10
+            while (hit := await alice.lookup(keys)).count < 24 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert hit.count == 24 and TierKind.PEER in hit.tiers
+            assert [bytes(b) for b in await alice.get(keys)] == blocks
+        async with client(servers[1], "bob") as bob:
+            assert (await bob.lookup(keys)).count == 0
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+def test_the_tenant_is_part_of_the_stored_namespace():
+    ns = b"\x01" * 32
+    assert tenant_namespace("alice", ns) != tenant_namespace("bob", ns)
+    assert tenant_namespace("alice", ns) != ns
+    table = TenantTable.from_mapping({"tenant": [{"name": "a", "token_sha256": hash_token("t")}]})
+    assert table.authenticate("Bearer t").scope(ns, write=True) == tenant_namespace("a", ns)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[tenant]]\nname = "a"\n', "token_sha256 must list"),
+        ('[[tenant]]\nname = "a"\ntoken_sha256 = ["abc"]\n', "64 hex digits"),
+        (f'[[tenant]]\nname = "a"\ntoken_sha256 = ["{"0" * 64}"]\ncolour = 1\n', "unknown key 'colour'"),
+        (f'[[tenant]]\nname = "a"\ntoken_sha256 = ["{"0" * 64}"]\n[[tenant]]\nname = "a"\ntoken_sha256 = ["{"1" * 64}"]\n',
+         "used twice"),
+        (f'[[tenant]]\nname = "a"\ntoken_sha256 = ["{"0" * 64}"]\nread = ["xyz"]\n', "not a namespace in hex"),
+        ("tenant = 3\n", "array of tables"),
+        ("[[tenant\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_tenants_file_is_one_line_and_exit_status_2(tmp_path, text, message):
+    path = tmp_path / "tenants.toml"
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore.server.cli", "serve", "--port", "0", "--metrics-port", "0", "--nvme-dir", "off",
+         "--dram-bytes", "16MiB", "--tenants", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_kvstore_token_prints_a_table_with_the_hash_and_the_token_apart(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kvstore.server.cli", "token", "--name", "team-a"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    token = result.stderr.strip().rsplit(" ", 1)[-1]
+    assert token not in result.stdout
+    import tomllib
+
+    table = TenantTable.from_mapping(tomllib.loads(result.stdout))
+    assert table.authenticate(f"Bearer {token}").name == "team-a"
+    with pytest.raises(ConfigError):
+        TenantTable.from_mapping({"tenant": []})
