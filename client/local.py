@@ -65,6 +65,8 @@ class LocalArena:
             try:
                 length = int.from_bytes(data[:4], "little")
                 hello = json.loads(data[4 : 4 + length])
+                if "error" in hello:
+                    raise ValueError(f"the daemon refused this process: {hello['error']}")
                 if hello.get("arena_id") != arena_id or hello.get("arena_bytes") != arena_bytes or len(fds) != 1:
                     raise ValueError(f"{path} belongs to another daemon")
                 if hello.get("version") != PROTOCOL_VERSION or "session" not in hello:

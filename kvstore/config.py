@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -342,11 +343,14 @@ class ServerConfig:
     metrics_port: int = 7071
     max_block_bytes: int = 64 * MiB
     max_keys_per_request: int = 65536
+    max_get_bytes: int = 4 * GiB  # bytes one get may announce; the rest is read in further rounds
     max_key_bytes: int = MAX_KEY_BYTES
     stream_chunk_bytes: int = 1 * MiB
     stream_idle_timeout_s: float = 30.0
     lease_ttl_s: float = 60.0
     local_socket: str = "auto"
+    local_socket_uids: tuple[int, ...] = ()   # other users whose processes may map the arena
+    local_socket_gids: tuple[int, ...] = ()   # groups whose members may (the first owns the socket's directory)
     tenants: str = ""             # a tenants file (TOML): bearer tokens, shared namespaces; empty: one implicit tenant
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
@@ -369,6 +373,7 @@ class ServerConfig:
             f"metrics_port must be in [0, 65535] (0 turns metrics off), got {self.metrics_port}",
         )
         _check(self.max_block_bytes > 0, f"max_block_bytes must be > 0, got {self.max_block_bytes}")
+        _check(self.max_get_bytes > 0, f"max_get_bytes must be > 0, got {self.max_get_bytes}")
         _check(
             self.max_keys_per_request > 0,
             f"max_keys_per_request must be > 0, got {self.max_keys_per_request}",
@@ -394,6 +399,11 @@ class ServerConfig:
             f"lease_ttl_s must be finite and > 0, got {self.lease_ttl_s}",
         )
         _check(bool(self.local_socket), 'local_socket must be "auto", "off" or a path')
+        for name in ("local_socket_uids", "local_socket_gids"):
+            ids = tuple(getattr(self, name))
+            object.__setattr__(self, name, ids)
+            _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in ids),
+                   f"{name} must be a list of numeric ids, got {list(ids)!r}")
         coerce_enum(self, "policy", PolicyKind, "policy")
         _check(
             0 < self.demote_interval_s < math.inf,
@@ -417,6 +427,14 @@ class ServerConfig:
                 plugin.after in BUILTIN_TIERS or plugin.after in names,
                 f"plugin_tiers.{plugin.name}.after={plugin.after!r} names no tier",
             )
+
+    @property
+    def loopback_only(self) -> bool:
+        """The gRPC port is reachable from this host only."""
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return self.host == "localhost"
 
     @property
     def share_write_through(self) -> bool:
@@ -461,8 +479,13 @@ class ServerConfig:
         if self.local_socket == "off":
             return None
         if self.local_socket == "auto":
-            return os.path.join(tempfile.gettempdir(), f"kvstore-{port}.sock")
-        return self.local_socket
+            # A directory of this user's own, never a predictable name in a shared /tmp.
+            runtime = os.environ.get("XDG_RUNTIME_DIR")
+            directory = os.path.join(runtime, "kvstore") if runtime else os.path.join(
+                tempfile.gettempdir(), f"kvstore-{os.geteuid()}"
+            )
+            return os.path.join(directory, f"{port}.sock")
+        return os.path.expanduser(self.local_socket)
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A copy with fields changed; ``dram_<field>=`` (and hbm_, nvme_, peer_, s3_, tls_) reach

@@ -94,9 +94,11 @@ class Daemon:
         )
         self.shared = SharedLevels.build(layout, self.stack.tiers, self.catalog, self.counters, self.block_limit()[0])
         self.health = self.shared.health if self.shared is not None else {}
-        # Same-host puts are checksummed on first need, unless peers may ask for any block at any
-        # time: then at commit, so a peer's question never waits for a checksum of the bytes.
-        self.checksum_at_commit = self.shared is not None and any(s.pooled for s in self.shared.levels)
+        # Same-host puts are checksummed on first need, unless their bytes may leave the host (a
+        # non-loopback port, peers, a shared bucket): then at commit, so what a same-host client
+        # writes into the arena afterwards is caught as corruption instead of being served with a
+        # checksum made of it, and a peer's question never waits for a checksum.
+        self.checksum_at_commit = self.shared is not None or not config.loopback_only
         for tier in self.stack.tiers:
             tier.bind(self.counters, self.arena)
         write_policy = placement.WritePolicy(
@@ -215,7 +217,14 @@ class Daemon:
         has no room for while the earlier ones are held: then ``partial`` is True and the caller
         should release these and ask again for the rest. The caller must :meth:`release` them.
         """
+        if len(set(keys)) != len(keys):
+            # A chain never repeats a key; one key 65,536 times would announce 65,536 copies.
+            raise InvalidArgumentError("a get names each block once: the keys repeat")
         found = await self._prefix(keys, namespace, local_only)
+        fit = _within_bytes(found, self.config.max_get_bytes)
+        capped = fit < len(found)
+        if capped:   # the rest is asked for again (partial) once these are read
+            found = found[:fit]
         if local_only:   # a peer asks: blocks this daemon holds only in a shared tier are not its to give
             found = list(itertools.takewhile(lambda r: any(not self.layout.levels[c].shared for c in r.copies), found))
         landing, catalog, names = self.layout.landing, self.catalog, self._names
@@ -266,6 +275,7 @@ class Daemon:
         finally:
             for future in ahead.values():  # read ahead past where this get stopped
                 future.cancel()
+        partial = partial or (capped and len(held) == len(found))
         self.counters.get_hit_blocks += len(held)
         if not partial:
             self.counters.get_miss_blocks += len(keys) - len(held)
@@ -502,3 +512,13 @@ class Daemon:
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
+
+
+def _within_bytes(found: Sequence[BlockRecord], limit: int) -> int:
+    """How many leading blocks fit in ``limit`` bytes (at least one)."""
+    total = 0
+    for i, record in enumerate(found):
+        total += record.size
+        if total > limit and i > 0:
+            return i
+    return len(found)

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 
 import grpc
 
@@ -32,11 +33,16 @@ log = logging.getLogger("kvstore.local")
 
 
 class LocalSocket:
-    def __init__(self, daemon: Daemon, leasing: Leasing, servicer: KVStoreServicer, path: str) -> None:
+    def __init__(
+        self, daemon: Daemon, leasing: Leasing, servicer: KVStoreServicer, path: str,
+        uids: tuple[int, ...] = (), gids: tuple[int, ...] = (),
+    ) -> None:
         self.daemon = daemon
         self.leasing = leasing
         self.servicer = servicer
         self.path = path
+        self.admitted = Admission(uids, gids)
+        self.refused = 0
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._sessions: set[asyncio.Task] = set()
@@ -44,11 +50,15 @@ class LocalSocket:
     async def start(self) -> None:
         if self.daemon.arena.fd < 0:
             raise ConfigError('this system has no memfd: the same-host path needs Linux (set local_socket = "off")')
+        directory_mode, socket_mode = self.admitted.modes()
+        socket_directory(os.path.dirname(self.path) or ".", directory_mode, self.admitted.owner_gid)
         self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.path)
-            os.chmod(self.path, 0o660)
+            os.chmod(self.path, socket_mode)
+            if self.admitted.owner_gid is not None:
+                os.chown(self.path, -1, self.admitted.owner_gid)
             listener.listen(128)
             listener.setblocking(False)
         except OSError as exc:
@@ -106,6 +116,16 @@ class LocalSocket:
             task.add_done_callback(self._sessions.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
+        refusal = self.admitted.check(conn)
+        if refusal is not None:
+            self.refused += 1
+            log.warning("refused a same-host client: %s", refusal)
+            with contextlib.suppress(OSError):
+                error = json.dumps({"version": PROTOCOL_VERSION, "error": refusal}).encode()
+                conn.setblocking(True)
+                conn.sendall(len(error).to_bytes(4, "little") + error)
+            conn.close()
+            return
         daemon = self.daemon
         token = self.leasing.table.open_session()
         try:
@@ -136,3 +156,70 @@ class LocalSocket:
             return frame(code, f"unknown local method {method_id}".encode())
         status, data = await self.servicer.call_local(METHODS[method_id][0], payload, token)
         return frame(status, data)
+
+
+class Admission:
+    """Which processes may use the socket, by their kernel-reported credentials (``SO_PEERCRED``):
+    this daemon's user and root always, the listed users, members of the listed groups."""
+
+    def __init__(self, uids: tuple[int, ...], gids: tuple[int, ...]) -> None:
+        self.uids = frozenset({os.geteuid(), 0, *uids})
+        self.gids = frozenset(gids)
+        self.owner_gid = gids[0] if gids else None
+        self._others = bool(uids)
+
+    def modes(self) -> tuple[int, int]:
+        """(directory, socket) modes: only what the admitted need to reach the socket."""
+        if self._others:
+            return 0o711, 0o666      # other users reach it; SO_PEERCRED decides who is served
+        if self.gids:
+            return 0o710, 0o660      # the group reaches it
+        return 0o700, 0o600
+
+    def check(self, conn: socket.socket) -> str | None:
+        """None when the connecting process is admitted, else why not."""
+        try:
+            pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError as exc:
+            return f"its credentials cannot be read ({exc.strerror})"
+        if uid in self.uids or gid in self.gids or (self.gids and self.gids & _groups(pid)):
+            return None
+        return (f"process {pid} runs as uid {uid} (gid {gid}), which local_socket_uids / local_socket_gids "
+                "do not admit: it uses the gRPC path")
+
+
+def _groups(pid: int) -> set[int]:
+    """The supplementary groups of a process (from /proc; empty where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def socket_directory(directory: str, mode: int, gid: int | None) -> None:
+    """Make sure the socket's directory is this daemon's: created with ``mode`` if missing; if it
+    exists, owned by this user (then set to ``mode``) or at least writable by no one else, and
+    never a symlink: otherwise another user could put their own socket where clients look."""
+    try:
+        os.mkdir(directory, mode)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)
+        os.mkdir(directory, mode)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"local_socket: {directory} is not a directory (a symlink?): refusing to put the socket there")
+    if st.st_uid == os.geteuid():
+        os.chmod(directory, mode)
+        if gid is not None:
+            os.chown(directory, -1, gid)
+    elif st.st_mode & 0o022:
+        raise ConfigError(
+            f"local_socket: {directory} belongs to uid {st.st_uid} and others may write it: "
+            "another user could replace the socket; give the daemon a directory of its own"
+        )

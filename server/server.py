@@ -9,7 +9,6 @@ tiers are closed.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import time
 
@@ -92,7 +91,8 @@ class KVStoreServer:
                 log.info("same-host socket off: with tenants every client takes the gRPC path (docs/security.md)")
                 path = None
             if path is not None:
-                self._local = LocalSocket(self.daemon, self.leasing, servicer, path)
+                self._local = LocalSocket(self.daemon, self.leasing, servicer, path,
+                                          config.local_socket_uids, config.local_socket_gids)
                 await self._local.start()
                 servicer.local_socket_path = path
             self._background = self._background_work()
@@ -110,7 +110,7 @@ class KVStoreServer:
         except BaseException:
             await self.stop()
             raise
-        if not config.tls.enabled and not _loopback(config.host):
+        if not config.tls.enabled and not config.loopback_only:
             log.warning(
                 "listening on %s in plaintext%s: %s (see docs/security.md: --tls-cert, --tenants)", config.host,
                 "" if not self.gate.open else " and without tenants",
@@ -168,9 +168,3 @@ class KVStoreServer:
         background.every("lease-expiry", min(1.0, config.lease_ttl_s / 4), expire_leases)
         return background
 
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"

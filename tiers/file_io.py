@@ -216,8 +216,7 @@ class KvikioFileIO:
         import kvikio.defaults
 
         kvikio.defaults.set({"num_threads": threads})
-        if not os.path.exists(path):
-            open(path, "wb").close()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))   # created private, as on POSIX
         self._file = kvikio.CuFile(path, "r+")
         self._path = path
         self._compat = kvikio.defaults.get("compat_mode")

@@ -53,7 +53,7 @@ class NvmeTier(ExtentTier):
         self._lock_fd = -1
         self._io = None
         try:
-            os.makedirs(directory, exist_ok=True)
+            private_directory(directory)
             self._lock_fd = _lock(directory)
             self._allocator = ExtentAllocator(config.capacity_bytes, config.alignment_bytes)
             self._io = open_file_io(
@@ -219,6 +219,26 @@ def _check_space(directory: str, data_path: str, capacity: int) -> None:
             f"nvme.capacity_bytes={format_bytes(capacity)} does not fit in nvme.dir={directory}: "
             f"{format_bytes(free)} free there, {format_bytes(need)} needed (lower --nvme-bytes or move --nvme-dir)"
         )
+
+
+def private_directory(directory: str) -> None:
+    """Create ``directory`` (and missing parents) readable by this user only, or make an existing
+    one so, with every file in it 0600: blocks and the index that names every key and namespace
+    are for the daemon's eyes only, whatever the umask."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"nvme.dir={directory} belongs to another user (uid {st.st_uid}); the daemon needs its own")
+    if st.st_mode & 0o077:
+        log.info("nvme.dir=%s was readable by others (mode %o): now 0700", directory, st.st_mode & 0o777)
+        os.chmod(directory, 0o700)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.lstat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
 
 
 def _lock(directory: str) -> int:

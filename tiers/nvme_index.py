@@ -9,6 +9,7 @@ the tier from this index alone, without reading the data.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ class IndexEntry:
 
 class NvmeIndex:
     def __init__(self, path: str, map_bytes: int) -> None:
-        self._env = lmdb.open(path, map_size=map_bytes, subdir=True, sync=True, metasync=True, max_dbs=0)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        # mode: LMDB's data and lock files, 0600 (its default is 0644: every key and namespace).
+        self._env = lmdb.open(path, map_size=map_bytes, subdir=True, sync=True, metasync=True, max_dbs=0, mode=0o600)
 
     def scan(self) -> StoredBlocks:
         """Every entry, as columns (a restart's one read of the index): the values are parsed in
