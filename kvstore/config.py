@@ -204,8 +204,11 @@ class S3Config:
     lookup_window: int = 16          # keys asked of S3 at once past the local prefix
     backoff_s: float = 2.0           # after a failure S3 is left alone this long, doubling to 30x
     max_remembered_blocks: int = 1_000_000  # S3-only blocks kept in the index (oldest forgotten)
+    secret_files: tuple[str, ...] = ()  # deployment secrets: the first seals (MAC) new objects, all open
+    encrypt: bool = False            # AES-256-GCM encrypt objects (needs a secret)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "secret_files", tuple(self.secret_files))
         _check(1 <= self.max_concurrency <= 1024, f"s3.max_concurrency must be in [1, 1024], got {self.max_concurrency}")
         _check(1 <= self.max_attempts <= 20, f"s3.max_attempts must be in [1, 20], got {self.max_attempts}")
         for name in ("connect_timeout_s", "read_timeout_s"):

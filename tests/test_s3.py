@@ -374,3 +374,140 @@ async def test_objects_laid_out_as_version_0_1_wrote_them_are_served(moto):
         async with KVClient(f"127.0.0.1:{srv.port}", namespace=NS) as kv:
             assert (await kv.lookup(keys)).tiers == [TierKind.S3] * 3
             assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+
+# -- sealed objects: a keyed MAC or AES-GCM, with a deployment secret ---------------------------
+
+
+def sealed_tier(url: str, secrets: list, tmp_path, **overrides) -> S3Tier:
+    files = []
+    for i, secret in enumerate(secrets):
+        path = tmp_path / f"secret-{secret[:4].hex()}-{i}"
+        path.write_bytes(secret)
+        files.append(str(path))
+    base = dict(bucket=BUCKET, endpoint_url=url, prefix="sealed/", part_bytes=5 * MiB, multipart_threshold_bytes=8 * MiB,
+                connect_timeout_s=1, read_timeout_s=3, max_attempts=2, secret_files=tuple(files))
+    base.update(overrides)
+    return S3Tier(S3Config(**base))
+
+
+async def raw_client(url: str):
+    from aiobotocore.session import get_session
+
+    return get_session().create_client("s3", endpoint_url=url, region_name="us-east-1")
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["mac", "aes-gcm"])
+async def test_sealed_objects_round_trip_and_their_names_hide_the_namespace(moto, tmp_path, encrypt):
+    await make_bucket(moto.url)
+    tier = sealed_tier(moto.url, [os.urandom(32)], tmp_path, encrypt=encrypt)
+    await tier.open()
+    try:
+        small, large = os.urandom(300_000), os.urandom(12 * MiB + 7)   # large: multipart
+        namespace = b"model-x" * 4
+        assert await round_trip(tier, b"small", small, namespace) == small
+        assert await round_trip(tier, b"large", large, namespace) == large
+        name = tier.object_name(b"small", namespace)
+        assert namespace.hex() not in name
+        async with await raw_client(moto.url) as raw:
+            obj = await raw.get_object(Bucket=BUCKET, Key=name)
+            body = await obj["Body"].read()
+            assert namespace.hex() not in str(obj["Metadata"])
+        if encrypt:
+            assert small[:64] not in body and len(body) == len(small) + 28   # nonce and tag
+        else:
+            assert body == small and obj["Metadata"]["kvstore-mac"]
+    finally:
+        await tier.close()
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["mac", "aes-gcm"])
+async def test_a_forged_object_with_a_recomputed_checksum_is_a_miss_and_counted(moto, tmp_path, encrypt):
+    await make_bucket(moto.url)
+    tier = sealed_tier(moto.url, [os.urandom(32)], tmp_path, encrypt=encrypt, prefix=f"forge-{encrypt}/")
+    await tier.open()
+    try:
+        data = os.urandom(50_000)
+        await tier.put(b"victim", memoryview(data), checksum(data), b"ns")
+        name = tier.object_name(b"victim", b"ns")
+        evil = os.urandom(50_000)
+        async with await raw_client(moto.url) as raw:
+            head = await raw.head_object(Bucket=BUCKET, Key=name)
+            meta = dict(head["Metadata"], **{"kvstore-xxh3": f"{checksum(evil):016x}"})   # what an attacker can do
+            body = evil if not encrypt else os.urandom(16) + evil + os.urandom(12)
+            meta["kvstore-size"] = str(len(evil))
+            await raw.put_object(Bucket=BUCKET, Key=name, Body=body, Metadata=meta)
+            # ...and a valid object of another key moved under this name is refused the same way.
+            await tier.put(b"other", memoryview(data), checksum(data), b"ns")
+            await raw.copy_object(Bucket=BUCKET, Key=tier.object_name(b"moved", b"ns"),
+                                  CopySource={"Bucket": BUCKET, "Key": tier.object_name(b"other", b"ns")})
+        out = memoryview(bytearray(60_000))
+        assert await tier.get_into(b"victim", out, b"ns") is None
+        assert await tier.get_into(b"moved", out, b"ns") is None
+        assert tier.forged == 2
+        assert await tier.get_into(b"other", out, b"ns") == len(data) and bytes(out[: len(data)]) == data
+    finally:
+        await tier.close()
+
+
+async def test_a_forged_object_is_a_miss_for_the_daemon_and_shows_in_its_stats(moto, tmp_path):
+    from kvstore.client import KVClient
+    from kvstore.server import KVStoreServer
+
+    from conftest import chain, make_config, random_blocks
+
+    await make_bucket(moto.url)
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    s3 = s3_settings(moto.url, write_through=True, secret_files=(str(secret),))
+    keys, blocks = chain(3, seed=240), random_blocks(3, 20_000)
+    async with KVStoreServer(make_config(s3=s3)) as first:
+        async with KVClient(f"127.0.0.1:{first.port}") as kv:
+            await kv.put(keys, blocks)
+        name = next(t for t in first.daemon.stack.tiers if t.name == "s3").object_name(keys[1], b"")
+    evil = os.urandom(20_000)
+    async with await raw_client(moto.url) as raw:
+        head = await raw.head_object(Bucket=BUCKET, Key=name)
+        await raw.put_object(Bucket=BUCKET, Key=name, Body=evil,
+                             Metadata=dict(head["Metadata"], **{"kvstore-xxh3": f"{checksum(evil):016x}"}))
+    async with KVStoreServer(make_config(s3=s3)) as second:   # nothing local: everything from the bucket
+        async with KVClient(f"127.0.0.1:{second.port}", local="off") as kv:
+            got = await kv.get(keys)
+            stats = await kv.stats()
+    assert [bytes(b) for b in got] == blocks[:1]   # the forged block is a miss, and so what follows
+    assert next(t for t in stats.tiers if t.name == "s3").integrity_failures == 1
+
+
+async def test_secrets_rotate_new_first_old_still_opened_then_dropped(moto, tmp_path):
+    await make_bucket(moto.url)
+    old, new = os.urandom(32), os.urandom(32)
+    data = os.urandom(30_000)
+    tiers = [sealed_tier(moto.url, secrets, tmp_path, prefix="rotate/") for secrets in ([old], [new, old], [new])]
+    for t in tiers:
+        await t.open()
+    try:
+        await tiers[0].put(b"k", memoryview(data), checksum(data), b"ns")    # sealed with the old secret
+        out = memoryview(bytearray(30_000))
+        assert await tiers[1].get_into(b"k", out, b"ns") == 30_000 and bytes(out) == data
+        assert await tiers[2].get_into(b"k", out, b"ns") is None             # the old secret dropped
+        await tiers[1].put(b"k2", memoryview(data), checksum(data), b"ns")   # sealed with the new one
+        assert await tiers[2].get_into(b"k2", out, b"ns") == 30_000
+    finally:
+        for t in tiers:
+            await t.close()
+
+
+def test_secret_settings_are_checked(tmp_path, monkeypatch):
+    from kvstore.errors import ConfigError
+
+    monkeypatch.delenv("KVSTORE_S3_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="s3.encrypt needs a secret"):
+        S3Tier(S3Config(bucket=BUCKET, encrypt=True))
+    short = tmp_path / "short"
+    short.write_bytes(b"hunter2")
+    with pytest.raises(ConfigError, match="too short"):
+        S3Tier(S3Config(bucket=BUCKET, secret_files=(str(short),)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        S3Tier(S3Config(bucket=BUCKET, secret_files=(str(tmp_path / "missing"),)))
+    monkeypatch.setenv("KVSTORE_S3_SECRET", "x" * 32)
+    assert S3Tier(S3Config(bucket=BUCKET, encrypt=True)).sealer.encrypt

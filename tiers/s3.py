@@ -1,10 +1,16 @@
 """S3 tier: one object per block in an S3-compatible bucket, through aiobotocore.
 
 Unlike the extent tiers, this one is addressed by key. Object names encode the namespace and the
-block key, ``<prefix><namespace hex or "_">/<key hex>``, so daemons that share a bucket share
-blocks, and different namespaces (tenants, models) never collide. Each object carries its size,
-XXH3-64 checksum and namespace as metadata; a read whose bytes or namespace do not match is a
-miss, never data.
+block key, ``<prefix><namespace>/<key hex>``, so daemons that share a bucket share blocks, and
+different namespaces (tenants, models) never collide. Each object carries its size, XXH3-64
+checksum and namespace as metadata; a read whose bytes or namespace do not match is a miss, never
+data.
+
+With a deployment secret (:mod:`kvstore.tiers.seal`) each object also carries a keyed MAC, or is
+AES-256-GCM encrypted, and a read that does not open is a miss, counted as corrupt: a bucket
+writer cannot forge a block. The namespace is then named by a hash (in the object name and its
+metadata), so a listing does not show which models or tenants are cached. Without one the
+layout is 0.1's: the namespace in hex, or ``_`` for none.
 
 One aiobotocore client lives as long as the tier. Requests are bounded by a semaphore, retried
 with backoff by botocore (throttling, 5xx, timeouts), and time out quickly, so an S3 that is down
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,10 +36,12 @@ from kvstore.keys import unscoped
 from kvstore.layout import Addressing, Capabilities
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.base import KeyedTier, ObjectRef, ProbeInfo
+from kvstore.tiers.seal import SECRET_ENV, Sealer, load_secrets
 
 log = logging.getLogger("kvstore.tiers.s3")
 
 _META_SIZE, _META_SUM, _META_NS = "kvstore-size", "kvstore-xxh3", "kvstore-namespace"
+_META_SECRET, _META_MAC = "kvstore-secret", "kvstore-mac"
 
 ObjectInfo = ProbeInfo
 
@@ -54,6 +63,16 @@ class S3Tier(KeyedTier):
         # never answers must not hold a call (botocore's read timeout does not cover every wait).
         self.request_timeout_s = config.max_attempts * (config.connect_timeout_s + config.read_timeout_s) + 1.0
         self._used = 0   # bytes of the blocks this daemon knows to be in the bucket
+        self.forged = 0  # objects that failed their seal
+        secrets = load_secrets(config.secret_files)
+        if config.encrypt and not secrets:
+            raise ConfigError(f"s3.encrypt needs a secret: s3.secret_files or ${SECRET_ENV}")
+        self.sealer = Sealer(secrets, encrypt=config.encrypt) if secrets else None
+        if self.sealer is None:
+            log.warning(
+                "s3://%s: objects are checked with XXH3 only, so anyone who can write the bucket can forge "
+                "blocks; set s3.secret_files or $%s (docs/security.md)", config.bucket, SECRET_ENV,
+            )
 
     @classmethod
     def from_config(cls, config: S3Config) -> S3Tier:
@@ -149,18 +168,29 @@ class S3Tier(KeyedTier):
             stack, self._stack, self._client = self._stack, None, None
             await stack.aclose()
 
+    def namespace_tag(self, namespace: bytes) -> str:
+        """What names a namespace in the bucket: a hash of it when objects are sealed, else its hex."""
+        if self.sealer is None:
+            return namespace.hex()
+        return hashlib.sha256(b"kvstore namespace\0" + namespace).hexdigest()[:32] if namespace else ""
+
     def object_name(self, key: bytes, namespace: bytes = b"") -> str:
-        return f"{self.config.prefix}{namespace.hex() or '_'}/{key.hex()}"
+        return f"{self.config.prefix}{self.namespace_tag(namespace) or '_'}/{key.hex()}"
 
     async def put(self, key: bytes, data: memoryview, checksum_: int, namespace: bytes = b"") -> None:
         """Store one block (multipart above the threshold). Raises UnavailableError."""
         name = self.object_name(key, namespace)
-        meta = {_META_SIZE: str(data.nbytes), _META_SUM: f"{checksum_:016x}", _META_NS: namespace.hex()}
+        meta = {_META_SIZE: str(data.nbytes), _META_SUM: f"{checksum_:016x}", _META_NS: self.namespace_tag(namespace)}
+        body: bytes | memoryview = data
+        if self.sealer is not None:
+            label = Sealer.label(name, data.nbytes, checksum_)
+            meta[_META_SECRET], meta[_META_MAC], body = await asyncio.to_thread(self.sealer.seal, label, data)
+            body = memoryview(body)
         async with self._errors("put", name):
-            if data.nbytes < self.config.multipart_threshold_bytes:
-                await self._call(self._client.put_object, Key=name, Body=bytes(data), Metadata=meta)
+            if body.nbytes < self.config.multipart_threshold_bytes:
+                await self._call(self._client.put_object, Key=name, Body=bytes(body), Metadata=meta)
             else:
-                await self._multipart(name, data, meta)
+                await self._multipart(name, body, meta)
 
     async def _multipart(self, name: str, data: memoryview, meta: dict) -> None:
         part = self.config.part_bytes
@@ -194,20 +224,21 @@ class S3Tier(KeyedTier):
                 if _status(exc) in _MISSING:
                     return None
                 raise
-        return _info(r.get("Metadata", {}))
+        return _info(r.get("Metadata", {}), namespace, self.namespace_tag(namespace))
 
     async def head_many(self, keys: Sequence[bytes], namespace: bytes = b"") -> list[ObjectInfo | None]:
         return list(await _all_or_none([self.head(k, namespace) for k in keys]))
 
     async def get_into(self, key: bytes, out: memoryview, namespace: bytes = b"") -> int | None:
         """Read a block into ``out`` (at least its size) and verify it: its size, or None for a
-        miss (absent, corrupt, another namespace's, larger than ``out``).
+        miss (absent, corrupt, forged, another namespace's, larger than ``out``).
 
         The first ranged GET brings the metadata with the first part; larger blocks fetch the
         rest of their parts in parallel.
         """
         name = self.object_name(key, namespace)
         part = self.config.part_bytes
+        sealer = self.sealer
         async with self._errors("get", name):
             try:
                 r, first = await self._read(name, 0, part)
@@ -215,21 +246,41 @@ class S3Tier(KeyedTier):
                 if _status(exc) in _MISSING:
                     return None
                 raise
-            info = _info(r.get("Metadata", {}))
-            total = _total_size(r)
-            if info is None or info.namespace != namespace or info.size > out.nbytes:
+            meta = r.get("Metadata", {})
+            info = _info(meta, namespace, self.namespace_tag(namespace))
+            stored = info.size + (sealer.overhead_bytes if sealer is not None else 0) if info is not None else 0
+            if info is None or info.size > out.nbytes:
                 return None
-            if total != info.size or len(first) != min(part, info.size):
+            if _total_size(r) != stored or len(first) != min(part, stored):
                 return None  # the metadata does not describe these bytes
-            out[: len(first)] = first
+            # An encrypted body is read whole and opened into ``out``; a plain one lands there.
+            body = bytearray(stored) if sealer is not None and sealer.encrypt else out
+            target = memoryview(body)
+            target[: len(first)] = first
             # All parts or none: a failed part must not leave siblings writing into ``out`` later.
             await _all_or_none([
-                self._get_range(name, out, start, min(start + part, info.size)) for start in range(part, info.size, part)
+                self._get_range(name, target, start, min(start + part, stored)) for start in range(part, stored, part)
             ])
+        if sealer is not None and not await asyncio.to_thread(self._open, name, meta, info, target, out):
+            self.forged += 1
+            log.warning("S3 object %s failed its seal (forged, moved or sealed with an unknown secret): a miss", name)
+            return None
         if checksum(out[: info.size]) != info.checksum:
             log.warning("S3 object %s failed verification: a miss", name)
             return None
         return info.size
+
+    def _open(self, name: str, meta: dict, info: ObjectInfo, body: memoryview, out: memoryview) -> bool:
+        """Check (MAC) or decrypt (AES-GCM) a sealed object's body into ``out``."""
+        sealer, label = self.sealer, Sealer.label(name, info.size, info.checksum)
+        secret = meta.get(_META_SECRET, "")
+        if not sealer.encrypt:
+            return sealer.verify(secret, meta.get(_META_MAC, ""), label, out[: info.size])
+        plain = sealer.open(secret, label, body)
+        if plain is None or len(plain) != info.size:
+            return False
+        out[: info.size] = plain
+        return True
 
     async def _get_range(self, name: str, out: memoryview, start: int, end: int) -> None:
         _, data = await self._read(name, start, end)
@@ -293,11 +344,13 @@ async def _all_or_none(coros: list[Awaitable[Any]]) -> list[Any]:
         raise
 
 
-def _info(meta: dict) -> ObjectInfo | None:
+def _info(meta: dict, namespace: bytes, tag: str) -> ObjectInfo | None:
+    """The object's size and checksum, if its metadata is kvstore's and names ``namespace``
+    (by ``tag``)."""
     try:
-        info = ObjectInfo(
-            size=int(meta[_META_SIZE]), checksum=int(meta[_META_SUM], 16), namespace=bytes.fromhex(meta.get(_META_NS, "")),
-        )
+        info = ObjectInfo(size=int(meta[_META_SIZE]), checksum=int(meta[_META_SUM], 16), namespace=namespace)
     except (KeyError, ValueError):
         return None  # not written by kvstore, or damaged metadata
+    if meta.get(_META_NS, "") != tag:
+        return None
     return info if info.size > 0 else None
