@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-bucket", default="kvstore-bench", help="bucket for the S3 rows")
     parser.add_argument("--no-peers", action="store_true",
                         help="leave out the peer rows (two daemons, NIXL and the gRPC stream, against raw NIXL)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="leave out the mTLS rows (the remote path with TLS against plaintext)")
     parser.add_argument(
         "--scale", type=int, metavar="N",
         help="instead: put N blocks, then report put rate, daemon memory per block, lookup at that size, "
@@ -107,6 +109,10 @@ def main(args: argparse.Namespace) -> int:
             DaemonProcess(["--dram-bytes", args.dram_bytes, "--dram-prefault"])
         ).target
         rows = asyncio.run(_run(target, plan, paths, redis_port))
+    if not args.no_tls and "remote" in paths and not args.target:
+        from kvstore.bench.tls import tls_rows
+
+        rows += tls_rows(plan, rows, args.dram_bytes)
     if not args.no_nvme:
         from kvstore.bench.tiers import nvme_rows
 
@@ -123,6 +129,8 @@ def main(args: argparse.Namespace) -> int:
     print(table(rows))
     if redis_port is None:
         print("(no Redis rows: redis-server is not installed or --no-redis was given)")
+    if any("mTLS" in r.name for r in rows):
+        print("(mTLS rows: vs raw is against the plaintext remote row of the same block size and batch)")
     if args.json:
         write_json(args.json, rows, {"plan": dataclasses.asdict(plan), "paths": paths})
     return 0

@@ -174,6 +174,18 @@ def _print_stats(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _write_certs(directory: str, names: list[str]) -> None:
+    try:
+        from kvstore.bench.certs import CertificateAuthority
+    except ImportError:
+        raise KVStoreError("kvstore certs needs the cryptography package (pip install cryptography)") from None
+    ca = CertificateAuthority(directory)
+    server, client = ca.issue("server", names=names), ca.issue("client", server=False)
+    print(f"wrote {ca.cert}, {server.cert}, {server.key}, {client.cert}, {client.key} (for trying TLS, not production)")
+    print(f"  kvstore serve --tls-cert {server.cert} --tls-key {server.key} --tls-client-ca {ca.cert}")
+    print(f"  kvstore stats --tls-ca {ca.cert} --tls-cert {client.cert} --tls-key {client.key}")
+
+
 def _print_token(name: str) -> None:
     import secrets
 
@@ -241,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
     add_client_tls(st)
+    ce = sub.add_parser("certs", help="make a throwaway CA with server and client certificates, to try TLS")
+    ce.add_argument("directory", help="where to write ca.pem, server.pem, server-key.pem, client.pem, client-key.pem")
+    ce.add_argument("--name", action="append", default=[],
+                    help="another DNS name or IP the server certificate is valid for (repeatable)")
     tk = sub.add_parser("token", help="make a bearer token for a tenant and print it with its hash")
     tk.add_argument("--name", default="my-tenant", help="the tenant's name in the printed [[tenant]] table")
     b = sub.add_parser("bench", help="benchmark put/get/lookup against same-run baselines")
@@ -259,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
             asyncio.run(serve(config, args.ready_file))
+        elif args.command == "certs":
+            _write_certs(args.directory, args.name)
         elif args.command == "token":
             _print_token(args.name)
         elif args.command == "stats":
