@@ -14,6 +14,7 @@ trusted (the bytes may have been reused) and counts as a miss.
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import json
 import logging
@@ -55,12 +56,16 @@ class LocalArena:
         self.prefaulted = prefaulted  # the daemon had the pages in: this mapping was faulted in too
 
     @classmethod
-    def open(cls, path: str, arena_id: str, arena_bytes: int, *, timeout_s: float = 5.0) -> LocalArena:
-        """Connect, receive the arena fd and map it. Raises OSError or ValueError on any mismatch."""
+    def open(cls, path: str, arena_id: str, arena_bytes: int, *, timeout_s: float = 5.0, ticket: str = "") -> LocalArena:
+        """Connect, receive the arena's fd (or, with tenants, the session window's) and map it.
+        Raises OSError or ValueError on any mismatch."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.settimeout(timeout_s)
             conn.connect(path)
+            if ticket:   # a daemon with tenants: the ticket from Attach binds this session to ours
+                message = json.dumps({"ticket": ticket}).encode()
+                conn.sendall(len(message).to_bytes(4, "little") + message)
             data, fds, _, _ = socket.recv_fds(conn, 65536, 1)
             try:
                 length = int.from_bytes(data[:4], "little")
@@ -168,7 +173,9 @@ class LocalPath(DataPath):
 
     @classmethod
     async def attach(cls, info: pb.AttachResponse, timeout_s: float, namespace: bytes) -> LocalPath:
-        arena = await asyncio.to_thread(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes)
+        arena = await asyncio.to_thread(
+            functools.partial(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes, ticket=info.ticket)
+        )
         try:
             channel = await LocalChannel.open(arena.conn, timeout_s)
         except BaseException:

@@ -354,6 +354,7 @@ class ServerConfig:
     local_socket: str = "auto"
     local_socket_uids: tuple[int, ...] = ()   # other users whose processes may map the arena
     local_socket_gids: tuple[int, ...] = ()   # groups whose members may (the first owns the socket's directory)
+    local_window_bytes: int = 256 * MiB   # with tenants: each same-host session's own shared memory
     tenants: str = ""             # a tenants file (TOML): bearer tokens, shared namespaces; empty: one implicit tenant
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
@@ -402,6 +403,7 @@ class ServerConfig:
             f"lease_ttl_s must be finite and > 0, got {self.lease_ttl_s}",
         )
         _check(bool(self.local_socket), 'local_socket must be "auto", "off" or a path')
+        _check(self.local_window_bytes >= 1 * MiB, f"local_window_bytes must be >= 1MiB, got {self.local_window_bytes}")
         for name in ("local_socket_uids", "local_socket_gids"):
             ids = tuple(getattr(self, name))
             object.__setattr__(self, name, ids)

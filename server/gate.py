@@ -40,6 +40,13 @@ ACCESS = {
 }
 
 
+LOCAL_ACCESS = {
+    "Lookup": Access.READ, "Acquire": Access.READ, "Release": Access.READ,
+    "Reserve": Access.WRITE, "Commit": Access.WRITE,
+}
+"""The same-host socket's calls: a tenant's session reads and writes its own (windowed) blocks."""
+
+
 def load_tenants(path: str) -> TenantTable:
     """The tenants file at ``path``; a :class:`ConfigError` naming it on any mistake."""
     try:
@@ -84,3 +91,8 @@ class Gate:
         if tenant is None:
             return namespace
         return tenant.scope(namespace, write=ACCESS[method] is Access.WRITE)
+
+    def local(self, tenant: Tenant, method: str, namespace: bytes) -> bytes:
+        """Admit one same-host call of ``tenant``'s session: its rate, and the namespace it reaches."""
+        self.tenants.admit(tenant, time.monotonic())
+        return tenant.scope(namespace, write=LOCAL_ACCESS[method] is Access.WRITE)

@@ -149,3 +149,12 @@ class Leasing:
             self.daemon.catalog.hold(slot.copy)
             self.daemon.abort(slot)
             self._quarantine.setdefault(lease.session, []).append(slot.copy)
+
+
+def slot_state(slot: PutSlot) -> int:
+    """What a reserve answers for one block: write it, it is already there, or it was dropped."""
+    from kvstore.proto.v1 import kvstore_pb2 as pb
+
+    if slot.copy is not None:
+        return pb.SLOT_RESERVED
+    return pb.SLOT_PRESENT if slot.present else pb.SLOT_DROPPED

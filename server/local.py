@@ -17,25 +17,33 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import stat
 import struct
+import time
 
 import grpc
 
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, PermissionDeniedError
 from kvstore.proto.local import METHODS, PROTOCOL_VERSION, FrameError, FramedSocket, frame
 from kvstore.server.daemon import Daemon
 from kvstore.server.leasing import Leasing
 from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.window import Window, WindowedCalls
+from kvstore.tenants import Tenant
 
 log = logging.getLogger("kvstore.local")
+
+TICKET_TTL_S = 10.0
+"""How long a same-host ticket from Attach stays good (one use)."""
 
 
 class LocalSocket:
     def __init__(
         self, daemon: Daemon, leasing: Leasing, servicer: KVStoreServicer, path: str,
-        uids: tuple[int, ...] = (), gids: tuple[int, ...] = (),
+        uids: tuple[int, ...] = (), gids: tuple[int, ...] = (), *, tenants: bool = False,
+        window_bytes: int = 256 << 20,
     ) -> None:
         self.daemon = daemon
         self.leasing = leasing
@@ -43,6 +51,9 @@ class LocalSocket:
         self.path = path
         self.admitted = Admission(uids, gids)
         self.refused = 0
+        self.tenants = tenants          # sessions then present a ticket and get a window
+        self.window_bytes = window_bytes
+        self._tickets: dict[str, tuple[Tenant, float]] = {}
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._sessions: set[asyncio.Task] = set()
@@ -115,33 +126,70 @@ class LocalSocket:
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
 
+    def ticket_for(self, tenant: Tenant) -> str:
+        """A one-time ticket binding the next same-host session that presents it to ``tenant``
+        (handed out by the authenticated ``Attach`` call)."""
+        now = time.monotonic()
+        self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}   # drop the stale
+        ticket = secrets.token_urlsafe(24)
+        self._tickets[ticket] = (tenant, now + TICKET_TTL_S)
+        return ticket
+
+    async def _tenant_of(self, conn: socket.socket) -> Tenant:
+        """Read the session's first frame, its ticket; the tenant it was issued to."""
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(conn, 4096), TICKET_TTL_S)
+            length = int.from_bytes(data[:4], "little")
+            ticket = json.loads(data[4 : 4 + length]).get("ticket", "")
+        except (asyncio.TimeoutError, ValueError, AttributeError):
+            raise PermissionDeniedError("this daemon has tenants: a same-host session starts with a ticket from Attach") from None
+        issued = self._tickets.pop(ticket, None) if isinstance(ticket, str) else None
+        if issued is None or issued[1] < time.monotonic():
+            raise PermissionDeniedError("the same-host ticket is unknown, used or expired (attach again)")
+        return issued[0]
+
+    def _refuse(self, conn: socket.socket, refusal: str) -> None:
+        self.refused += 1
+        log.warning("refused a same-host client: %s", refusal)
+        with contextlib.suppress(OSError):
+            error = json.dumps({"version": PROTOCOL_VERSION, "error": refusal}).encode()
+            conn.setblocking(True)
+            conn.sendall(len(error).to_bytes(4, "little") + error)
+        conn.close()
+
     async def _serve(self, conn: socket.socket) -> None:
         refusal = self.admitted.check(conn)
         if refusal is not None:
-            self.refused += 1
-            log.warning("refused a same-host client: %s", refusal)
-            with contextlib.suppress(OSError):
-                error = json.dumps({"version": PROTOCOL_VERSION, "error": refusal}).encode()
-                conn.setblocking(True)
-                conn.sendall(len(error).to_bytes(4, "little") + error)
-            conn.close()
-            return
+            return self._refuse(conn, refusal)
+        tenant = window = None
+        if self.tenants:
+            try:
+                tenant = await self._tenant_of(conn)
+            except (PermissionDeniedError, OSError) as exc:
+                return self._refuse(conn, str(exc))
         daemon = self.daemon
         token = self.leasing.table.open_session()
         try:
+            if tenant is not None:
+                window = WindowedCalls(daemon, self.leasing, token, Window(self.window_bytes))
+                shared_fd, shared_bytes, prefaulted = window.window.fd, self.window_bytes, False
+            else:
+                shared_fd, shared_bytes, prefaulted = daemon.arena.fd, daemon.arena.capacity_bytes, daemon.arena.prefaulted
             hello = json.dumps({
                 "version": PROTOCOL_VERSION, "arena_id": daemon.arena_id, "session": token,
-                "arena_bytes": daemon.arena.capacity_bytes, "prefaulted": daemon.arena.prefaulted,
+                "arena_bytes": shared_bytes, "prefaulted": prefaulted,
             }).encode()
             conn.setblocking(True)
             conn.sendmsg(
                 [len(hello).to_bytes(4, "little") + hello],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [daemon.arena.fd]))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [shared_fd]))],
             )
             framed = FramedSocket(conn)
             while True:
                 body = await framed.read_frame()
-                await framed.write(await self._answer(body[0], body[1:], token))
+                await framed.write(await self._answer(body[0], body[1:], token, tenant, window))
         except FrameError as exc:
             log.warning("closing a local session that sent %s", exc)
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
@@ -149,12 +197,15 @@ class LocalSocket:
         finally:
             conn.close()
             self.leasing.close_session(token)
+            if window is not None:
+                window.close()
 
-    async def _answer(self, method_id: int, payload: bytes, token: str) -> bytes:
+    async def _answer(self, method_id: int, payload: bytes, token: str, tenant: Tenant | None,
+                      window: WindowedCalls | None) -> bytes:
         if method_id >= len(METHODS):
             code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
             return frame(code, f"unknown local method {method_id}".encode())
-        status, data = await self.servicer.call_local(METHODS[method_id][0], payload, token)
+        status, data = await self.servicer.call_local(METHODS[method_id][0], payload, token, tenant, window)
         return frame(status, data)
 
 

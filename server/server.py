@@ -86,15 +86,13 @@ class KVStoreServer:
                 raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this host)")
             self.daemon.serving_at(self.port)   # the peers learn this daemon's own address
             path = config.local_socket_path(self.port)
-            if path is not None and not self.gate.open:
-                # A same-host client maps the whole arena: with tenants, that would be every tenant's.
-                log.info("same-host socket off: with tenants every client takes the gRPC path (docs/security.md)")
-                path = None
             if path is not None:
+                # With tenants a same-host session maps a window of its own, never the arena.
                 self._local = LocalSocket(self.daemon, self.leasing, servicer, path,
-                                          config.local_socket_uids, config.local_socket_gids)
+                                          config.local_socket_uids, config.local_socket_gids,
+                                          tenants=not self.gate.open, window_bytes=config.local_window_bytes)
                 await self._local.start()
-                servicer.local_socket_path = path
+                servicer.local_socket_path, servicer.local = path, self._local
             self._background = self._background_work()
             self._background.start()
             await self._grpc.start()

@@ -28,7 +28,8 @@ from kvstore.proto.stats import stats_to_proto
 from kvstore.tenants import Tenant
 from kvstore.server.daemon import Daemon
 from kvstore.server.gate import Gate
-from kvstore.server.leasing import Leasing
+from kvstore.server.leasing import Leasing, slot_state
+from kvstore.server.window import WindowedCalls
 from kvstore.server.metrics import Metrics
 from kvstore.framing import pack
 from kvstore.server.transfer import PutReceiver, block_views
@@ -84,6 +85,7 @@ class KVStoreServicer:
         self.leasing = leasing
         self.metrics = metrics
         self.local_socket_path = local_socket_path
+        self.local: Any = None   # the LocalSocket, when there is one (it issues same-host tickets)
         self._methods = self.unary_methods()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -117,19 +119,35 @@ class KVStoreServicer:
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
             async with self._rpc(method, context):
                 request = _parse(request_cls, raw)
-                self._admit(method, request, context)
+                tenant = self._admit(method, request, context)
+                if method == "Attach":   # a tenant's same-host session is bound to it by a ticket
+                    return self.attach(request, tenant)
                 return await _result(fn(request))
 
         return handle
 
-    async def call_local(self, method: str, raw: bytes, session: str) -> tuple[int, bytes]:
-        """Answer one call from the local socket: (0, response) or (status code, error text)."""
+    async def call_local(
+        self, method: str, raw: bytes, session: str, tenant: Tenant | None = None, window: WindowedCalls | None = None
+    ) -> tuple[int, bytes]:
+        """Answer one call from the local socket: (0, response) or (status code, error text).
+
+        A session of a tenant (with tenants, every session) has its namespaces scoped to the
+        tenant and its lease calls answered through its window.
+        """
         request_cls, _, fn = self._methods[method]
         start = time.perf_counter()
         try:
             request = _parse(request_cls, raw)
-            if "session" in request.DESCRIPTOR.fields_by_name:
+            fields = request.DESCRIPTOR.fields_by_name
+            if "session" in fields:
                 request.session = session  # the socket is the session
+            if tenant is not None:
+                scoped = self.gate.local(tenant, method, request.namespace if "namespace" in fields else b"")
+                if "namespace" in fields:
+                    request.namespace = scoped
+            if window is not None:
+                fn = {"Reserve": window.reserve, "Commit": self._windowed_commit(window),
+                      "Acquire": window.acquire, "Release": window.release}.get(method, fn)
             return 0, (await _result(fn(request))).SerializeToString()
         except KVStoreError as exc:
             code = code_for(exc)
@@ -262,14 +280,22 @@ class KVStoreServicer:
         d = self.daemon
         return stats_to_proto(version=d.version, uptime_s=d.uptime_s, counters=d.counters, usage=d.usage())
 
-    def attach(self, request: pb.AttachRequest) -> pb.AttachResponse:
+    def attach(self, request: pb.AttachRequest, tenant: Tenant | None = None) -> pb.AttachResponse:
         d = self.daemon
         limit, reason = d.block_limit()
-        return pb.AttachResponse(
+        response = pb.AttachResponse(
             arena_id=d.arena_id, socket_path=self.local_socket_path or "",
             arena_bytes=d.arena.capacity_bytes, lease_ttl_s=self.leasing.table.ttl_s,
             max_block_bytes=limit, max_block_reason=reason, put_round_bytes=d.put_round_bytes(),
         )
+        if tenant is not None and self.local is not None:
+            # The client maps a window of its own, not the arena: sizes are the window's.
+            window = self.local.window_bytes
+            response.ticket = self.local.ticket_for(tenant)
+            response.arena_bytes, response.put_round_bytes = window, window // 2
+            if window < limit:
+                response.max_block_bytes, response.max_block_reason = window, "the size of a same-host window"
+        return response
 
     async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         lease, slots = await self.leasing.reserve(
@@ -277,12 +303,21 @@ class KVStoreServicer:
         )
         return pb.ReserveResponse(
             lease=lease.id,
-            states=[_slot_state(slot) for slot in slots],
+            states=[slot_state(slot) for slot in slots],
             offsets=[slot.copy.location.offset if slot.copy else 0 for slot in slots],
         )
 
     async def commit(self, request: pb.CommitRequest) -> pb.PutResponse:
         stored, slots = await self.leasing.commit(request.session, request.lease, request.checksums, request.abort)
+        return self._committed(stored, slots)
+
+    def _windowed_commit(self, window: WindowedCalls):
+        async def commit(request: pb.CommitRequest) -> pb.PutResponse:
+            return self._committed(*await window.commit(request))
+
+        return commit
+
+    def _committed(self, stored: int, slots) -> pb.PutResponse:
         self.daemon.counters.bytes_in += sum(slot.size for slot in slots if slot.copy is not None)
         return _put_response(stored, slots)
 
@@ -309,9 +344,3 @@ def _put_response(stored: int, slots) -> pb.PutResponse:
     dropped = sum(slot.copy is None and not slot.present for slot in slots)
     persisted = sum(slot.persisted for slot in slots)
     return pb.PutResponse(stored=stored, present=present, dropped=dropped, persisted=persisted)
-
-
-def _slot_state(slot) -> int:
-    if slot.copy is not None:
-        return pb.SLOT_RESERVED
-    return pb.SLOT_PRESENT if slot.present else pb.SLOT_DROPPED

@@ -2,7 +2,7 @@
 
 The attacks of the issue are replayed between two tenants of one daemon: putting first under the
 victim's public keys (poisoning), reading the victim's keys, writing a namespace one may only
-read. Clients stay on the gRPC path: with tenants the daemon offers no same-host mapping.
+read; on the gRPC path and on the same-host path, where each session maps a window of its own.
 """
 
 from __future__ import annotations
@@ -168,12 +168,78 @@ async def test_a_tenant_over_its_request_rate_is_told_to_slow_down(daemon):
             await alice.lookup(keys)
 
 
-async def test_with_tenants_there_is_no_same_host_mapping(daemon):
-    async with KVClient(daemon.address, token=TOKENS["alice"]) as kv:
-        assert kv.path == "remote"
-    with pytest.raises(UnavailableError, match="same-host path required"):
-        async with KVClient(daemon.address, token=TOKENS["alice"], local="require"):
-            pass
+@pytest.fixture
+async def small_windows(tmp_path):
+    """A daemon with tenants whose same-host sessions get 1 MiB windows (batches take rounds)."""
+    config = make_config(tenants=tenants_file(tmp_path / "tenants.toml"), local_window_bytes=1 << 20)
+    async with KVStoreServer(config) as server:
+        yield server
+
+
+def same_host(server, tenant: str, **options) -> KVClient:
+    return KVClient(server.address, local="require", token=TOKENS[tenant], **options)
+
+
+async def test_same_host_clients_of_a_tenant_map_a_window_of_their_own_and_round_trip(small_windows):
+    keys, blocks = chain(10, seed=11), random_blocks(10, 256 << 10)   # 2.5 MiB: several rounds
+    async with same_host(small_windows, "alice") as kv:
+        assert kv.path == "local"
+        assert len(kv._local.arena.mapping) == 1 << 20   # its window, not the 64 MiB arena
+        assert (await kv.put(keys, blocks)).stored == 10
+        assert [bytes(b) for b in await kv.get(keys)] == blocks
+        out = [bytearray(256 << 10) for _ in keys]
+        assert await kv.get_into(keys, out) == 10 and [bytes(o) for o in out] == blocks
+        assert (await kv.lookup(keys)).count == 10
+    async with KVClient(small_windows.address, local="off", token=TOKENS["alice"]) as remote:
+        assert [bytes(b) for b in await remote.get(keys)] == blocks   # the same blocks either way
+
+
+async def test_a_same_host_client_cannot_reach_another_tenants_blocks(small_windows):
+    keys = chain(4, seed=12)
+    secret, poison = random_blocks(4, 128 << 10), random_blocks(4, 128 << 10)
+    async with same_host(small_windows, "alice") as alice:
+        assert (await alice.put(keys, secret)).stored == 4
+    async with same_host(small_windows, "bob") as bob:
+        assert (await bob.lookup(keys)).count == 0 and await bob.get(keys) == []
+        result = await bob.put(keys, poison)        # under the same keys: bob's own blocks
+        assert result.stored == 4 and result.present == 0
+        assert [bytes(b) for b in await bob.get(keys)] == poison
+        window = bytes(bob._local.arena.mapping)    # everything bob's process can see of the daemon
+        assert not any(block[:4096] in window for block in secret)
+    async with same_host(small_windows, "alice") as alice:
+        assert [bytes(b) for b in await alice.get(keys)] == secret
+    async with same_host(small_windows, "reader", namespace=SHARED) as reader:
+        with pytest.raises(PermissionDeniedError):
+            await reader.put(keys, secret)
+
+
+async def test_a_same_host_session_needs_a_fresh_ticket(small_windows):
+    import json
+    import socket
+
+    async with same_host(small_windows, "alice") as kv:
+        path = kv._local.arena.conn.getpeername()
+
+    def hello(first: bytes | None) -> dict:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(15)
+        conn.connect(path)
+        if first is not None:
+            conn.sendall(len(first).to_bytes(4, "little") + first)
+        data, fds, _, _ = socket.recv_fds(conn, 65536, 1)
+        conn.close()
+        return {"fds": len(fds), **json.loads(data[4 : 4 + int.from_bytes(data[:4], "little")])}
+
+    from kvstore.proto.v1 import kvstore_pb2 as pb
+
+    async with KVClient(small_windows.address, local="off", token=TOKENS["alice"]) as kv:
+        ticket = (await kv.stub.Attach(pb.AttachRequest(), timeout=5)).ticket
+    first = await asyncio.to_thread(hello, json.dumps({"ticket": ticket}).encode())
+    again = await asyncio.to_thread(hello, json.dumps({"ticket": ticket}).encode())
+    forged = await asyncio.to_thread(hello, json.dumps({"ticket": "made-up"}).encode())
+    assert first["fds"] == 1 and "error" not in first
+    assert again["fds"] == 0 and "used or expired" in again["error"]
+    assert forged["fds"] == 0 and "unknown" in forged["error"]
 
 
 async def test_peers_present_the_cluster_token_and_tenants_stay_apart_across_nodes(tmp_path):

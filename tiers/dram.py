@@ -26,8 +26,9 @@ log = logging.getLogger("kvstore.tiers.dram")
 POPULATE_CHUNK_BYTES = 64 << 20
 
 
-def _map_arena(size: int, flags: int) -> tuple[mmap.mmap, int]:
-    """The arena mapping, and the memfd behind it (-1 where the system has no memfd)."""
+def map_shared_memory(size: int, flags: int) -> tuple[mmap.mmap, int]:
+    """A shared mapping of ``size`` bytes, and the memfd behind it (-1 where the system has no
+    memfd): the arena, and the windows of same-host sessions."""
     if not hasattr(os, "memfd_create"):
         return mmap.mmap(-1, size, flags=flags), -1
     fd = os.memfd_create("kvstore-dram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -84,7 +85,7 @@ class DramTier(MemoryTier):
         if config.prefault and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE
         try:
-            self._mmap, self.fd = _map_arena(size, flags)
+            self._mmap, self.fd = map_shared_memory(size, flags)
         except OSError as exc:
             raise ConfigError(
                 f"dram.capacity_bytes={size}: cannot map a host-memory arena that large ({exc.strerror})"
