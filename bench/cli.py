@@ -51,7 +51,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return plan
 
 
-async def _run(target: str, plan: Plan, paths: list[str], redis_port: int | None) -> list:
+async def _run(target: str, plan: Plan, paths: list[str], redis_port: int | None, client: dict | None = None) -> list:
     from kvstore.bench.datapath import datapath_rows, lookup_rows
     from kvstore.client import KVClient
 
@@ -59,7 +59,7 @@ async def _run(target: str, plan: Plan, paths: list[str], redis_port: int | None
         clients = []
         for path in paths:
             mode = "require" if path == "local" else "off"
-            clients.append(await stack.enter_async_context(KVClient(target, local=mode, timeout_s=120)))
+            clients.append(await stack.enter_async_context(KVClient(target, local=mode, timeout_s=120, **(client or {}))))
         rows = await datapath_rows(clients, plan, redis_port)
         rows += await lookup_rows(clients[0], plan)
     return rows
@@ -108,7 +108,9 @@ def main(args: argparse.Namespace) -> int:
         target = args.target or stack.enter_context(
             DaemonProcess(["--dram-bytes", args.dram_bytes, "--dram-prefault"])
         ).target
-        rows = asyncio.run(_run(target, plan, paths, redis_port))
+        from kvstore.server.cli import client_options
+
+        rows = asyncio.run(_run(target, plan, paths, redis_port, client_options(args)))
     if not args.no_tls and "remote" in paths and not args.target:
         from kvstore.bench.tls import tls_rows
 

@@ -145,14 +145,23 @@ async def serve(config: ServerConfig, ready_file: str | None = None) -> None:
         logging.getLogger("kvstore.server").info("shutting down (grace %.1fs)", config.shutdown_grace_s)
 
 
-def client_tls(args: argparse.Namespace) -> dict[str, str]:
-    """The client TLS settings of ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-server-name``."""
+def client_options(args: argparse.Namespace) -> dict[str, str]:
+    """The client settings of ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-server-name``
+    and ``--token-file`` (the token read from it)."""
     names = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
-    return {name: getattr(args, name) for name in names if getattr(args, name)}
+    options = {name: getattr(args, name) for name in names if getattr(args, name)}
+    if getattr(args, "token_file", None):
+        try:
+            options["token"] = Path(args.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file: cannot read {args.token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    return options
 
 
 def add_client_tls(parser: argparse.ArgumentParser) -> None:
     """The flags a command that connects to a TLS daemon needs (``stats``, ``bench --target``)."""
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="a file holding the bearer token of a tenant (a daemon with tenants)")
     parser.add_argument("--tls-ca", metavar="PEM", help="CA that signed the daemon's certificate (turns TLS on)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon that requires one (mTLS)")
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -163,7 +172,7 @@ def _print_stats(args: argparse.Namespace) -> None:
     from kvstore.client import SyncKVClient
 
     target, as_json = args.target, args.json
-    with SyncKVClient(target, timeout_s=args.timeout, connect_timeout_s=args.timeout, **client_tls(args)) as kv:
+    with SyncKVClient(target, timeout_s=args.timeout, connect_timeout_s=args.timeout, **client_options(args)) as kv:
         stats = kv.stats()
     if as_json:
         print(json.dumps(stats.as_dict(), indent=2))
@@ -263,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvstore.bench.cli import add_arguments
 
     add_arguments(b)
+    add_client_tls(b)
     return parser
 
 
