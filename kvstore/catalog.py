@@ -22,7 +22,7 @@ from __future__ import annotations
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,8 @@ class Catalog:
         self.columns = [LevelColumns() for _ in layout.levels]
         self._shared = [level.shared for level in layout.levels]
         self._ready = [0] * len(layout.levels)    # readable copies per level
+        # Bytes of the copies (filling or ready) at each level, by namespace id: a tenant's quota.
+        self._ns_bytes: list[dict[int, int]] = [{} for _ in layout.levels]
         # Records whose only readable copies are in shared levels, oldest first (see trim_remote).
         self._remote_only: OrderedDict[int, None] = OrderedDict()
         self._record_views: weakref.WeakValueDictionary[int, BlockRecord] = weakref.WeakValueDictionary()
@@ -144,6 +146,28 @@ class Catalog:
     def blocks_at(self, level: int) -> int:
         """Readable copies held at ``level``."""
         return self._ready[level]
+
+    def namespace_bytes(self, level: int, namespaces: Iterable[bytes]) -> int:
+        """Bytes of the copies at ``level`` (filling or ready) of blocks in ``namespaces``."""
+        counts, ids = self._ns_bytes[level], self._ns_ids
+        return sum(counts.get(ids[ns], 0) for ns in namespaces if ns in ids)
+
+    def victims_of(self, level: int, namespaces: Iterable[bytes], nbytes: int) -> list[Copy]:
+        """The coldest evictable copies at ``level`` of blocks in ``namespaces``, up to ``nbytes``
+        (fewer when there are not that many): what a tenant over its quota gives up first."""
+        policy = self.policies[level]
+        wanted = {self._ns_ids[ns] for ns in namespaces if ns in self._ns_ids}
+        if policy is None or not wanted or nbytes <= 0:
+            return []
+        evictable, length, ns = self._evictable_at(level), self.columns[level].length, self._ns
+        chosen, total = [], 0
+        for slot in policy.oldest_first():
+            if ns[slot] in wanted and evictable(slot):
+                chosen.append(slot)
+                total += length[slot]
+                if total >= nbytes:
+                    break
+        return [self._copy_view(slot, level) for slot in chosen]
 
     def victims(self, level: int, nbytes: int, fits: Callable[[list[Any]], bool] | None = None) -> list[Copy]:
         """The copies of ``level`` its policy would evict to free ``nbytes`` (all or nothing);
@@ -247,6 +271,13 @@ class Catalog:
         for column, values in ((columns.state, copy_state), (columns.holds, 0), (columns.offset, offsets),
                                (columns.length, lengths)):
             as_numpy(column)[at] = values
+        counts = self._ns_bytes[level]
+        if np.ndim(ns) == 0:
+            counts[int(ns)] = counts.get(int(ns), 0) + int(np.sum(sizes, dtype=np.int64))
+        else:
+            ids, inverse = np.unique(np.asarray(ns, dtype=np.int64), return_inverse=True)
+            for ns_id, total in zip(ids.tolist(), np.bincount(inverse, weights=np.asarray(sizes, dtype=np.float64)).tolist()):
+                counts[ns_id] = counts.get(ns_id, 0) + int(total)
 
     def commit_many(self, copies: Sequence[Copy], checksums: Sequence[int | None]) -> None:
         """:meth:`commit` for many puts' copies at once (all WRITING records of one level, their
@@ -348,6 +379,8 @@ class Catalog:
         if columns.state[record.slot]:
             raise RuntimeError(f"block {key_label(record.key)} already has a copy at level {level}")
         columns.place(record.slot, location, col.FILLING)
+        counts, ns = self._ns_bytes[level], self._ns[record.slot]
+        counts[ns] = counts.get(ns, 0) + self.size[record.slot]
         return self._copy_view(record.slot, level)
 
     def orphan(self, record: BlockRecord, level: int, location: Any) -> Copy:
@@ -527,6 +560,7 @@ class Catalog:
         copy._detach(state or _COPY_STATES[columns.state[slot]], columns.holds[slot], columns.location(slot),
                      self.record_at(slot))
         columns.clear(slot)
+        self._ns_bytes[level][self._ns[slot]] -= self.size[slot]
 
     def _free_if_done(self, copy: Copy) -> None:
         own = copy._own

@@ -126,6 +126,9 @@ class LRUPolicy(EvictionPolicy):
                     return chosen
         return []
 
+    def oldest_first(self) -> Iterator[int]:
+        return self._list.oldest_first()
+
     def coldest_first(self) -> list[int]:
         """Every copy, coldest first (for stats and tests; O(n))."""
         return list(self._list.oldest_first())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, MutableSequence, Sequence
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 
 
@@ -71,6 +71,10 @@ class EvictionPolicy(ABC):
         exists, so a caller never evicts for a reservation that would still fail. Copies that are
         held or moving are never chosen.
         """
+
+    @abstractmethod
+    def oldest_first(self) -> Iterator[int]:
+        """Every copy in the policy, the first to go first (roughly, for policies with queues)."""
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -11,7 +11,7 @@ blocks out of the main queue, where LRU would lose them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -109,6 +109,10 @@ class S3FIFOPolicy(EvictionPolicy):
             if queue[slot] == SMALL:
                 small_bytes -= length[slot]
         return chosen if total >= nbytes and (fits is None or fits(chosen)) else []
+
+    def oldest_first(self) -> Iterator[int]:
+        yield from self._small.oldest_first()
+        yield from self._main.oldest_first()
 
     def _enter(self, slot: int, queue: int) -> None:
         self.view.queue[slot] = queue

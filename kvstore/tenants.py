@@ -8,6 +8,7 @@ A tenants file (``kvstore serve --tenants PATH``, TOML) lists the tenants::
     read = ["9f2c...", ]                     # shared namespaces (hex) it may read
     write = ["9f2c..."]                      # shared namespaces it may write (and read)
     requests_per_s = 2000                    # optional: calls per second, with a burst of 1 s
+    quota = { dram = "8GiB", nvme = "100GiB" }  # optional: most bytes of its own blocks per tier
 
     [[tenant]]
     name = "cluster"
@@ -19,16 +20,22 @@ The tenant is part of every block's identity: a namespace a tenant names that is
 shared namespaces is scoped to the tenant (:func:`tenant_namespace`), so two tenants using the same
 keys hold two different blocks and can neither read nor overwrite nor poison each other's. A
 shared namespace is the same for every tenant allowed to use it; writing it needs ``write``.
+
+A quota bounds the bytes of a tenant's own blocks (its private namespaces; shared ones are no
+one's) in a tier: when a put or a move would take it over, the tenant's own coldest blocks there
+make room first (demoted or evicted, as for a full tier), and what still does not fit is dropped,
+counted like any dropped block.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.config import parse_bytes
 from kvstore.errors import ConfigError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
 from kvstore.keys import MAX_NAMESPACE_BYTES
 
@@ -74,7 +81,9 @@ class Tenant:
     write: frozenset[bytes] = frozenset()
     peer: bool = False
     requests_per_s: float = 0.0   # 0: unlimited
+    quota: Mapping[str, int] = field(default_factory=dict)   # tier name -> bytes
     limit: RateLimit | None = field(default=None, compare=False)
+    namespaces: set[bytes] = field(default_factory=set, compare=False)   # its private ones, as stored
 
     def scope(self, namespace: bytes, *, write: bool) -> bytes:
         """The stored namespace this tenant's ``namespace`` means.
@@ -101,6 +110,29 @@ class TenantTable:
     def __init__(self, tenants: list[Tenant]) -> None:
         self.tenants = tenants
         self._by_hash = {h: t for t in tenants for h in t.token_hashes}
+        self._owners: dict[bytes, Tenant] = {}
+
+    def scope(self, tenant: Tenant, namespace: bytes, *, write: bool) -> bytes:
+        """:meth:`Tenant.scope`, remembering whose private namespaces are whose (for quotas)."""
+        stored = tenant.scope(namespace, write=write)
+        if tenant.quota and stored not in self._owners and not tenant.peer and stored != namespace:
+            self._owners[stored] = tenant
+            tenant.namespaces.add(stored)
+        return stored
+
+    def owner(self, namespace: bytes) -> Tenant | None:
+        """The tenant with a quota whose private (stored) ``namespace`` this is, once it has used it."""
+        return self._owners.get(namespace)
+
+    def check_tiers(self, tiers: Sequence[str]) -> None:
+        """Refuse quotas naming a tier this daemon does not have (or one without a capacity)."""
+        for tenant in self.tenants:
+            for name in tenant.quota:
+                if name not in tiers:
+                    raise ConfigError(
+                        f"tenants: tenant {tenant.name!r}: quota names tier {name!r}, which this daemon does not "
+                        f"bound (it has: {', '.join(tiers)})"
+                    )
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an ``authorization`` metadata value (``Bearer <token>``).
@@ -150,7 +182,7 @@ class TenantTable:
         return cls(tenants)
 
 
-_KEYS = {"name", "token_sha256", "read", "write", "peer", "requests_per_s"}
+_KEYS = {"name", "token_sha256", "read", "write", "peer", "requests_per_s", "quota"}
 
 
 def _tenant(entry: Mapping[str, Any], where: str) -> Tenant:
@@ -175,11 +207,17 @@ def _tenant(entry: Mapping[str, Any], where: str) -> Tenant:
     rate = entry.get("requests_per_s", 0)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0:
         raise ConfigError(f"{where}: requests_per_s must be a number >= 0 (0: unlimited), got {rate!r}")
+    quota = entry.get("quota", {})
+    if not isinstance(quota, Mapping):
+        raise ConfigError(f"{where}: quota must be a table of tier = size, e.g. {{ dram = \"8GiB\" }}")
+    quota = {str(tier): parse_bytes(size, name=f"{where}: quota.{tier}") for tier, size in quota.items()}
+    if any(size <= 0 for size in quota.values()):
+        raise ConfigError(f"{where}: quota sizes must be > 0")
     write = _namespaces(entry.get("write", []), f"{where}: write")
     read = _namespaces(entry.get("read", []), f"{where}: read") | write
     return Tenant(
         name=name, token_hashes=frozenset(h.lower() for h in hashes), read=read, write=write, peer=peer,
-        requests_per_s=float(rate), limit=RateLimit(float(rate)) if rate else None,
+        requests_per_s=float(rate), quota=quota, limit=RateLimit(float(rate)) if rate else None,
     )
 
 

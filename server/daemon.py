@@ -40,10 +40,12 @@ from kvstore.config import ServerConfig
 from kvstore.errors import InvalidArgumentError, UnavailableError
 from kvstore.keys import check_keys, check_packed_keys, namespace_tag, scoped
 from kvstore.policies import make_policy
+from kvstore.tenants import TenantTable
 from kvstore.stats import Counters, TierUsage
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.base import MemoryTier
 from kvstore.tiers.stack import build_stack
+from kvstore.server.quotas import Quotas
 from kvstore.server.mover import NO_ROOM, Mover
 from kvstore.server.shared import SharedLevels
 
@@ -78,7 +80,7 @@ def _leading_ready(records: list[BlockRecord]) -> list[BlockRecord]:
 
 
 class Daemon:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tenants: TenantTable | None = None) -> None:
         self.config = config
         self.stack = build_stack(config)
         layout = self.layout = self.stack.layout
@@ -105,7 +107,8 @@ class Daemon:
             persist=config.write_through, share=config.share_write_through
         )
         self.after_put = placement.after_put(layout, write_policy)
-        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.shared)
+        quotas = Quotas(tenants, layout) if tenants is not None and any(t.quota for t in tenants.tenants) else None
+        self.mover = Mover(self.stack, self.catalog, self.counters, self.health, self.shared, quotas)
         self._kinds = [level.kind for level in layout.levels]
         self._kind_codes = np.array([int(kind) for kind in self._kinds], dtype=np.int64)
         self._names = [level.name for level in layout.levels]
@@ -299,17 +302,34 @@ class Daemon:
         self.check_put(keys, sizes, checksums)
         index_keys = scoped(keys, namespace)
         self.catalog.keys.prime(index_keys)
-        slots = self._reserve_at_once(index_keys, sizes, checksums, namespace)
+        fit = await self.quota_fit(sizes, namespace)
+        slots = self._reserve_at_once(index_keys[:fit], sizes[:fit], checksums, namespace)
         try:
-            for i in range(len(slots), len(index_keys)):
+            for i in range(len(slots), fit):
                 checksum_ = checksums[i] if checksums else None
                 slots.append(await self.reserve_one(index_keys[i], sizes[i], checksum_, namespace))
+            for i in range(fit, len(index_keys)):
+                slots.append(self.over_quota(index_keys[i], sizes[i], checksums[i] if checksums else None))
         except BaseException:
             for slot in slots:  # a reservation cut short must not leave keys WRITING for ever
                 if slot.copy is not None:
                     self.abort(slot)
             raise
         return slots
+
+    async def quota_fit(self, sizes: Sequence[int], namespace: bytes) -> int:
+        """How many leading blocks of a put the owner's landing quota admits, once its own coldest
+        blocks made room (all of them where no quota applies). A prefix is worth more than its tail."""
+        room = await self.mover.fit_quota(self.layout.landing, namespace, sum(sizes))
+        if room is None:
+            return len(sizes)
+        return int(np.searchsorted(np.cumsum(sizes), room, side="right"))
+
+    def over_quota(self, key: bytes, size: int, checksum_: int | None) -> PutSlot:
+        """The slot of a block past its owner's quota: present if it is, else dropped (counted)."""
+        present = self._present(key)
+        self.counters.put_dropped_blocks += not present
+        return PutSlot(size, checksum_, None, present=present)
 
     def check_put(self, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int]) -> None:
         """Raise InvalidArgumentError naming the first thing wrong with a put batch."""
@@ -350,6 +370,10 @@ class Daemon:
         the index key (:func:`~kvstore.keys.scoped`)."""
         if self._present(key):
             return PutSlot(size, checksum_, None, present=True)
+        room = await self.mover.fit_quota(self.layout.landing, namespace, size)
+        if room is not None and room < size:   # over its owner's quota, even after its own made room
+            self.counters.put_dropped_blocks += 1
+            return PutSlot(size, checksum_, None)
         probe = BlockRecord(key=key, size=size, namespace=namespace)
         location = self.arena.reserve(probe)   # room now: nothing awaited, nothing changed meanwhile
         if location is None:

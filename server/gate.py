@@ -85,14 +85,13 @@ class Gate:
         self.tenants.admit(tenant, time.monotonic())
         return tenant
 
-    @staticmethod
-    def namespace(tenant: Tenant | None, method: str, namespace: bytes) -> bytes:
+    def namespace(self, tenant: Tenant | None, method: str, namespace: bytes) -> bytes:
         """The namespace ``tenant``'s call of ``method`` reaches."""
         if tenant is None:
             return namespace
-        return tenant.scope(namespace, write=ACCESS[method] is Access.WRITE)
+        return self.tenants.scope(tenant, namespace, write=ACCESS[method] is Access.WRITE)
 
     def local(self, tenant: Tenant, method: str, namespace: bytes) -> bytes:
         """Admit one same-host call of ``tenant``'s session: its rate, and the namespace it reaches."""
         self.tenants.admit(tenant, time.monotonic())
-        return tenant.scope(namespace, write=LOCAL_ACCESS[method] is Access.WRITE)
+        return self.tenants.scope(tenant, namespace, write=LOCAL_ACCESS[method] is Access.WRITE)

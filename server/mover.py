@@ -36,6 +36,7 @@ from kvstore.stats import Counters
 from kvstore.tiers.base import Location, MemoryTier
 from kvstore.tiers.stack import TierStack
 from kvstore.server.health import TierHealth
+from kvstore.server.quotas import Quotas
 from kvstore.server.shared import SharedLevels
 
 log = logging.getLogger("kvstore.mover")
@@ -48,6 +49,10 @@ NO_ROOM = object()
 """What :meth:`Mover.promote` returns when the landing level has no room (everything in use)."""
 
 
+QUOTA_SLACK = 20
+"""A tenant over its quota gives up at least 1/20 of it at once."""
+
+
 class Mover:
     def __init__(
         self,
@@ -56,8 +61,10 @@ class Mover:
         counters: Counters,
         health: dict[int, TierHealth],
         shared: SharedLevels | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.layout = stack.layout
+        self.quotas = quotas
         self.tiers = stack.tiers
         self.catalog = catalog
         self.counters = counters
@@ -90,9 +97,52 @@ class Mover:
 
     # -- room ------------------------------------------------------------------------------------
 
+    async def fit_quota(self, level: int, namespace: bytes, nbytes: int) -> int | None:
+        """Bytes the owner of ``namespace`` may still place at ``level`` once its own coldest
+        blocks there made room for ``nbytes``; None when no quota applies."""
+        bound = self.quotas.bound(level, namespace) if self.quotas is not None else None
+        if bound is None:
+            return None
+        limit, namespaces = bound
+        used = self.catalog.namespace_bytes(level, namespaces)
+        over = used + nbytes - limit
+        if over > 0:
+            # A little more than needed, so the walk for the owner's blocks is paid less often.
+            victims = self.catalog.victims_of(level, namespaces, max(over, limit // QUOTA_SLACK))
+            if victims:
+                await self.execute(placement.evict(self.layout, victims, self.available))
+            used = self.catalog.namespace_bytes(level, namespaces)
+        return max(limit - used, 0)
+
+    async def _within_quotas(self, sources: Sequence[Copy], to: int) -> set[int]:
+        """The sources a move into ``to`` may take, owner by owner: each owner's leading blocks
+        that fit its quota there once its own coldest made room for all of them."""
+        owners: dict[int, list[int]] = {}
+        admitted = set()
+        for i, source in enumerate(sources):
+            bound = self.quotas.bound(to, source.record.namespace)
+            if bound is None:
+                admitted.add(i)
+            else:
+                owners.setdefault(id(bound[1]), []).append(i)
+        for indices in owners.values():
+            sizes = [sources[i].record.size for i in indices]
+            room = await self.fit_quota(to, sources[indices[0]].record.namespace, sum(sizes))
+            for i, size in zip(indices, sizes):
+                if room is None or size <= room:
+                    admitted.add(i)
+                    room = None if room is None else room - size
+                else:
+                    break
+        return admitted
+
     async def make_room(self, level: int, record: BlockRecord) -> Location | None:
-        """Reserve a location for ``record`` in ``level``, evicting its coldest copies as needed."""
+        """Reserve a location for ``record`` in ``level``, evicting its coldest copies as needed
+        (first its owner's own, when the owner has a quota there)."""
         tier = self.tiers[level]
+        room = await self.fit_quota(level, record.namespace, record.size)
+        if room is not None and room < record.size:
+            return None
         if not self.layout.levels[level].capabilities.bounded:
             return tier.reserve(record)   # nothing to evict there: it has room or it does not take this block
         waited = 0.0
@@ -220,7 +270,10 @@ class Mover:
         results: list[bool | BaseException | None] = [None] * len(sources)
         placed: list[tuple[int, Copy, Location]] = []
         tier = self.tiers[to]
+        admitted = await self._within_quotas(sources, to) if self.quotas is not None else None
         for i, source in enumerate(sources):
+            if admitted is not None and i not in admitted:
+                continue   # over its owner's quota there, even after the owner's own made room
             # Room now needs nothing awaited (a batch into free space: no coroutine per block).
             location = tier.reserve(source.record)
             if location is None:

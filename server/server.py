@@ -63,7 +63,7 @@ class KVStoreServer:
         # The certificate files are read first: a bad one stops the start before anything opens.
         self.certificates = ReloadingCertificates(config.tls) if config.tls.enabled else None
         self.gate = Gate(load_tenants(config.tenants) if config.tenants else None)
-        self.daemon = Daemon(config)
+        self.daemon = Daemon(config, self.gate.tenants)
         self.leasing = Leasing(self.daemon, LeaseTable(config.lease_ttl_s))
         try:
             await self.daemon.start()

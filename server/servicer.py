@@ -222,7 +222,8 @@ class KVStoreServicer:
         h = header.header
         self.daemon.check_put(h.keys, h.sizes, h.checksums)
         namespace = self.gate.namespace(tenant, "Put", h.namespace)
-        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums, namespace)
+        fit = await self.daemon.quota_fit(h.sizes, namespace) if tenant is not None else None
+        receiver = PutReceiver(self.daemon, h.keys, h.sizes, h.checksums, namespace, fit)
         try:
             # A stream that stalls must not hold its reservation for ever.
             while (raw := await _next_within(stream, idle_s)) is not None:

@@ -28,9 +28,11 @@ class PutReceiver:
     """
 
     def __init__(
-        self, daemon: Daemon, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes
+        self, daemon: Daemon, keys: Sequence[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes,
+        fit: int | None = None,
     ) -> None:
         self._daemon = daemon
+        self._fit = len(keys) if fit is None else fit   # blocks past this are over the owner's quota
         self._keys = scoped(keys, namespace)
         self._namespace = namespace
         self._checksums = checksums
@@ -47,9 +49,12 @@ class PutReceiver:
         for i, offset, piece in self._unpacker.feed(data):
             if offset == 0:
                 checksum_ = self._checksums[i] if self._checksums else None
-                self._open = await self._daemon.reserve_one(
-                    self._keys[i], self._unpacker.sizes[i], checksum_, self._namespace
-                )
+                if i < self._fit:
+                    self._open = await self._daemon.reserve_one(
+                        self._keys[i], self._unpacker.sizes[i], checksum_, self._namespace
+                    )
+                else:
+                    self._open = self._daemon.over_quota(self._keys[i], self._unpacker.sizes[i], checksum_)
                 self.slots.append(self._open)
             slot = self._open
             if slot.copy is not None:

@@ -112,3 +112,31 @@ def test_letting_go_more_often_than_held_is_a_transition_error():
     books.catalog.unhold(copy)
     with pytest.raises(TransitionError):
         books.catalog.unhold(copy)
+
+
+def test_bytes_by_namespace_follow_every_copy_in_and_out():
+    """What a tenant's quota is measured with: recovered, begun, attached, dropped and deleted
+    copies all counted, per level, per namespace."""
+    books = Books(layout(MEMORY, DISK))
+    catalog = books.catalog
+    blocks = stored(300)
+    catalog.recover(1, blocks)
+
+    def expected(level: int, namespace: bytes) -> int:
+        return sum(r.size for r in catalog if r.namespace == namespace and level in r.copies)
+
+    for ns in (b"", b"ns-a", b"ns-b"):
+        assert catalog.namespace_bytes(1, [ns]) == expected(1, ns) > 0
+    keys = [os.urandom(40) for _ in range(20)]
+    copies = catalog.begin_many(keys, [100] * 20, b"ns-a", 0, [Extent(i * PAGE, PAGE) for i in range(20)])
+    assert catalog.namespace_bytes(0, [b"ns-a"]) == 2000           # filling copies count: room is taken
+    catalog.commit_many(copies, [None] * 20)
+    for record in list(catalog)[:50]:
+        catalog.delete(record)
+    victims = catalog.victims_of(1, [b"ns-b"], 3 * PAGE)
+    assert victims and all(v.record.namespace == b"ns-b" for v in victims)
+    catalog.drop(victims, evicted=True)
+    for level in (0, 1):
+        for ns in (b"", b"ns-a", b"ns-b"):
+            assert catalog.namespace_bytes(level, [ns]) == expected(level, ns)
+    assert catalog.namespace_bytes(1, [b"ns-a", b"ns-b"]) == expected(1, b"ns-a") + expected(1, b"ns-b")

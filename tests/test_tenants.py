@@ -317,3 +317,75 @@ def test_kvstore_token_prints_a_table_with_the_hash_and_the_token_apart(tmp_path
     assert table.authenticate(f"Bearer {token}").name == "team-a"
     with pytest.raises(ConfigError):
         TenantTable.from_mapping({"tenant": []})
+
+
+# -- quotas ---------------------------------------------------------------------------------------
+
+
+def quota_file(path, quota: str) -> str:
+    path.write_text(f"""
+[[tenant]]
+name = "small"
+token_sha256 = ["{hash_token(TOKENS['alice'])}"]
+quota = {quota}
+
+[[tenant]]
+name = "big"
+token_sha256 = ["{hash_token(TOKENS['bob'])}"]
+""")
+    return str(path)
+
+
+def own_bytes(server, tenant_name: str, tier: str) -> int:
+    daemon = server.daemon
+    tenant = next(t for t in server.gate.tenants.tenants if t.name == tenant_name)
+    level = next(i for i, level in enumerate(daemon.layout.levels) if level.name == tier)
+    return daemon.catalog.namespace_bytes(level, tenant.namespaces)
+
+
+@pytest.mark.parametrize("local", ["off", "require"])
+async def test_a_tenant_over_its_quota_gives_up_its_own_coldest_blocks_and_drops_the_rest(tmp_path, local):
+    MiB = 1 << 20
+    config = make_config(64 * MiB, tenants=quota_file(tmp_path / "t.toml", '{ dram = "1MiB" }'))
+    async with KVStoreServer(config) as server:
+        first, second = chain(12, seed=20), chain(4, seed=21)
+        async with KVClient(server.address, local=local, token=TOKENS["alice"]) as small:
+            result = await small.put(first, random_blocks(12, 256 << 10))
+            assert (result.stored, result.dropped) == (4, 8)     # 1 MiB of 3: the rest dropped, counted
+            assert own_bytes(server, "small", "dram") == 1 * MiB
+            assert (await small.put(second, random_blocks(4, 256 << 10))).stored == 4   # its own oldest made room
+            assert own_bytes(server, "small", "dram") <= 1 * MiB
+            assert (await small.lookup(second)).count == 4 and (await small.lookup(first)).count == 0
+        async with KVClient(server.address, local=local, token=TOKENS["bob"]) as big:   # no quota: unaffected
+            assert (await big.put(chain(32, seed=22), random_blocks(32, 256 << 10))).stored == 32
+        assert server.daemon.counters.put_dropped_blocks == 8
+
+
+async def test_quotas_hold_in_each_tier_blocks_move_down_within_them(tmp_path):
+    from kvstore.config import NvmeConfig
+
+    MiB = 1 << 20
+    config = make_config(64 * MiB, tenants=quota_file(tmp_path / "t.toml", '{ dram = "1MiB", nvme = "2MiB" }'),
+                         nvme=NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=32 * MiB))
+    async with KVStoreServer(config) as server:
+        async with KVClient(server.address, local="off", token=TOKENS["alice"]) as small:
+            for seed in range(6):   # 6 MiB in rounds of 1 MiB
+                assert (await small.put(chain(4, seed=30 + seed), random_blocks(4, 256 << 10))).stored == 4
+            await asyncio.sleep(0.3)   # demotions settle
+            assert own_bytes(server, "small", "dram") <= 1 * MiB
+            assert own_bytes(server, "small", "nvme") <= 2 * MiB
+            # The newest are in DRAM, the two rounds before them on NVMe, the oldest gone.
+            assert (await small.lookup(chain(4, seed=35))).tiers == [TierKind.DRAM] * 4
+            assert (await small.lookup(chain(4, seed=33))).tiers == [TierKind.NVME] * 4
+            assert (await small.lookup(chain(4, seed=30))).count == 0
+
+
+def test_a_quota_for_a_tier_the_daemon_lacks_is_one_line_and_exit_status_2(tmp_path):
+    path = quota_file(tmp_path / "t.toml", '{ hbm = "1GiB" }')
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore.server.cli", "serve", "--port", "0", "--metrics-port", "0", "--nvme-dir", "off",
+         "--dram-bytes", "16MiB", "--tenants", path],
+        capture_output=True, text=True, timeout=60,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "quota names tier 'hbm'" in lines[0], result.stderr
