@@ -150,6 +150,8 @@ class NvmeConfig:
     io_engine: IoEngine = IoEngine.AUTO  # "auto" (kvikio when a CUDA driver is present), "kvikio", "posix"
     direct_io: bool = True          # O_DIRECT where the filesystem allows it
     index_map_bytes: int = 1 * GiB  # LMDB map size (address space; grows on disk as needed)
+    encrypt: bool = False           # AES-256-GCM encrypt every block on disk (needs a secret)
+    secret_files: tuple[str, ...] = ()  # secrets for encrypt: the first seals, all open ($KVSTORE_NVME_SECRET first)
     high_watermark: float = 0.95    # for a tier below NVMe: NVMe demotes its coldest blocks above this...
     low_watermark: float = 0.9      # ...until below this (the bottom tier only evicts on demand)
     port: int = 0                   # filled in by the server for "auto"
@@ -162,6 +164,7 @@ class NvmeConfig:
             f"nvme.alignment_bytes must be a power of two >= 4096 (direct I/O sectors), got {self.alignment_bytes}",
         )
         _check(1 <= self.io_threads <= 256, f"nvme.io_threads must be in [1, 256], got {self.io_threads}")
+        object.__setattr__(self, "secret_files", tuple(self.secret_files))
         coerce_enum(self, "io_engine", IoEngine, "nvme.io_engine")
         _check(self.index_map_bytes >= 1 * MiB, f"nvme.index_map_bytes must be >= 1MiB, got {self.index_map_bytes}")
         _check_watermarks("nvme", self.high_watermark, self.low_watermark)

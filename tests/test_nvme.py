@@ -270,3 +270,59 @@ async def test_a_batch_written_as_runs_of_back_to_back_blocks_lands_byte_for_byt
         assert all(isinstance(o, OSError) for o in outcomes)
     finally:
         io.close()
+
+
+# -- encryption at rest ---------------------------------------------------------------------------
+
+
+def encrypted(tmp_path, secrets: list[bytes], **overrides) -> NvmeConfig:
+    files = []
+    for i, secret in enumerate(secrets):
+        path = tmp_path / f"nvme-secret-{secret[:2].hex()}-{i}"
+        path.write_bytes(secret)
+        files.append(str(path))
+    base = dict(dir=str(tmp_path / "nvme"), capacity_bytes=32 << 20, encrypt=True, secret_files=tuple(files))
+    base.update(overrides)
+    return NvmeConfig(**base)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+async def test_encrypted_blocks_round_trip_survive_a_restart_and_never_touch_the_disk_in_the_clear(tmp_path, direct):
+    secret = os.urandom(32)
+    keys, blocks = chain(8, seed=50), random_blocks(8, 100_000)   # not a multiple of the alignment
+    nvme = encrypted(tmp_path, [secret], direct_io=direct)
+    async with KVStoreServer(make_config(nvme=nvme, write_through=True)) as server:
+        async with KVClient(server.address, local="off") as kv:
+            assert (await kv.put(keys, blocks)).persisted == 8
+    on_disk = (tmp_path / "nvme" / DATA_FILE).read_bytes()
+    assert not any(block[:64] in on_disk for block in blocks)
+    async with KVStoreServer(make_config(nvme=nvme)) as server:
+        async with KVClient(server.address, local="off") as kv:
+            assert (await kv.lookup(keys)).tiers == [TierKind.NVME] * 8
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+
+
+async def test_encrypted_blocks_open_with_a_rotated_list_and_are_misses_without_their_secret(tmp_path):
+    old, new = os.urandom(32), os.urandom(32)
+    keys, blocks = chain(4, seed=51), random_blocks(4, 50_000)
+    async with KVStoreServer(make_config(nvme=encrypted(tmp_path, [old]), write_through=True)) as server:
+        async with KVClient(server.address, local="off") as kv:
+            await kv.put(keys, blocks)
+    async with KVStoreServer(make_config(nvme=encrypted(tmp_path, [new, old]))) as server:
+        async with KVClient(server.address, local="off") as kv:
+            assert [bytes(b) for b in await kv.get(keys)] == blocks
+    async with KVStoreServer(make_config(nvme=encrypted(tmp_path, [new]))) as server:
+        async with KVClient(server.address, local="off") as kv:
+            assert await kv.get(keys[2:]) == []            # cannot decrypt: a miss, never bytes
+            stats = await kv.stats()
+        assert next(t for t in stats.tiers if t.name == "nvme").integrity_failures >= 1
+
+
+def test_encryption_without_a_secret_is_refused_naming_the_setting(tmp_path, monkeypatch):
+    from kvstore.errors import ConfigError
+    from kvstore.tiers.nvme import NvmeTier
+
+    monkeypatch.delenv("KVSTORE_NVME_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="nvme.encrypt needs a secret"):
+        NvmeTier(NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=16 << 20, encrypt=True))
+    assert not (tmp_path / "nvme").exists()   # refused before anything was created

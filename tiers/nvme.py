@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import mmap
 import os
 import time
 from collections.abc import Sequence
@@ -28,12 +29,13 @@ import numpy as np
 from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.block import BlockRecord, StoredBlocks
 from kvstore.config import NvmeConfig, format_bytes
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, IntegrityError
 from kvstore.layout import Capabilities
 from kvstore.tier_kind import TierKind
 from kvstore.tiers.base import ExtentTier
 from kvstore.tiers.file_io import open_file_io
 from kvstore.tiers.nvme_index import IndexEntry, NvmeIndex
+from kvstore.tiers.seal import FRAME_BYTES, NVME_SECRET_ENV, Sealer, load_secrets
 
 log = logging.getLogger("kvstore.tiers.nvme")
 
@@ -49,6 +51,8 @@ class NvmeTier(ExtentTier):
 
     def __init__(self, config: NvmeConfig) -> None:
         self.config = config
+        self._sealer = _sealer(config)   # before anything opens: a bad secret leaves nothing behind
+        self._overhead = FRAME_BYTES if self._sealer is not None else 0
         directory = config.resolved_dir()
         self._lock_fd = -1
         self._io = None
@@ -115,18 +119,80 @@ class NvmeTier(ExtentTier):
         self._allocator.rebuild_sorted(kept.offsets, kept.lengths)
         return kept
 
+    # With nvme.encrypt an extent holds a sealed frame (secret id, nonce, ciphertext, tag) bound
+    # to its offset and length: blocks are written and read whole, through a buffer.
+
+    def footprint(self, nbytes: int) -> int:
+        return self._allocator.round_up(nbytes + self._overhead)
+
+    def reserve(self, record: BlockRecord) -> Extent | None:
+        return self._allocator.allocate(record.size + self._overhead)
+
+    def reserve_many(self, sizes: Sequence[int]) -> list[Extent]:
+        return super().reserve_many([size + self._overhead for size in sizes])
+
     async def write(self, extent: Extent, offset: int, data: memoryview) -> None:
+        if self._sealer is not None:
+            if offset != 0:
+                raise ValueError("an encrypted NVMe block is written whole, in one call")
+            failure = (await self.write_many([(extent, data)]))[0]
+            if failure is not None:
+                raise failure
+            return
         self._check_range(extent, offset, data.nbytes)
         await self._io.write(extent.offset + offset, data)
 
     async def write_many(self, items: Sequence[tuple[Extent, memoryview]]) -> list[BaseException | None]:
-        for extent, data in items:
-            self._check_range(extent, 0, data.nbytes)
-        return await self._io.write_many([(extent.offset, data) for extent, data in items])
+        if self._sealer is None:
+            for extent, data in items:
+                self._check_range(extent, 0, data.nbytes)
+            return await self._io.write_many([(extent.offset, data) for extent, data in items])
+        staging = mmap.mmap(-1, max(sum(extent.length for extent, _ in items), 1))   # page aligned: O_DIRECT
+        view = memoryview(staging)
+        frames, at = [], 0
+        for extent, _ in items:
+            frames.append(view[at : at + extent.length])
+            at += extent.length
+
+        def seal() -> None:
+            for (extent, data), frame in zip(items, frames):
+                # The frame fills the extent: its plaintext is the block and the extent's padding
+                # (callers may pass either), so a reader needs only the extent to open it.
+                room = extent.length - self._overhead
+                plain = data[:room] if data.nbytes >= room else bytes(data) + bytes(room - data.nbytes)
+                frame[:] = self._sealer.seal_frame(_label(extent), plain)
+
+        try:
+            await asyncio.to_thread(seal)
+            return await self._io.write_many([(extent.offset, frame) for (extent, _), frame in zip(items, frames)])
+        finally:
+            del frames
+            view.release()
+            staging.close()
 
     async def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
-        self._check_range(extent, offset, out.nbytes)
-        await self._io.read_into(extent.offset + offset, out)
+        if self._sealer is None:
+            self._check_range(extent, offset, out.nbytes)
+            await self._io.read_into(extent.offset + offset, out)
+            return
+        if offset != 0:
+            raise ValueError("an encrypted NVMe block is read whole")
+        room = extent.length - self._overhead   # the block and padding: callers may ask for either
+        self._check_range(extent, 0, out.nbytes)
+        staging = mmap.mmap(-1, extent.length)
+        view = memoryview(staging)
+        try:
+            await self._io.read_into(extent.offset, view)
+            plain = await asyncio.to_thread(self._sealer.open_frame, _label(extent), view, room)
+            if plain is None:
+                raise IntegrityError(
+                    f"the NVMe block at {extent.offset} does not decrypt (damaged, or sealed with a secret not listed)"
+                )
+            n = min(out.nbytes, room)
+            out[:n] = memoryview(plain)[:n]
+        finally:
+            view.release()
+            staging.close()
 
     async def persist(self, written: Sequence[tuple[BlockRecord, Extent]]) -> None:
         """Make written blocks durable: flush the data, then commit their index entries. Concurrent
@@ -219,6 +285,20 @@ def _check_space(directory: str, data_path: str, capacity: int) -> None:
             f"nvme.capacity_bytes={format_bytes(capacity)} does not fit in nvme.dir={directory}: "
             f"{format_bytes(free)} free there, {format_bytes(need)} needed (lower --nvme-bytes or move --nvme-dir)"
         )
+
+
+def _label(extent: Extent) -> bytes:
+    """What an extent's frame is bound to: where it is and how long (moved elsewhere, it does not open)."""
+    return b"kvstore nvme\0" + extent.offset.to_bytes(8, "little") + extent.length.to_bytes(8, "little")
+
+
+def _sealer(config: NvmeConfig) -> Sealer | None:
+    secrets = load_secrets(config.secret_files, setting="nvme.secret_files", env=NVME_SECRET_ENV)
+    if not config.encrypt:
+        return None
+    if not secrets:
+        raise ConfigError(f"nvme.encrypt needs a secret: nvme.secret_files or ${NVME_SECRET_ENV}")
+    return Sealer(secrets, encrypt=True)
 
 
 def private_directory(directory: str) -> None:

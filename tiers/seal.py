@@ -1,5 +1,8 @@
 """Sealing blocks that leave the daemon's hands: a keyed MAC, or AES-256-GCM encryption.
 
+(And, with ``nvme.encrypt``, blocks at rest on the NVMe tier: each extent holds the frame of
+:meth:`Sealer.seal_frame`, bound to its offset and size.)
+
 A block in a shared bucket can be rewritten by anyone who can write the bucket, and an XXH3
 checksum in its metadata is no defence (they recompute it). With a deployment secret
 (``s3.secret_files`` or ``KVSTORE_S3_SECRET``) every object carries an HMAC-SHA256 of its name,
@@ -24,9 +27,12 @@ from dataclasses import dataclass
 from kvstore.errors import ConfigError
 
 SECRET_ENV = "KVSTORE_S3_SECRET"
+NVME_SECRET_ENV = "KVSTORE_NVME_SECRET"
 NONCE_BYTES = 12
 TAG_BYTES = 16
 MIN_SECRET_BYTES = 16
+FRAME_BYTES = 8 + NONCE_BYTES + TAG_BYTES
+"""What :meth:`Sealer.seal_frame` adds to a block: secret id, nonce, tag."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +51,14 @@ class Secret:
         )
 
 
-def load_secrets(files: Sequence[str], environ: Mapping[str, str] = os.environ, setting: str = "s3.secret_files") -> list[Secret]:
-    """The secrets: ``$KVSTORE_S3_SECRET`` first when set, then each file. Each is at least 16 bytes."""
+def load_secrets(
+    files: Sequence[str], environ: Mapping[str, str] = os.environ, setting: str = "s3.secret_files",
+    env: str = SECRET_ENV,
+) -> list[Secret]:
+    """The secrets: ``$env`` first when set, then each file. Each is at least 16 bytes."""
     raws: list[tuple[str, bytes]] = []
-    if environ.get(SECRET_ENV):
-        raws.append((SECRET_ENV, environ[SECRET_ENV].strip().encode()))
+    if environ.get(env):
+        raws.append((env, environ[env].strip().encode()))
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -101,6 +110,22 @@ class Sealer:
         """Whether ``data`` (stored as is) carries a valid MAC of a known secret."""
         secret = self.secrets.get(secret_id)
         return secret is not None and bool(mac) and hmac.compare_digest(self.mac(secret, label, data), mac)
+
+    def seal_frame(self, label: bytes, data: memoryview | bytes) -> bytes:
+        """Secret id (8 bytes), nonce, ciphertext and tag, in one buffer: for a medium without
+        metadata (an NVMe extent). ``FRAME_BYTES`` more than ``data``."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        secret = self.current
+        nonce = os.urandom(NONCE_BYTES)
+        return bytes.fromhex(secret.id) + nonce + AESGCM(secret.aead_key).encrypt(nonce, bytes(data), label)
+
+    def open_frame(self, label: bytes, frame: memoryview | bytes, size: int) -> bytes | None:
+        """The plaintext of a :meth:`seal_frame` frame of ``size`` bytes of data, or None."""
+        frame = memoryview(frame)
+        if frame.nbytes < size + FRAME_BYTES:
+            return None
+        return self.open(bytes(frame[:8]).hex(), label, frame[8 : size + FRAME_BYTES])
 
     def open(self, secret_id: str, label: bytes, body: bytes | memoryview) -> bytes | None:
         """The plaintext of an encrypted body, or None when it is not authentic."""
