@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-bucket", default="kvstore-bench", help="bucket for the S3 rows")
     parser.add_argument("--no-peers", action="store_true",
                         help="leave out the peer rows (two daemons, NIXL and the gRPC stream, against raw NIXL)")
-    parser.add_argument("--no-tls", action="store_true",
-                        help="leave out the mTLS rows (the remote path with TLS against plaintext)")
+    parser.add_argument("--no-secure", action="store_true",
+                        help="leave out the rows of a daemon with mTLS and tenants (against the same paths without)")
     parser.add_argument(
         "--scale", type=int, metavar="N",
         help="instead: put N blocks, then report put rate, daemon memory per block, lookup at that size, "
@@ -111,10 +111,10 @@ def main(args: argparse.Namespace) -> int:
         from kvstore.server.cli import client_options
 
         rows = asyncio.run(_run(target, plan, paths, redis_port, client_options(args)))
-    if not args.no_tls and "remote" in paths and not args.target:
-        from kvstore.bench.tls import tls_rows
+    if not args.no_secure and not args.target:
+        from kvstore.bench.secure import secure_rows
 
-        rows += tls_rows(plan, rows, args.dram_bytes)
+        rows += secure_rows(plan, rows, args.dram_bytes, paths)
     if not args.no_nvme:
         from kvstore.bench.tiers import nvme_rows
 
@@ -131,8 +131,8 @@ def main(args: argparse.Namespace) -> int:
     print(table(rows))
     if redis_port is None:
         print("(no Redis rows: redis-server is not installed or --no-redis was given)")
-    if any("mTLS" in r.name for r in rows):
-        print("(mTLS rows: vs raw is against the plaintext remote row of the same block size and batch)")
+    if any("mTLS" in r.name or "tenant" in r.name for r in rows):
+        print("(mTLS and tenant rows: vs raw is against the row of the same path, block size and batch without them)")
     if args.json:
         write_json(args.json, rows, {"plan": dataclasses.asdict(plan), "paths": paths})
     return 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from kvstore.errors import ConfigError
 from kvstore.keys import MAX_NAMESPACE_BYTES, Namespace
+from kvstore.tenants import TOKEN
 
 MiB = 1 << 20
 MAX_CHUNK_BYTES = 16 * MiB
@@ -89,7 +90,10 @@ class ClientConfig:
         for name in ("max_put_stream_bytes", "max_keys_per_call"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        _check(isinstance(self.token, str) and "\n" not in self.token, "token must be a string (one line)")
+        _check(
+            isinstance(self.token, str) and (not self.token or TOKEN.match(self.token) is not None),
+            "token must be printable ASCII without spaces (as kvstore token makes them)",
+        )
         _check(isinstance(self.tls, bool), f"tls must be True or False, got {self.tls!r}")
         for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
             value = getattr(self, name)

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -56,13 +57,20 @@ class LocalArena:
         self.prefaulted = prefaulted  # the daemon had the pages in: this mapping was faulted in too
 
     @classmethod
-    def open(cls, path: str, arena_id: str, arena_bytes: int, *, timeout_s: float = 5.0, ticket: str = "") -> LocalArena:
+    def open(
+        cls, path: str, arena_id: str, arena_bytes: int, *, timeout_s: float = 5.0, ticket: str = "",
+        daemon_uid: int | None = None,
+    ) -> LocalArena:
         """Connect, receive the arena's fd (or, with tenants, the session window's) and map it.
-        Raises OSError or ValueError on any mismatch."""
+        Raises OSError or ValueError on any mismatch, a listener of another user included."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.settimeout(timeout_s)
             conn.connect(path)
+            if daemon_uid is not None:   # whoever listens there must be the daemon's user
+                _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                if uid != daemon_uid:
+                    raise ValueError(f"{path} is served by uid {uid}, not the daemon's ({daemon_uid}): not using it")
             if ticket:   # a daemon with tenants: the ticket from Attach binds this session to ours
                 message = json.dumps({"ticket": ticket}).encode()
                 conn.sendall(len(message).to_bytes(4, "little") + message)
@@ -174,7 +182,10 @@ class LocalPath(DataPath):
     @classmethod
     async def attach(cls, info: pb.AttachResponse, timeout_s: float, namespace: bytes) -> LocalPath:
         arena = await asyncio.to_thread(
-            functools.partial(LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes, ticket=info.ticket)
+            functools.partial(
+                LocalArena.open, info.socket_path, info.arena_id, info.arena_bytes, ticket=info.ticket,
+                daemon_uid=info.daemon_uid if info.HasField("daemon_uid") else None,
+            )
         )
         try:
             channel = await LocalChannel.open(arena.conn, timeout_s)

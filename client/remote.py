@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import grpc
+
 from kvstore.checksum import checksum
 from kvstore.errors import InternalError
 from kvstore.framing import Unpacker, pack
@@ -91,11 +93,15 @@ class RemotePath(DataPath):
         for i, size in enumerate(header.sizes):
             if checksum(views[i][:size]) != header.checksums[i]:
                 log.warning("block %d of a get failed its checksum: a miss from there on; dropping it", i)
-                # Drop the bad copy (only if it is still the one we read) so a put can repair it.
-                await self.stub.Delete(
-                    pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]], namespace=self.namespace),
-                    timeout=self.timeout_s,
-                )
+                # Drop the bad copy (only if it is still the one we read) so a put can repair it:
+                # best effort (a tenant that may only read a shared namespace may not), the miss stands.
+                try:
+                    await self.stub.Delete(
+                        pb.DeleteRequest(keys=[keys[i]], if_checksums=[header.checksums[i]], namespace=self.namespace),
+                        timeout=self.timeout_s,
+                    )
+                except grpc.RpcError as exc:
+                    log.info("could not drop the bad copy of block %d (%s)", i, exc.code().name)
                 return i, False
         return header.count, header.partial
 

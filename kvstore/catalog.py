@@ -103,20 +103,25 @@ class Catalog:
         slot = self.keys.find(key)
         return None if slot < 0 else self.record_at(slot)
 
-    def prefix_slots(self, keys: Sequence[bytes], prefix: bytes = b"") -> np.ndarray:
+    def prefix_slots(self, keys: Sequence[bytes], prefix: bytes = b"", namespace: bytes | None = None) -> np.ndarray:
         """Slots of the leading readable keys (``prefix + key``): stops at the first that is absent,
-        not READY, or has no readable copy. One vectorised pass, whatever the index size."""
-        return self._leading(self.keys.find_many(keys, prefix))
+        not READY, has no readable copy, or (given ``namespace``) belongs to another namespace
+        whose tag is the same. One vectorised pass, whatever the index size."""
+        return self._leading(self.keys.find_many(keys, prefix), namespace)
 
-    def prefix_slots_packed(self, packed: bytes, key_bytes: int, prefix: bytes = b"") -> np.ndarray:
+    def prefix_slots_packed(
+        self, packed: bytes, key_bytes: int, prefix: bytes = b"", namespace: bytes | None = None
+    ) -> np.ndarray:
         """:meth:`prefix_slots` of keys laid end to end (:meth:`KeyTable.find_packed`)."""
-        return self._leading(self.keys.find_packed(packed, key_bytes, prefix))
+        return self._leading(self.keys.find_packed(packed, key_bytes, prefix), namespace)
 
-    def _leading(self, slots: np.ndarray) -> np.ndarray:
+    def _leading(self, slots: np.ndarray, namespace: bytes | None = None) -> np.ndarray:
         found = slots >= 0
         safe = np.where(found, slots, 0)
         ok = found & (np.take(as_numpy(self.state), safe) == _READY_RECORD)
         ok &= np.take(as_numpy(self._readable), safe) != 0
+        if namespace is not None:   # the index is keyed by an 8-byte tag: the namespace itself decides
+            ok &= np.take(as_numpy(self._ns), safe) == self._ns_ids.get(namespace, -1)
         bad = np.flatnonzero(~ok)
         return slots[: bad[0] if len(bad) else len(slots)]
 
@@ -139,9 +144,9 @@ class Catalog:
         """The level of each slot's fastest readable copy (the slots must have one)."""
         return np.take(_LOWEST_BIT, np.take(as_numpy(self._readable), slots))
 
-    def prefix(self, keys: Sequence[bytes], prefix: bytes = b"") -> list[BlockRecord]:
+    def prefix(self, keys: Sequence[bytes], prefix: bytes = b"", namespace: bytes | None = None) -> list[BlockRecord]:
         """Records of the leading readable keys (see :meth:`prefix_slots`)."""
-        return [self.record_at(slot) for slot in self.prefix_slots(keys, prefix).tolist()]
+        return [self.record_at(slot) for slot in self.prefix_slots(keys, prefix, namespace).tolist()]
 
     def blocks_at(self, level: int) -> int:
         """Readable copies held at ``level``."""

@@ -358,6 +358,7 @@ class ServerConfig:
     local_socket_uids: tuple[int, ...] = ()   # other users whose processes may map the arena
     local_socket_gids: tuple[int, ...] = ()   # groups whose members may (the first owns the socket's directory)
     local_window_bytes: int = 256 * MiB   # with tenants: each same-host session's own shared memory
+    local_sessions_per_tenant: int = 16   # with tenants: same-host sessions (windows) a tenant may hold at once
     tenants: str = ""             # a tenants file (TOML): bearer tokens, shared namespaces; empty: one implicit tenant
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
@@ -407,6 +408,8 @@ class ServerConfig:
         )
         _check(bool(self.local_socket), 'local_socket must be "auto", "off" or a path')
         _check(self.local_window_bytes >= 1 * MiB, f"local_window_bytes must be >= 1MiB, got {self.local_window_bytes}")
+        _check(self.local_sessions_per_tenant >= 1,
+               f"local_sessions_per_tenant must be >= 1, got {self.local_sessions_per_tenant}")
         for name in ("local_socket_uids", "local_socket_gids"):
             ids = tuple(getattr(self, name))
             object.__setattr__(self, name, ids)

@@ -40,6 +40,12 @@ from kvstore.errors import ConfigError, PermissionDeniedError, ResourceExhausted
 from kvstore.keys import MAX_NAMESPACE_BYTES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TOKEN = re.compile(r"^[\x21-\x7e]{1,4096}$")
+"""What a bearer token may hold: printable ASCII, no spaces (it travels in gRPC metadata)."""
+
+
+def valid_tenant_name(name: str) -> bool:
+    return bool(_NAME.match(name))
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_PREFIX = "Bearer "
 
@@ -55,17 +61,18 @@ def tenant_namespace(tenant: str, namespace: bytes) -> bytes:
 
 
 class RateLimit:
-    """A token bucket: ``rate`` calls per second, bursts up to one second's worth."""
+    """A token bucket: ``rate`` calls per second, bursts up to one second's worth (at least one call)."""
 
-    __slots__ = ("rate", "level", "stamp")
+    __slots__ = ("rate", "burst", "level", "stamp")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.level = rate
+        self.burst = max(1.0, rate)
+        self.level = self.burst
         self.stamp = 0.0
 
     def take(self, now: float) -> bool:
-        self.level = min(self.rate, self.level + (now - self.stamp) * self.rate)
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.level < 1.0:
             return False

@@ -75,6 +75,8 @@ class ChannelTls:
     cert: bytes | None = None
     key: bytes | None = None
     server_name: str = ""         # empty: the host of the target
+    cert_path: str = ""           # the files cert and key came from (the TLS diagnosis presents them)
+    key_path: str = ""
 
     @classmethod
     def load(
@@ -92,7 +94,7 @@ class ChannelTls:
         private = read_pem(key, key_setting) if key else None
         if chain is not None:
             check_pair(chain, private, cert_setting, key_setting)
-        return cls(ca=roots, cert=chain, key=private, server_name=server_name)
+        return cls(ca=roots, cert=chain, key=private, server_name=server_name, cert_path=cert, key_path=key)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
@@ -207,7 +209,8 @@ async def wait_until_ready(channel: grpc.aio.Channel, target: str, tls: ChannelT
     while state is not grpc.ChannelConnectivity.READY:
         if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not diagnosed:
             diagnosed = True   # once: a daemon still starting up fails the same way every retry
-            problem = await asyncio.get_running_loop().run_in_executor(None, tls_problem, target, tls)
+            budget = min(PROBE_TIMEOUT_S, max(deadline - time.monotonic(), 0.05) / 3)
+            problem = await asyncio.get_running_loop().run_in_executor(None, tls_problem, target, tls, budget)
             if problem is not None:
                 raise UnavailableError(f"cannot connect to the kvstore daemon at {target}: {problem}")
         remaining = deadline - time.monotonic()
@@ -220,9 +223,10 @@ async def wait_until_ready(channel: grpc.aio.Channel, target: str, tls: ChannelT
         state = channel.get_state(try_to_connect=True)
 
 
-def tls_problem(target: str, tls: ChannelTls | None) -> str | None:
+def tls_problem(target: str, tls: ChannelTls | None, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """Why a connection to ``target`` with these TLS settings (None: plaintext) fails, found by a
-    handshake of our own; None when TLS is not the problem (nothing listening, a daemon going away)."""
+    handshake of our own with the same certificates; None when TLS is not the problem (nothing
+    listening, a daemon going away). Each step waits at most ``timeout_s``."""
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -233,14 +237,19 @@ def tls_problem(target: str, tls: ChannelTls | None) -> str | None:
         context.load_verify_locations(cadata=tls.ca.decode("ascii", "replace"))
     else:
         context.load_default_certs()
+    if tls is not None and tls.cert_path:
+        try:
+            context.load_cert_chain(tls.cert_path, tls.key_path)
+        except (OSError, ssl.SSLError):
+            return None   # the files changed since they were loaded: no diagnosis
     try:
-        raw = socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S)
+        raw = socket.create_connection((host, int(port)), timeout=timeout_s)
     except (OSError, ValueError):
         return None   # not listening (yet): the caller waits
     with raw:
         try:
             with context.wrap_socket(raw, server_hostname=(tls.server_name if tls else "") or host) as conn:
-                demands_client_cert = _demands_client_cert(conn)
+                demands_client_cert = _demands_client_cert(conn, timeout_s)
         except ssl.SSLCertVerificationError as exc:
             return _untrusted(exc, tls)
         except (ssl.SSLError, OSError):
@@ -251,7 +260,7 @@ def tls_problem(target: str, tls: ChannelTls | None) -> str | None:
         return "it requires TLS, and this client connects in plaintext (give the client tls_ca=, or --tls-ca for the CLI)"
     if demands_client_cert and tls.cert is None:
         return "it requires a client certificate (mTLS): give the client tls_cert= and tls_key="
-    if demands_client_cert:
+    if demands_client_cert:   # it hung up on the very certificate this client presents
         return "it requires a client certificate signed by its --tls-client-ca, and refused this client's (tls_cert)"
     return None
 
@@ -264,11 +273,11 @@ def _untrusted(exc: ssl.SSLCertVerificationError, tls: ChannelTls) -> str:
     return f"its certificate is not trusted by {source}: {reason} (tls_ca must be the CA that signed the daemon's --tls-cert)"
 
 
-def _demands_client_cert(conn: ssl.SSLSocket) -> bool:
-    """After a handshake without a client certificate: does the daemon hang up for want of one?
+def _demands_client_cert(conn: ssl.SSLSocket, timeout_s: float) -> bool:
+    """After a handshake: does the daemon hang up for want of a (good) client certificate?
     (A TLS 1.3 server checks the client's certificate after the client has finished, so the
     answer comes to the first bytes sent: the daemon's HTTP/2 settings, or a closed connection.)"""
-    conn.settimeout(PROBE_TIMEOUT_S)
+    conn.settimeout(timeout_s)
     try:
         conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         return conn.recv(1) == b""

@@ -198,8 +198,10 @@ def _write_certs(directory: str, names: list[str]) -> None:
 def _print_token(name: str) -> None:
     import secrets
 
-    from kvstore.tenants import hash_token
+    from kvstore.tenants import hash_token, valid_tenant_name
 
+    if not valid_tenant_name(name):
+        raise ConfigError(f"--name: a tenant name is 1-64 letters, digits, '.', '_' or '-', got {name!r}")
     token = secrets.token_urlsafe(32)
     # The token to stderr, the table to stdout: `kvstore token >> tenants.toml` stores only the hash.
     print(f"token for {name} (give it to its workers: KVClient(..., token=...); it is not stored): {token}",

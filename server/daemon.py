@@ -175,7 +175,7 @@ class Daemon:
         """One walk of the catalog, continued in the shared level past the local prefix."""
         self._check_keys(keys)
         index_keys = scoped(keys, namespace)
-        found = self.catalog.prefix(index_keys)
+        found = self.catalog.prefix(index_keys, namespace=namespace)
         if len(found) < len(keys) and self.shared is not None and not local_only:
             found += await self.shared.extend(index_keys, keys, namespace, len(found))
             found = _leading_ready(found)
@@ -186,7 +186,7 @@ class Daemon:
         at the first miss. The local part is one vectorised pass over the catalog's columns; only
         a lookup that continues into the shared level makes records."""
         self._check_keys(keys)
-        slots = self.catalog.prefix_slots(keys, namespace_tag(namespace))
+        slots = self.catalog.prefix_slots(keys, namespace_tag(namespace), namespace)
         if len(slots) == len(keys) or self.shared is None:
             return self._local_kinds(slots, len(keys)).tolist()
         found = await self._prefix(keys, namespace)
@@ -199,7 +199,7 @@ class Daemon:
         come back as one byte each."""
         n = check_packed_keys(len(packed), key_bytes, max_keys=self.config.max_keys_per_request,
                               max_key_bytes=self.config.max_key_bytes)
-        slots = self.catalog.prefix_slots_packed(packed, key_bytes, namespace_tag(namespace))
+        slots = self.catalog.prefix_slots_packed(packed, key_bytes, namespace_tag(namespace), namespace)
         if len(slots) < n and self.shared is not None:
             keys = [packed[i : i + key_bytes] for i in range(0, len(packed), key_bytes)]
             return bytes(await self.lookup(keys, namespace))
@@ -212,19 +212,20 @@ class Daemon:
         return np.take(self._kind_codes, self.catalog.primary_levels(slots))
 
     async def acquire(
-        self, keys: Sequence[bytes], namespace: bytes = b"", *, local_only: bool = False
+        self, keys: Sequence[bytes], namespace: bytes = b"", *, local_only: bool = False, max_bytes: int | None = None
     ) -> tuple[list[Copy], bool]:
         """Hold the landing copies of the leading present blocks, promoting the others first.
 
         Stops at the first block that is absent or failed verification, or that the landing level
         has no room for while the earlier ones are held: then ``partial`` is True and the caller
         should release these and ask again for the rest. The caller must :meth:`release` them.
+        At most ``max_get_bytes`` (or ``max_bytes``, if less) are held at once, at least one block.
         """
         if len(set(keys)) != len(keys):
             # A chain never repeats a key; one key 65,536 times would announce 65,536 copies.
             raise InvalidArgumentError("a get names each block once: the keys repeat")
         found = await self._prefix(keys, namespace, local_only)
-        fit = _within_bytes(found, self.config.max_get_bytes)
+        fit = _within_bytes(found, min(self.config.max_get_bytes, max_bytes or self.config.max_get_bytes))
         capped = fit < len(found)
         if capped:   # the rest is asked for again (partial) once these are read
             found = found[:fit]

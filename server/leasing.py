@@ -36,12 +36,12 @@ class Leasing:
         return len(self.table)
 
     async def acquire(
-        self, session: str, keys: Sequence[bytes], now: float, namespace: bytes = b""
+        self, session: str, keys: Sequence[bytes], now: float, namespace: bytes = b"", max_bytes: int | None = None
     ) -> tuple[Lease | None, bool]:
         """Pin the leading present blocks for a same-host reader: (lease or None, partial)."""
         self.table.check(session)
         peer = session in self._peers.values()
-        copies, partial = await self.daemon.acquire(keys, namespace, local_only=peer)
+        copies, partial = await self.daemon.acquire(keys, namespace, local_only=peer, max_bytes=max_bytes)
         if not copies:
             return None, False
         try:

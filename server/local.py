@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -37,13 +38,25 @@ log = logging.getLogger("kvstore.local")
 
 TICKET_TTL_S = 10.0
 """How long a same-host ticket from Attach stays good (one use)."""
+TICKETS_PER_TENANT = 64
+MAX_TICKET_FRAME = 4096
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await loop.sock_recv(conn, n - len(data))
+        if not chunk:
+            raise ConnectionError("closed before its first frame")
+        data += chunk
+    return data
 
 
 class LocalSocket:
     def __init__(
         self, daemon: Daemon, leasing: Leasing, servicer: KVStoreServicer, path: str,
         uids: tuple[int, ...] = (), gids: tuple[int, ...] = (), *, tenants: bool = False,
-        window_bytes: int = 256 << 20,
+        window_bytes: int = 256 << 20, sessions_per_tenant: int = 16,
     ) -> None:
         self.daemon = daemon
         self.leasing = leasing
@@ -53,7 +66,10 @@ class LocalSocket:
         self.refused = 0
         self.tenants = tenants          # sessions then present a ticket and get a window
         self.window_bytes = window_bytes
-        self._tickets: dict[str, tuple[Tenant, float]] = {}
+        self.sessions_per_tenant = sessions_per_tenant
+        self._tickets: collections.OrderedDict[str, tuple[Tenant, float]] = collections.OrderedDict()
+        self._held_tickets: dict[str, collections.deque] = {}
+        self._sessions_of: collections.Counter[str] = collections.Counter()
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._sessions: set[asyncio.Task] = set()
@@ -128,11 +144,18 @@ class LocalSocket:
 
     def ticket_for(self, tenant: Tenant) -> str:
         """A one-time ticket binding the next same-host session that presents it to ``tenant``
-        (handed out by the authenticated ``Attach`` call)."""
+        (handed out by the authenticated ``Attach`` call). A tenant holds at most
+        ``TICKETS_PER_TENANT`` unused ones: a newer one retires its oldest."""
         now = time.monotonic()
-        self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}   # drop the stale
+        while self._tickets and next(iter(self._tickets.values()))[1] < now:   # oldest first: expire
+            old, (owner, _) = self._tickets.popitem(last=False)
+            self._held_tickets[owner.name].remove(old)
+        held = self._held_tickets.setdefault(tenant.name, collections.deque())
+        if len(held) >= TICKETS_PER_TENANT:
+            self._tickets.pop(held.popleft(), None)
         ticket = secrets.token_urlsafe(24)
         self._tickets[ticket] = (tenant, now + TICKET_TTL_S)
+        held.append(ticket)
         return ticket
 
     async def _tenant_of(self, conn: socket.socket) -> Tenant:
@@ -140,15 +163,24 @@ class LocalSocket:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         try:
-            data = await asyncio.wait_for(loop.sock_recv(conn, 4096), TICKET_TTL_S)
-            length = int.from_bytes(data[:4], "little")
-            ticket = json.loads(data[4 : 4 + length]).get("ticket", "")
-        except (asyncio.TimeoutError, ValueError, AttributeError):
+            head = await asyncio.wait_for(_recv_exactly(loop, conn, 4), TICKET_TTL_S)
+            length = int.from_bytes(head, "little")
+            if not 0 < length <= MAX_TICKET_FRAME:
+                raise ValueError(f"a first frame of {length} bytes")
+            body = await asyncio.wait_for(_recv_exactly(loop, conn, length), TICKET_TTL_S)
+            ticket = json.loads(body).get("ticket", "")
+        except Exception:   # timeouts, short reads, anything that is not {"ticket": ...}
             raise PermissionDeniedError("this daemon has tenants: a same-host session starts with a ticket from Attach") from None
         issued = self._tickets.pop(ticket, None) if isinstance(ticket, str) else None
         if issued is None or issued[1] < time.monotonic():
             raise PermissionDeniedError("the same-host ticket is unknown, used or expired (attach again)")
-        return issued[0]
+        tenant = issued[0]
+        self._held_tickets[tenant.name].remove(ticket)
+        if self._sessions_of[tenant.name] >= self.sessions_per_tenant:
+            raise PermissionDeniedError(
+                f"tenant {tenant.name!r} already has {self.sessions_per_tenant} same-host sessions (local_sessions_per_tenant)"
+            )
+        return tenant
 
     def _refuse(self, conn: socket.socket, refusal: str) -> None:
         self.refused += 1
@@ -171,6 +203,8 @@ class LocalSocket:
                 return self._refuse(conn, str(exc))
         daemon = self.daemon
         token = self.leasing.table.open_session()
+        if tenant is not None:
+            self._sessions_of[tenant.name] += 1
         try:
             if tenant is not None:
                 window = WindowedCalls(daemon, self.leasing, token, Window(self.window_bytes))
@@ -197,6 +231,8 @@ class LocalSocket:
         finally:
             conn.close()
             self.leasing.close_session(token)
+            if tenant is not None:
+                self._sessions_of[tenant.name] -= 1
             if window is not None:
                 window.close()
 
@@ -253,8 +289,8 @@ def _groups(pid: int) -> set[int]:
 
 def socket_directory(directory: str, mode: int, gid: int | None) -> None:
     """Make sure the socket's directory is this daemon's: created with ``mode`` if missing; if it
-    exists, owned by this user (then set to ``mode``) or at least writable by no one else, and
-    never a symlink: otherwise another user could put their own socket where clients look."""
+    exists, owned by this user (then set to ``mode``) and never a symlink: otherwise another user
+    could put their own socket where clients look."""
     try:
         os.mkdir(directory, mode)
     except FileNotFoundError:
@@ -265,12 +301,12 @@ def socket_directory(directory: str, mode: int, gid: int | None) -> None:
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"local_socket: {directory} is not a directory (a symlink?): refusing to put the socket there")
-    if st.st_uid == os.geteuid():
-        os.chmod(directory, mode)
-        if gid is not None:
-            os.chown(directory, -1, gid)
-    elif st.st_mode & 0o022:
+    if st.st_uid != os.geteuid():
+        # Whoever owns the directory can rename the socket and bind their own in its place.
         raise ConfigError(
-            f"local_socket: {directory} belongs to uid {st.st_uid} and others may write it: "
-            "another user could replace the socket; give the daemon a directory of its own"
+            f"local_socket: {directory} belongs to uid {st.st_uid}, not this daemon's ({os.geteuid()}): "
+            "its owner could replace the socket; give the daemon a directory of its own"
         )
+    os.chmod(directory, mode)
+    if gid is not None:
+        os.chown(directory, -1, gid)

@@ -90,7 +90,8 @@ class KVStoreServer:
                 # With tenants a same-host session maps a window of its own, never the arena.
                 self._local = LocalSocket(self.daemon, self.leasing, servicer, path,
                                           config.local_socket_uids, config.local_socket_gids,
-                                          tenants=not self.gate.open, window_bytes=config.local_window_bytes)
+                                          tenants=not self.gate.open, window_bytes=config.local_window_bytes,
+                                          sessions_per_tenant=config.local_sessions_per_tenant)
                 await self._local.start()
                 servicer.local_socket_path, servicer.local = path, self._local
             self._background = self._background_work()

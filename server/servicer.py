@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -288,6 +289,7 @@ class KVStoreServicer:
             arena_id=d.arena_id, socket_path=self.local_socket_path or "",
             arena_bytes=d.arena.capacity_bytes, lease_ttl_s=self.leasing.table.ttl_s,
             max_block_bytes=limit, max_block_reason=reason, put_round_bytes=d.put_round_bytes(),
+            daemon_uid=os.geteuid(),
         )
         if tenant is not None and self.local is not None:
             # The client maps a window of its own, not the arena: sizes are the window's.

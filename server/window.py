@@ -137,7 +137,12 @@ class WindowedCalls:
         return await self.leasing.commit(self.session, request.lease, request.checksums, request.abort)
 
     async def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
-        lease, partial = await self.leasing.acquire(self.session, request.keys, time.monotonic(), request.namespace)
+        free = self.window.room.largest_free
+        if free == 0:
+            raise ResourceExhaustedError(f"this session's window ({self.window.size} bytes) is full of reads not yet released")
+        lease, partial = await self.leasing.acquire(
+            self.session, request.keys, time.monotonic(), request.namespace, max_bytes=free   # no more than fits
+        )
         if lease is None:
             return pb.AcquireResponse()
         copies = lease.records
@@ -148,6 +153,8 @@ class WindowedCalls:
                 if extent is None:
                     break
                 room.append(extent)
+            if not room and copies[0].record.size > self.window.size:
+                return pb.AcquireResponse()   # a block larger than any window: a miss on this path
             if not room:
                 raise ResourceExhaustedError(
                     f"this session's window ({self.window.size} bytes) is full of reads not yet released"

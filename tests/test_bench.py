@@ -24,7 +24,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     else:
         assert "no Redis rows" in result.stdout
     expected |= {"nvme write", "nvme read", "raw write", "raw read", "s3 put", "s3 get", "raw s3 put", "raw s3 get"}
-    expected |= {"peer get grpc", "peer put grpc", "put remote mTLS", "get remote mTLS"}
+    expected |= {"peer get grpc", "peer put grpc", "put remote mTLS", "get remote mTLS",
+                 "put local tenant", "get local tenant"}
     from kvstore.tiers.peer_nixl import nixl_module
 
     nixl = nixl_module() is not None
@@ -33,7 +34,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert expected <= {name for name, _ in names}
     assert {batch for name, batch in names if name == "get local"} == {1, 4}
     for r in rows:
-        if r["name"].endswith("mTLS"):   # against the plaintext remote row of the same case
+        if r["name"].endswith(("mTLS", "tenant")):   # against the same path without it, same case
             assert r["gbps"] > 0 and r["vs_raw"] > 0 and r["batch"] == 4
         elif r["name"].startswith(("put ", "get ")):
             assert r["gbps"] > 0 and r["p50_ms"] > 0 and r["vs_memcpy"] > 0

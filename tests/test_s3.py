@@ -511,3 +511,29 @@ def test_secret_settings_are_checked(tmp_path, monkeypatch):
         S3Tier(S3Config(bucket=BUCKET, secret_files=(str(tmp_path / "missing"),)))
     monkeypatch.setenv("KVSTORE_S3_SECRET", "x" * 32)
     assert S3Tier(S3Config(bucket=BUCKET, encrypt=True)).sealer.encrypt
+
+
+async def test_a_seal_that_is_not_even_hex_is_a_miss_not_a_crash(moto, tmp_path):
+    await make_bucket(moto.url)
+    tier = sealed_tier(moto.url, [os.urandom(32)], tmp_path, prefix="odd-seal/")
+    await tier.open()
+    try:
+        data = os.urandom(10_000)
+        await tier.put(b"k", memoryview(data), checksum(data), b"ns")
+        name = tier.object_name(b"k", b"ns")
+        async with await raw_client(moto.url) as raw:
+            head = await raw.head_object(Bucket=BUCKET, Key=name)
+            await raw.copy_object(Bucket=BUCKET, Key=name, CopySource={"Bucket": BUCKET, "Key": name},
+                                  Metadata=dict(head["Metadata"], **{"kvstore-mac": "zz-not-hex"}),
+                                  MetadataDirective="REPLACE")
+        assert await tier.get_into(b"k", memoryview(bytearray(10_000)), b"ns") is None
+    finally:
+        await tier.close()
+
+
+def test_a_non_ascii_seal_does_not_raise():
+    from kvstore.tiers.seal import Sealer, Secret
+
+    sealer = Sealer([Secret.derive(b"s" * 32)], encrypt=False)
+    assert sealer.verify(sealer.current.id, "ümlaut", b"label", b"data") is False
+    assert sealer.verify(sealer.current.id, None, b"label", b"data") is False

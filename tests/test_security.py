@@ -69,20 +69,40 @@ async def test_the_default_socket_lives_in_a_private_directory_of_the_daemons_us
             assert kv.path == "local"
 
 
-async def test_a_socket_directory_someone_else_could_write_is_refused(tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
+async def test_a_socket_directory_of_another_user_or_a_symlink_is_refused(tmp_path):
     if os.geteuid() == 0:
-        os.chown(shared, 12345, 12345)   # another user's world-writable directory
-        with pytest.raises(ConfigError, match="another user could replace the socket"):
-            async with KVStoreServer(make_config(local_socket=str(shared / "kv.sock"))):
-                pass
+        for mode_bits in (0o777, 0o755):   # its owner can rename the socket whatever the mode
+            theirs = tmp_path / f"theirs-{mode_bits:o}"
+            theirs.mkdir()
+            os.chmod(theirs, mode_bits)
+            os.chown(theirs, 12345, 12345)
+            with pytest.raises(ConfigError, match="its owner could replace the socket"):
+                async with KVStoreServer(make_config(local_socket=str(theirs / "kv.sock"))):
+                    pass
+    mine = tmp_path / "mine"
+    mine.mkdir()
     link = tmp_path / "link"
-    link.symlink_to(shared)
+    link.symlink_to(mine)
     with pytest.raises(ConfigError, match="not a directory"):
         async with KVStoreServer(make_config(local_socket=str(link / "kv.sock"))):
             pass
+
+
+async def test_a_client_refuses_a_socket_served_by_another_user(tmp_path):
+    """The daemon tells the client its uid; a listener of another uid is not the daemon."""
+    import socket
+
+    from kvstore.client.local import LocalArena
+
+    path = str(tmp_path / "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        with pytest.raises(ValueError, match="not the daemon's"):
+            LocalArena.open(path, "x", 4096, timeout_s=2, daemon_uid=os.geteuid() + 1)
+    finally:
+        listener.close()
 
 
 def _user(name: str) -> pwd.struct_passwd:
@@ -184,3 +204,37 @@ def _index_key(key: bytes) -> bytes:
 def test_bad_socket_ids_are_refused_naming_the_setting():
     with pytest.raises(ConfigError, match="local_socket_uids"):
         make_config(local_socket_uids=("root",))
+
+
+def test_closing_an_old_nvme_directory_never_touches_files_outside_it_through_symlinks(tmp_path):
+    from kvstore.tiers.nvme import private_directory
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the daemon's")
+    os.chmod(outside, 0o644)
+    other_dir = tmp_path / "elsewhere"
+    other_dir.mkdir()
+    os.chmod(other_dir, 0o755)
+    directory = tmp_path / "nvme"
+    directory.mkdir()
+    (directory / "link").symlink_to(outside)
+    (directory / "dirlink").symlink_to(other_dir)
+    private_directory(str(directory))
+    assert mode(outside) == 0o644 and mode(other_dir) == 0o755
+
+
+def test_a_key_whose_namespace_tag_collides_is_still_another_namespace():
+    """The index is keyed by an 8-byte tag of the namespace; a lookup also compares the namespace
+    itself, so a (costly) tag collision between tenants reads nothing across."""
+    from test_placement import DISK, MEMORY, Books, layout
+
+    from kvstore.allocator import Extent
+    from kvstore.keys import namespace_tag
+
+    catalog = Books(layout(MEMORY, DISK)).catalog
+    key = b"k" * 32
+    index_key = namespace_tag(b"victim") + key
+    copy = catalog.begin(index_key, 100, b"attacker", 0, Extent(0, 4096))   # as if the tags collided
+    catalog.commit(copy, 7)
+    assert catalog.prefix([index_key], namespace=b"victim") == []
+    assert [r.key for r in catalog.prefix([index_key], namespace=b"attacker")] == [index_key]

@@ -389,3 +389,85 @@ def test_a_quota_for_a_tier_the_daemon_lacks_is_one_line_and_exit_status_2(tmp_p
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "quota names tier 'hbm'" in lines[0], result.stderr
+
+
+# -- found in review ------------------------------------------------------------------------------
+
+
+def test_a_rate_below_one_call_per_second_still_admits_calls():
+    from kvstore.tenants import RateLimit
+
+    limit = RateLimit(0.5)
+    assert limit.take(100.0) and not limit.take(100.1)
+    assert limit.take(102.2)   # two seconds later: one more
+
+
+def test_tokens_and_tenant_names_are_checked_where_they_enter():
+    from kvstore.client import ClientConfig
+
+    for token in ("with space", "new\nline", "ümlaut", "tab\t"):
+        with pytest.raises(ConfigError, match="printable ASCII"):
+            ClientConfig(token=token)
+    result = subprocess.run([sys.executable, "-m", "kvstore.server.cli", "token", "--name", 'x"\npeer = true\n#'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "tenant name" in result.stderr and "peer" not in result.stdout
+
+
+async def test_a_read_only_reader_of_a_corrupt_shared_block_gets_a_miss_not_an_error(daemon):
+    from kvstore.keys import scoped
+
+    keys, blocks = chain(3, seed=40), random_blocks(3, 8192)
+    async with client(daemon, "writer", namespace=SHARED) as writer:
+        await writer.put(keys, blocks)
+    record = daemon.daemon.catalog.get(scoped([keys[1]], SHARED)[0])
+    daemon.daemon.arena.view(record.primary().location, record.size)[0] ^= 0xFF
+    async with client(daemon, "reader", namespace=SHARED) as reader:
+        got = await reader.get(keys)   # the reader may not drop the bad copy: still a miss
+    assert [bytes(b) for b in got] == blocks[:1]
+
+
+async def test_a_block_larger_than_a_window_is_a_miss_on_the_same_host_path(small_windows):
+    keys, blocks = chain(2, seed=41), random_blocks(2, 2 << 20)   # 2 MiB each, windows of 1 MiB
+    async with KVClient(small_windows.address, local="off", token=TOKENS["alice"]) as remote:
+        assert (await remote.put(keys, blocks)).stored == 2
+    async with same_host(small_windows, "alice") as kv:
+        assert await kv.get(keys) == []
+        assert (await kv.lookup(keys)).count == 2   # it is there: the gRPC path serves it
+    async with KVClient(small_windows.address, local="off", token=TOKENS["alice"]) as remote:
+        assert [bytes(b) for b in await remote.get(keys)] == blocks
+
+
+async def test_the_socket_refuses_a_malformed_first_frame_and_caps_tickets_and_sessions(tmp_path):
+    import json
+    import socket
+
+    config = make_config(tenants=tenants_file(tmp_path / "tenants.toml"), local_window_bytes=1 << 20,
+                         local_sessions_per_tenant=2)
+    async with KVStoreServer(config) as server:
+        local = server._local
+        path = local.path
+
+        def first_frame(payload: bytes) -> dict:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(15)
+            conn.connect(path)
+            conn.sendall(len(payload).to_bytes(4, "little") + payload)
+            data = conn.recv(65536)
+            conn.close()
+            return json.loads(data[4 : 4 + int.from_bytes(data[:4], "little")])
+
+        deep = b"[" * 100_000 + b"]" * 100_000
+        assert "ticket" in (await asyncio.to_thread(first_frame, deep[:4000]))["error"]
+        tenant = next(t for t in server.gate.tenants.tenants if t.name == "alice")
+        for _ in range(100):
+            local.ticket_for(tenant)
+        assert len(local._tickets) == 64
+        sessions = [same_host(server, "alice") for _ in range(3)]
+        await sessions[0].connect()
+        await sessions[1].connect()
+        try:
+            with pytest.raises(UnavailableError, match="same-host sessions"):
+                await sessions[2].connect()
+        finally:
+            for kv in sessions:
+                await kv.close()

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import time
 from collections.abc import Sequence
 
@@ -312,12 +313,15 @@ def private_directory(directory: str) -> None:
     if st.st_mode & 0o077:
         log.info("nvme.dir=%s was readable by others (mode %o): now 0700", directory, st.st_mode & 0o777)
         os.chmod(directory, 0o700)
-    for root, dirs, files in os.walk(directory):
+    for root, dirs, files in os.walk(directory):   # symlinks are left alone: never chmod outside
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o700)
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
         for name in files:
             path = os.path.join(root, name)
-            if os.lstat(path).st_mode & 0o077:
+            st = os.lstat(path)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
                 os.chmod(path, 0o600)
 
 

@@ -9,6 +9,7 @@ alone for a while by the caller) or :class:`~kvstore.errors.IntegrityError`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 CHUNK_BYTES = 1 << 20
 TLS_REFRESH_S = 1.0
+STALE_CHANNEL_S = 60.0
+"""How long channels opened with replaced TLS files stay open for the calls still on them."""
 """How often the TLS files' stamps are looked at (when a peer is called)."""
 
 
@@ -43,14 +46,23 @@ class GrpcPeers:
         if self.tls is not None and time.monotonic() >= self._next_refresh:
             self._next_refresh = time.monotonic() + TLS_REFRESH_S
             if self.tls.refresh():
-                # Calls in flight finish on the old channels; they are closed with the tier.
-                self._stale += [channel for channel, _ in self._channels.values()]
+                # Calls in flight finish on the old channels; they are closed a while later.
+                stale = [channel for channel, _ in self._channels.values()]
                 self._channels.clear()
+                self._stale += stale
+                asyncio.get_running_loop().call_later(STALE_CHANNEL_S, self._close_later, stale)
         entry = self._channels.get(peer)
         if entry is None:
             channel = open_channel(peer, self.tls.current if self.tls is not None else None, self.token)
             entry = self._channels[peer] = (channel, pb_grpc.KVStoreStub(channel))
         return entry[1]
+
+    def _close_later(self, channels: list) -> None:
+        for channel in channels:
+            if channel in self._stale:
+                self._stale.remove(channel)
+                task = asyncio.ensure_future(channel.close())
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def forget(self, peers: Sequence[str]) -> None:
         for peer in peers:

@@ -271,7 +271,14 @@ class S3Tier(KeyedTier):
         return info.size
 
     def _open(self, name: str, meta: dict, info: ObjectInfo, body: memoryview, out: memoryview) -> bool:
-        """Check (MAC) or decrypt (AES-GCM) a sealed object's body into ``out``."""
+        """Check (MAC) or decrypt (AES-GCM) a sealed object's body into ``out``; anything that
+        does not open (a malformed seal included) is False, a forgery."""
+        try:
+            return self._open_sealed(name, meta, info, body, out)
+        except (ValueError, TypeError, UnicodeError):
+            return False
+
+    def _open_sealed(self, name: str, meta: dict, info: ObjectInfo, body: memoryview, out: memoryview) -> bool:
         sealer, label = self.sealer, Sealer.label(name, info.size, info.checksum)
         secret = meta.get(_META_SECRET, "")
         if not sealer.encrypt:

@@ -109,7 +109,9 @@ class Sealer:
     def verify(self, secret_id: str, mac: str, label: bytes, data: memoryview) -> bool:
         """Whether ``data`` (stored as is) carries a valid MAC of a known secret."""
         secret = self.secrets.get(secret_id)
-        return secret is not None and bool(mac) and hmac.compare_digest(self.mac(secret, label, data), mac)
+        if secret is None or not isinstance(mac, str) or not mac:
+            return False
+        return hmac.compare_digest(self.mac(secret, label, data).encode(), mac.encode("utf-8", "replace"))
 
     def seal_frame(self, label: bytes, data: memoryview | bytes) -> bytes:
         """Secret id (8 bytes), nonce, ciphertext and tag, in one buffer: for a medium without

@@ -228,7 +228,7 @@ class AttachRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s", "max_block_bytes", "max_block_reason", "put_round_bytes", "ticket")
+    __slots__ = ("arena_id", "socket_path", "arena_bytes", "lease_ttl_s", "max_block_bytes", "max_block_reason", "put_round_bytes", "ticket", "daemon_uid")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class AttachResponse(_message.Message):
     MAX_BLOCK_REASON_FIELD_NUMBER: _ClassVar[int]
     PUT_ROUND_BYTES_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_UID_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     socket_path: str
     arena_bytes: int
@@ -245,7 +246,8 @@ class AttachResponse(_message.Message):
     max_block_reason: str
     put_round_bytes: int
     ticket: str
-    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ..., max_block_bytes: _Optional[int] = ..., max_block_reason: _Optional[str] = ..., put_round_bytes: _Optional[int] = ..., ticket: _Optional[str] = ...) -> None: ...
+    daemon_uid: int
+    def __init__(self, arena_id: _Optional[str] = ..., socket_path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_ttl_s: _Optional[float] = ..., max_block_bytes: _Optional[int] = ..., max_block_reason: _Optional[str] = ..., put_round_bytes: _Optional[int] = ..., ticket: _Optional[str] = ..., daemon_uid: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("namespace", "session", "keys", "sizes")
