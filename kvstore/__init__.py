@@ -16,6 +16,7 @@ from kvstore.errors import (
     KVStoreError,
     LeaseExpiredError,
     PermissionDeniedError,
+    RateLimitedError,
     ResourceExhaustedError,
     RetryableError,
     StaleSessionError,
@@ -30,6 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "KEY_BYTES", "MAX_KEY_BYTES", "BlockTooLargeError", "ConfigError", "DeadlineExceededError",
     "DramConfig", "IntegrityError", "InternalError", "InvalidArgumentError", "KVStoreError", "LeaseExpiredError",
-    "Namespace", "PermissionDeniedError", "ResourceExhaustedError", "RetryableError", "ServerConfig", "StaleSessionError", "TierKind",
+    "Namespace", "PermissionDeniedError", "RateLimitedError", "ResourceExhaustedError", "RetryableError", "ServerConfig", "StaleSessionError", "TierKind",
     "UnauthenticatedError", "UnavailableError", "block_keys", "parse_bytes",
 ]

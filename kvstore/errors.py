@@ -61,6 +61,10 @@ class ResourceExhaustedError(RetryableError):
     """No space can be freed right now (everything evictable is leased or being written)."""
 
 
+class RateLimitedError(ResourceExhaustedError):
+    """A tenant called more often than its ``requests_per_s``."""
+
+
 class LeaseExpiredError(RetryableError):
     """A same-host lease ended (it outlived ``lease_ttl_s``) before the call that needed it."""
 

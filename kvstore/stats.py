@@ -76,6 +76,7 @@ _DATA = Metric("kvstore_data_bytes", "Block bytes moved", labels=("direction",))
 _PEER_MEMBERS = Metric("kvstore_peer_members", "Other daemons this one knows of", MetricKind.GAUGE, ("state",))
 _PEER_BLOCKS = Metric("kvstore_peer_blocks", "Keys asked of and answered by peer daemons", labels=("result",))
 _PEER_DATA = Metric("kvstore_peer_bytes", "Block bytes moved between daemons", labels=("direction", "transport"))
+_REFUSED = Metric("kvstore_refused_calls", "Calls and connections refused by the security controls", labels=("reason",))
 
 
 def _daemon(name: str, help: str, title: str, metric: Metric, *label_values: str, unit: Unit = Unit.COUNT) -> StatField:
@@ -128,6 +129,16 @@ SCHEMA: tuple[StatField, ...] = (
             _PEER_DATA, "in", "nixl", unit=Unit.BYTES),
     _daemon("peer_bytes_out_nixl", "Block bytes sent to peers by NIXL", "peer bytes out (nixl)",
             _PEER_DATA, "out", "nixl", unit=Unit.BYTES),
+    _daemon("unauthenticated_calls", "Calls without a token, or with one no tenant has", "calls unauthenticated",
+            _REFUSED, "unauthenticated"),
+    _daemon("denied_calls", "Calls a tenant may not make (a read-only namespace, a daemon-only call)",
+            "calls denied", _REFUSED, "denied"),
+    _daemon("rate_limited_calls", "Calls over a tenant's requests_per_s", "calls over a tenant's rate",
+            _REFUSED, "rate"),
+    _daemon("local_refused", "Same-host connections refused (credentials, ticket, session cap)",
+            "same-host connections refused", _REFUSED, "same_host"),
+    _daemon("tls_reloads", "Times the TLS certificate was reloaded from changed files", "TLS reloads",
+            Metric("kvstore_tls_reloads", "Times the TLS certificate was reloaded from changed files")),
     # Per tier, in the order of the `kvstore stats` columns.
     _tier("hits", "Blocks served from this tier (their fastest copy was here)", "hits", "kvstore_tier_hits"),
     _tier("promotions", "Blocks copied up from this tier into a faster one", "promoted", "kvstore_tier_promotions"),

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.config import parse_bytes
-from kvstore.errors import ConfigError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
+from kvstore.errors import ConfigError, PermissionDeniedError, RateLimitedError, UnauthenticatedError
 from kvstore.keys import MAX_NAMESPACE_BYTES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -160,10 +160,10 @@ class TenantTable:
         """Count one call against the tenant's request rate.
 
         Raises:
-            ResourceExhaustedError: the tenant is over ``requests_per_s``.
+            RateLimitedError: the tenant is over ``requests_per_s`` (a ResourceExhaustedError).
         """
         if tenant.limit is not None and not tenant.limit.take(now):
-            raise ResourceExhaustedError(f"tenant {tenant.name!r} is over its {tenant.requests_per_s:g} requests/s")
+            raise RateLimitedError(f"tenant {tenant.name!r} is over its {tenant.requests_per_s:g} requests/s")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "tenants") -> TenantTable:

@@ -184,6 +184,7 @@ class LocalSocket:
 
     def _refuse(self, conn: socket.socket, refusal: str) -> None:
         self.refused += 1
+        self.daemon.counters.local_refused += 1
         log.warning("refused a same-host client: %s", refusal)
         with contextlib.suppress(OSError):
             error = json.dumps({"version": PROTOCOL_VERSION, "error": refusal}).encode()

@@ -64,6 +64,13 @@ class KVStoreServer:
         self.certificates = ReloadingCertificates(config.tls) if config.tls.enabled else None
         self.gate = Gate(load_tenants(config.tenants) if config.tenants else None)
         self.daemon = Daemon(config, self.gate.tenants)
+        if self.certificates is not None:
+            counters = self.daemon.counters
+
+            def reloaded() -> None:   # on a gRPC thread: one integer add, as the GIL keeps it
+                counters.tls_reloads += 1
+
+            self.certificates.on_reload = reloaded
         self.leasing = Leasing(self.daemon, LeaseTable(config.lease_ttl_s))
         try:
             await self.daemon.start()

@@ -21,7 +21,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from kvstore.errors import (
-    DeadlineExceededError, IntegrityError, InvalidArgumentError, KVStoreError, PermissionDeniedError, UnauthenticatedError,
+    DeadlineExceededError, IntegrityError, InvalidArgumentError, KVStoreError, PermissionDeniedError, RateLimitedError,
+    UnauthenticatedError,
 )
 from kvstore.proto.status import code_for
 from kvstore.proto.v1 import kvstore_pb2 as pb
@@ -153,6 +154,7 @@ class KVStoreServicer:
         except KVStoreError as exc:
             code = code_for(exc)
             self.metrics.rpc_errors.labels(method, code.name).inc()
+            self._count_refusal(exc)
             return code.value[0], str(exc).encode()
         except Exception as exc:
             log.exception("%s failed", method)
@@ -160,6 +162,15 @@ class KVStoreServicer:
             return grpc.StatusCode.INTERNAL.value[0], f"{method} failed inside the daemon ({type(exc).__name__})".encode()
         finally:
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
+
+    def _count_refusal(self, exc: KVStoreError) -> None:
+        counters = self.daemon.counters
+        if isinstance(exc, UnauthenticatedError):
+            counters.unauthenticated_calls += 1
+        elif isinstance(exc, PermissionDeniedError):
+            counters.denied_calls += 1
+        elif isinstance(exc, RateLimitedError):
+            counters.rate_limited_calls += 1
 
     def _admit(self, method: str, request: Message, context: grpc.aio.ServicerContext) -> Tenant | None:
         """Check the caller against the gate; scope the request's namespace to its tenant."""
@@ -180,6 +191,7 @@ class KVStoreServicer:
         except KVStoreError as exc:
             code = code_for(exc)
             self.metrics.rpc_errors.labels(method, code.name).inc()
+            self._count_refusal(exc)
             await context.abort(code, str(exc))
         except grpc.aio.AbortError:
             raise

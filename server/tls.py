@@ -29,9 +29,10 @@ class ReloadingCertificates:
             or the key is not the certificate's.
     """
 
-    def __init__(self, config: TlsConfig) -> None:
+    def __init__(self, config: TlsConfig, on_reload=None) -> None:
         self.config = config
         self.reloads = 0
+        self.on_reload = on_reload   # called (on a gRPC thread) after each reload
         self._lock = threading.Lock()
         self._stamps = FileStamps([config.cert, config.key, config.client_ca])
         self._initial = self._load()
@@ -67,5 +68,7 @@ class ReloadingCertificates:
                 return None
             self._stamps.seen, self._refused = stamps, None
             self.reloads += 1
+            if self.on_reload is not None:
+                self.on_reload()
         log.info("TLS certificate reloaded from %s", self.config.cert)
         return loaded

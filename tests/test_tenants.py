@@ -92,6 +92,7 @@ async def test_calls_without_a_token_or_with_an_unknown_one_are_unauthenticated(
     with pytest.raises(UnauthenticatedError):
         async with KVClient(daemon.address):
             pass
+    assert daemon.daemon.counters.unauthenticated_calls == 7
 
 
 async def test_putting_first_under_a_victims_keys_does_not_poison_the_victim(daemon):
@@ -163,6 +164,7 @@ async def test_a_tenant_over_its_request_rate_is_told_to_slow_down(daemon):
             except ResourceExhaustedError:
                 refused += 1
     assert refused >= 10   # a burst of 5, then about 5 per second
+    assert daemon.daemon.counters.rate_limited_calls == refused
     async with client(daemon, "alice") as alice:   # others are not slowed
         for _ in range(20):
             await alice.lookup(keys)
@@ -240,6 +242,7 @@ async def test_a_same_host_session_needs_a_fresh_ticket(small_windows):
     assert first["fds"] == 1 and "error" not in first
     assert again["fds"] == 0 and "used or expired" in again["error"]
     assert forged["fds"] == 0 and "unknown" in forged["error"]
+    assert small_windows.daemon.counters.local_refused == 2
 
 
 async def test_peers_present_the_cluster_token_and_tenants_stay_apart_across_nodes(tmp_path):

@@ -133,7 +133,7 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
         # ...the key arriving completes it, and the next connection gets the new certificate.
         _replace(key, new.key)
         await round_trip(server.address, tls_ca=str(new_ca.cert), local="off")
-        assert server.certificates.reloads == 1
+        assert server.certificates.reloads == 1 and server.daemon.counters.tls_reloads == 1
         assert "not trusted" in await refused(server.address, tls_ca=str(old_ca.cert))
 
 

@@ -172,7 +172,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., errors: _Optional[int] = ..., uploads: _Optional[int] = ..., dropped_uploads: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures", "peer_members", "peer_live", "peer_asked_blocks", "peer_found_blocks", "peer_probed_blocks", "peer_errors", "peer_bytes_in_grpc", "peer_bytes_out_grpc", "peer_bytes_in_nixl", "peer_bytes_out_nixl")
+    __slots__ = ("version", "uptime_s", "tiers", "lookup_hit_blocks", "lookup_miss_blocks", "get_hit_blocks", "get_miss_blocks", "put_stored_blocks", "put_present_blocks", "put_dropped_blocks", "deleted_blocks", "bytes_in", "bytes_out", "integrity_failures", "peer_members", "peer_live", "peer_asked_blocks", "peer_found_blocks", "peer_probed_blocks", "peer_errors", "peer_bytes_in_grpc", "peer_bytes_out_grpc", "peer_bytes_in_nixl", "peer_bytes_out_nixl", "unauthenticated_calls", "denied_calls", "rate_limited_calls", "local_refused", "tls_reloads")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,11 @@ class StatsResponse(_message.Message):
     PEER_BYTES_OUT_GRPC_FIELD_NUMBER: _ClassVar[int]
     PEER_BYTES_IN_NIXL_FIELD_NUMBER: _ClassVar[int]
     PEER_BYTES_OUT_NIXL_FIELD_NUMBER: _ClassVar[int]
+    UNAUTHENTICATED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    DENIED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    TLS_RELOADS_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -221,7 +226,12 @@ class StatsResponse(_message.Message):
     peer_bytes_out_grpc: int
     peer_bytes_in_nixl: int
     peer_bytes_out_nixl: int
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., peer_members: _Optional[int] = ..., peer_live: _Optional[int] = ..., peer_asked_blocks: _Optional[int] = ..., peer_found_blocks: _Optional[int] = ..., peer_probed_blocks: _Optional[int] = ..., peer_errors: _Optional[int] = ..., peer_bytes_in_grpc: _Optional[int] = ..., peer_bytes_out_grpc: _Optional[int] = ..., peer_bytes_in_nixl: _Optional[int] = ..., peer_bytes_out_nixl: _Optional[int] = ...) -> None: ...
+    unauthenticated_calls: int
+    denied_calls: int
+    rate_limited_calls: int
+    local_refused: int
+    tls_reloads: int
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., get_hit_blocks: _Optional[int] = ..., get_miss_blocks: _Optional[int] = ..., put_stored_blocks: _Optional[int] = ..., put_present_blocks: _Optional[int] = ..., put_dropped_blocks: _Optional[int] = ..., deleted_blocks: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., peer_members: _Optional[int] = ..., peer_live: _Optional[int] = ..., peer_asked_blocks: _Optional[int] = ..., peer_found_blocks: _Optional[int] = ..., peer_probed_blocks: _Optional[int] = ..., peer_errors: _Optional[int] = ..., peer_bytes_in_grpc: _Optional[int] = ..., peer_bytes_out_grpc: _Optional[int] = ..., peer_bytes_in_nixl: _Optional[int] = ..., peer_bytes_out_nixl: _Optional[int] = ..., unauthenticated_calls: _Optional[int] = ..., denied_calls: _Optional[int] = ..., rate_limited_calls: _Optional[int] = ..., local_refused: _Optional[int] = ..., tls_reloads: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ()
