@@ -24,6 +24,8 @@ class TlsConfig:
             ``client_ca``, else the system's roots).
         peer_server_name: the name expected in the peers' certificates, when they are reached by
             an address their certificates do not name (default: each peer's host).
+        plaintext_metrics: serve the metrics endpoint over plain HTTP even with TLS on (by
+            default it is HTTPS with ``cert``, read at start).
     """
 
     cert: str = ""
@@ -31,6 +33,7 @@ class TlsConfig:
     client_ca: str = ""
     peer_ca: str = ""
     peer_server_name: str = ""
+    plaintext_metrics: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):

@@ -93,9 +93,10 @@ class Metrics:
         )
         self._http = None
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP exporter; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, certfile: str = "", keyfile: str = "") -> int:
+        """Start the HTTP exporter (HTTPS with ``certfile``/``keyfile``); returns the bound port."""
+        tls = {"certfile": certfile, "keyfile": keyfile} if certfile else {}
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
         return self._http.server_port
 
     def stop(self) -> None:

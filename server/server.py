@@ -106,7 +106,10 @@ class KVStoreServer:
             await self._grpc.start()
             if config.metrics_port:
                 try:
-                    self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+                    https = config.tls.enabled and not config.tls.plaintext_metrics
+                    self.metrics_port = self.metrics.serve(
+                        config.host, config.metrics_port, *((config.tls.cert, config.tls.key) if https else ())
+                    )
                 except OSError as exc:
                     raise ConfigError(
                         f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror}"
@@ -127,7 +130,8 @@ class KVStoreServer:
             "kvstore %s listening on %s%s (metrics %s; same-host socket %s); policy %s; %s%s",
             self.daemon.version, self.address,
             "" if self.certificates is None else (" with mTLS" if config.tls.mutual else " with TLS"),
-            f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+            f"{'https' if config.tls.enabled and not config.tls.plaintext_metrics else 'http'}://{config.host}:"
+            f"{self.metrics_port}/metrics" if self.metrics_port else "off",
             self._local.path if self._local else "off", config.policy.value, self.daemon.describe(),
             ", write-through" if config.write_through else "",
         )

@@ -212,3 +212,23 @@ async def test_kvstore_stats_speaks_tls(pki):
         )
     assert ok.returncode == 0 and '"version"' in ok.stdout, ok.stderr
     assert plain.returncode == 2 and "requires TLS" in plain.stderr
+
+
+async def test_with_tls_the_metrics_endpoint_is_https_too(pki):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    async with tls_server(pki, metrics_port=_free_port()) as server:
+        url = f"https://127.0.0.1:{server.metrics_port}/metrics"
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, context=context, timeout=10).read())
+        assert b"kvstore_tls_reloads_total" in body
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
+            )
+
+
+def _free_port() -> int:
+    return free_ports(1)[0]
