@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,7 @@ from kvstore.client.client import KVClient
 from kvstore.client.config import ClientConfig, LocalMode
 from kvstore.client.sync import SyncKVClient
 from kvstore.errors import ConfigError
+from kvstore.proto.channel import read_token
 
 log = logging.getLogger("kvstore.integrations")
 
@@ -47,6 +49,10 @@ class LinkConfig:
         lookup_timeout_s: the longest a lookup may take before it counts as a miss.
         connect_timeout_s: deadline of each attempt to connect.
         retry_s: first pause between attempts to connect (it doubles, up to a minute).
+        token_file: a file holding the bearer token of the engine's tenant (a daemon with
+            tenants); without one, ``$KVSTORE_TOKEN`` when set. Not the token itself: engine
+            options end up in command lines and logs.
+        tls_ca, tls_cert, tls_key, tls_server_name: as in :class:`~kvstore.client.ClientConfig`.
     """
 
     address: str = "127.0.0.1:7070"
@@ -55,6 +61,11 @@ class LinkConfig:
     lookup_timeout_s: float = 0.5
     connect_timeout_s: float = 5.0
     retry_s: float = 1.0
+    token_file: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.address, str) or ":" not in self.address:
@@ -65,6 +76,19 @@ class LinkConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 3600:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 3600), got {value!r}")
+        for name in ("token_file", "tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string (a path), got {getattr(self, name)!r}")
+
+    def client_security(self) -> dict[str, str]:
+        """The client's token and TLS settings (the token read from ``token_file`` or ``$KVSTORE_TOKEN``)."""
+        options = {name: getattr(self, name) for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
+                   if getattr(self, name)}
+        if self.token_file:
+            options["token"] = read_token(self.token_file, "token_file")
+        elif os.environ.get("KVSTORE_TOKEN"):
+            options["token"] = os.environ["KVSTORE_TOKEN"].strip()
+        return options
 
     @classmethod
     def split(cls, options: Mapping[str, Any], known: Mapping[str, Any], *, where: str) -> tuple[LinkConfig, dict]:
@@ -97,7 +121,7 @@ class DaemonLink:
         self.owner = owner
         self._client = SyncKVClient(config.address, config=ClientConfig(
             namespace=namespace, local=config.local, timeout_s=config.timeout_s,
-            connect_timeout_s=config.connect_timeout_s,
+            connect_timeout_s=config.connect_timeout_s, **config.client_security(),
         ))
         self._connected = threading.Event()
         self._closed = threading.Event()

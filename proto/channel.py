@@ -44,6 +44,19 @@ def read_pem(path: str | os.PathLike[str], setting: str) -> bytes:
     return data
 
 
+def read_token(path: str | os.PathLike[str], setting: str) -> str:
+    """A bearer token from a file (surrounding whitespace dropped); a :class:`ConfigError` naming
+    ``setting`` if it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting}: cannot read {os.fspath(path)}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"{setting}: {os.fspath(path)} is empty")
+    return token
+
+
 def check_pair(cert: bytes, key: bytes, cert_setting: str, key_setting: str) -> None:
     """Refuse a certificate chain that does not parse, or a key that is not its key."""
     try:

@@ -151,10 +151,9 @@ def client_options(args: argparse.Namespace) -> dict[str, str]:
     names = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
     options = {name: getattr(args, name) for name in names if getattr(args, name)}
     if getattr(args, "token_file", None):
-        try:
-            options["token"] = Path(args.token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--token-file: cannot read {args.token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        from kvstore.proto.channel import read_token
+
+        options["token"] = read_token(args.token_file, "--token-file")
     return options
 
 

@@ -17,9 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from kvstore.config import ServerConfig
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, UnauthenticatedError
 from kvstore.lease import LeaseTable
 from kvstore.proto import CHANNEL_OPTIONS
+from kvstore.proto.channel import read_token
 from kvstore.server.background import Background
 from kvstore.server.daemon import Daemon
 from kvstore.server.gate import Gate, load_tenants
@@ -63,6 +64,8 @@ class KVStoreServer:
         # The certificate files are read first: a bad one stops the start before anything opens.
         self.certificates = ReloadingCertificates(config.tls) if config.tls.enabled else None
         self.gate = Gate(load_tenants(config.tenants) if config.tenants else None)
+        if not self.gate.open and config.peer.enabled:
+            _check_peer_token(self.gate, config.peer.token_file)
         self.daemon = Daemon(config, self.gate.tenants)
         if self.certificates is not None:
             counters = self.daemon.counters
@@ -178,3 +181,18 @@ class KVStoreServer:
         background.every("lease-expiry", min(1.0, config.lease_ttl_s / 4), expire_leases)
         return background
 
+
+
+def _check_peer_token(gate: Gate, token_file: str) -> None:
+    """With tenants, daemons call each other as a tenant marked ``peer``: refuse, at start, a
+    cluster whose calls would all be refused."""
+    if not token_file:
+        raise ConfigError(
+            "with tenants, peers call each other as a tenant with peer = true: set peer.token_file (--peer-token-file)"
+        )
+    try:
+        tenant = gate.tenants.authenticate("Bearer " + read_token(token_file, "peer.token_file"))
+    except UnauthenticatedError:
+        raise ConfigError(f"peer.token_file: the token in {token_file} is no tenant's in the tenants file") from None
+    if not tenant.peer:
+        raise ConfigError(f"peer.token_file: the token in {token_file} is tenant {tenant.name!r}'s, which is not peer = true")

@@ -474,3 +474,20 @@ async def test_the_socket_refuses_a_malformed_first_frame_and_caps_tickets_and_s
         finally:
             for kv in sessions:
                 await kv.close()
+
+
+@pytest.mark.parametrize("token, message", [
+    (None, "set peer.token_file"),
+    ("not-a-token-of-anyone", "is no tenant's"),
+    (TOKENS["alice"], "which is not peer = true"),
+])
+async def test_peers_with_tenants_need_the_token_of_a_peer_tenant(tmp_path, token, message):
+    token_file = ""
+    if token is not None:
+        (tmp_path / "peer-token").write_text(token)
+        token_file = str(tmp_path / "peer-token")
+    config = make_config(tenants=tenants_file(tmp_path / "tenants.toml"),
+                         peer=PeerConfig(peers=("127.0.0.1:1",), token_file=token_file))
+    with pytest.raises(ConfigError, match=message):
+        async with KVStoreServer(config):
+            pass

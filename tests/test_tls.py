@@ -232,3 +232,39 @@ async def test_with_tls_the_metrics_endpoint_is_https_too(pki):
 
 def _free_port() -> int:
     return free_ports(1)[0]
+
+
+def test_an_engine_connector_link_reaches_a_daemon_with_mtls_and_tenants(pki, tmp_path, monkeypatch):
+    """The link every engine connector uses: TLS paths and a token file in its options."""
+    from conftest import DaemonThread
+
+    from kvstore.integrations.link import DaemonLink, LinkConfig
+    from kvstore.tenants import hash_token
+
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[[tenant]]\nname = "engine"\ntoken_sha256 = ["{hash_token("engine-token")}"]\n')
+    token_file = tmp_path / "token"
+    token_file.write_text("engine-token\n")
+    tls = TlsConfig(cert=str(pki.server.cert), key=str(pki.server.key), client_ca=str(pki.ca.cert))
+    daemon = DaemonThread(make_config(tls=tls, tenants=str(tenants))).start()
+    monkeypatch.delenv("KVSTORE_TOKEN", raising=False)
+    try:
+        options = dict(address=daemon.address, tls_ca=str(pki.ca.cert), tls_cert=str(pki.client.cert),
+                       tls_key=str(pki.client.key), token_file=str(token_file))
+        link = DaemonLink(LinkConfig(**options), namespace=b"engine-ns", owner="test")
+        try:
+            assert link.wait_connected(15)
+            keys, blocks = chain(3, seed=60), random_blocks(3, 4096)
+            assert link.call("put", lambda kv: kv.put(keys, blocks), None).stored == 3
+            assert link.call("lookup", lambda kv: kv.lookup(keys), None).count == 3
+            assert link.path == "local"   # a window of the engine's own
+        finally:
+            link.close()
+        without = DaemonLink(LinkConfig(**{**options, "token_file": ""}), namespace=b"engine-ns", owner="test")
+        try:
+            assert not without.wait_connected(3)   # refused: its calls are misses, never errors
+            assert without.call("lookup", lambda kv: kv.lookup(keys), "miss") == "miss"
+        finally:
+            without.close()
+    finally:
+        daemon.stop()

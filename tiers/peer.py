@@ -37,7 +37,7 @@ from kvstore.config import PeerConfig, Transfer
 from kvstore.errors import ConfigError, UnavailableError
 from kvstore.keys import unscoped
 from kvstore.layout import Addressing, Capabilities
-from kvstore.proto.channel import ReloadingChannelTls
+from kvstore.proto.channel import ReloadingChannelTls, read_token
 from kvstore.rendezvous import homes
 from kvstore.tier_kind import TierKind
 from kvstore.tls import TlsConfig
@@ -63,7 +63,8 @@ class PeerTier(KeyedTier):
         self.config = config
         source = StaticMembers(config.peers) if config.peers else DnsMembers(config.dns)
         self.members = Membership(source, backoff_s=config.backoff_s)
-        self.transport = GrpcPeers(_peer_tls(config.tls), _token(config.token_file))
+        token = read_token(config.token_file, "peer.token_file") if config.token_file else ""
+        self.transport = GrpcPeers(_peer_tls(config.tls), token)
         self.nixl: NixlPeers | None = None
         self._grpc_only: set[str] = set()   # peers that said they have no NIXL
         self._landing: MemoryTier | None = None
@@ -316,15 +317,3 @@ def _peer_tls(tls: TlsConfig) -> ReloadingChannelTls | None:
     return ReloadingChannelTls(ca=tls.peer_roots, cert=tls.cert, key=tls.key, server_name=tls.peer_server_name,
                                settings=(ca_setting, "tls.cert", "tls.key"))
 
-
-def _token(path: str) -> str:
-    if not path:
-        return ""
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"peer.token_file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not token:
-        raise ConfigError(f"peer.token_file: {path} is empty")
-    return token
