@@ -421,6 +421,8 @@ class ServerConfig:
             f"demote_interval_s must be finite and > 0, got {self.demote_interval_s}",
         )
         _check(not self.write_through or self.nvme.enabled, "write_through needs an NVMe tier (nvme.dir)")
+        _check(not self.peer.token_file or self.peer.enabled,
+               "peer.token_file is set but there are no peers (peer.peers or peer.dns)")
         _check(
             self.max_keys_per_request * (self.max_key_bytes + 3) <= MAX_HEADER_BYTES,
             f"max_keys_per_request={self.max_keys_per_request} keys of up to {self.max_key_bytes} bytes "

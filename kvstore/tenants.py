@@ -148,7 +148,9 @@ class TenantTable:
             UnauthenticatedError: no token, or one no tenant has.
         """
         if not authorization:
-            raise UnauthenticatedError("this daemon has tenants: send a bearer token (KVClient(..., token=...))")
+            raise UnauthenticatedError(
+                "this daemon has tenants: send a bearer token (KVClient(..., token=...), or --token-file on the command line)"
+            )
         token = authorization[len(TOKEN_PREFIX):] if authorization.startswith(TOKEN_PREFIX) else authorization
         tenant = self._by_hash.get(hash_token(token))
         if tenant is None:

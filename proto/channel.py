@@ -73,10 +73,20 @@ def check_pair(cert: bytes, key: bytes, cert_setting: str, key_setting: str) -> 
 
 
 def check_roots(data: bytes, setting: str) -> None:
+    """Refuse a bundle that does not parse or holds no CA certificate (a leaf by mistake)."""
     try:
-        x509.load_pem_x509_certificates(data)
+        certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
         raise ConfigError(f"{setting}: not a PEM CA bundle ({exc})") from None
+    if not any(_is_ca(cert) for cert in certs):
+        raise ConfigError(f"{setting}: holds no CA certificate (a server or client certificate by mistake?)")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return cert.issuer == cert.subject   # an old self-signed root without the extension
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,22 +278,28 @@ def tls_problem(target: str, tls: ChannelTls | None, timeout_s: float = PROBE_TI
         except (ssl.SSLError, OSError):
             if tls is None:
                 return None
-            return "it does not speak TLS (a plaintext daemon?), and this client connects with TLS (drop the tls_ settings)"
+            return "it does not speak TLS (a plaintext daemon?), and this client connects with TLS (drop tls_ca/tls_cert, or --tls-*)"
     if tls is None:
-        return "it requires TLS, and this client connects in plaintext (give the client tls_ca=, or --tls-ca for the CLI)"
+        return "it requires TLS, and this client connects in plaintext (give the client tls_ca=, or --tls-ca on the command line)"
     if demands_client_cert and tls.cert is None:
-        return "it requires a client certificate (mTLS): give the client tls_cert= and tls_key="
+        return "it requires a client certificate (mTLS): give the client tls_cert= and tls_key= (--tls-cert, --tls-key)"
     if demands_client_cert:   # it hung up on the very certificate this client presents
-        return "it requires a client certificate signed by its --tls-client-ca, and refused this client's (tls_cert)"
+        return "it requires a client certificate signed by its --tls-client-ca, and refused this client's (tls_cert, --tls-cert)"
     return None
 
 
 def _untrusted(exc: ssl.SSLCertVerificationError, tls: ChannelTls) -> str:
     reason = exc.verify_message or str(exc)
     if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
-        return f"its certificate does not name the host this client connects to ({reason}): set tls_server_name="
+        return (
+            f"its certificate does not name the host this client connects to ({reason}): connect by a name it "
+            "lists, or set tls_server_name= (--tls-server-name) to one of them"
+        )
     source = "the CA in tls_ca" if tls.ca is not None else "the system's roots (no tls_ca given)"
-    return f"its certificate is not trusted by {source}: {reason} (tls_ca must be the CA that signed the daemon's --tls-cert)"
+    return (
+        f"its certificate is not trusted by {source}: {reason} "
+        "(tls_ca, --tls-ca, must be the CA that signed the daemon's --tls-cert)"
+    )
 
 
 def _demands_client_cert(conn: ssl.SSLSocket, timeout_s: float) -> bool:

@@ -5,11 +5,16 @@ Configuration precedence: embedded defaults < ``--config FILE`` (TOML) < flags.
 
 from __future__ import annotations
 
+import os
+
+# gRPC's core logs every failed TLS handshake at INFO on stderr, in its own format, ahead of the
+# one line this command prints; ERROR and up still show. Set before gRPC loads; the caller's wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -194,7 +199,7 @@ def _write_certs(directory: str, names: list[str]) -> None:
     print(f"  kvstore stats --tls-ca {ca.cert} --tls-cert {client.cert} --tls-key {client.key}")
 
 
-def _print_token(name: str) -> None:
+def _print_token(name: str, token_file: str | None) -> None:
     import secrets
 
     from kvstore.tenants import hash_token, valid_tenant_name
@@ -202,9 +207,19 @@ def _print_token(name: str) -> None:
     if not valid_tenant_name(name):
         raise ConfigError(f"--name: a tenant name is 1-64 letters, digits, '.', '_' or '-', got {name!r}")
     token = secrets.token_urlsafe(32)
-    # The token to stderr, the table to stdout: `kvstore token >> tenants.toml` stores only the hash.
-    print(f"token for {name} (give it to its workers: KVClient(..., token=...); it is not stored): {token}",
-          file=sys.stderr)
+    # The token to a file or stderr, the table to stdout: `kvstore token >> tenants.toml` stores only the hash.
+    if token_file:
+        try:
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"--token-file: cannot create {token_file}: {exc.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(f"token for {name} written to {token_file} (give it to its workers: --token-file, KVClient(token=...))",
+              file=sys.stderr)
+    else:
+        print(f"token for {name} (give it to its workers: KVClient(..., token=...); it is not stored): {token}",
+              file=sys.stderr)
     print(f'[[tenant]]\nname = "{name}"\ntoken_sha256 = ["{hash_token(token)}"]')
 
 
@@ -269,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="another DNS name or IP the server certificate is valid for (repeatable)")
     tk = sub.add_parser("token", help="make a bearer token for a tenant and print it with its hash")
     tk.add_argument("--name", default="my-tenant", help="the tenant's name in the printed [[tenant]] table")
+    tk.add_argument("--token-file", metavar="PATH",
+                    help="write the token alone to PATH (mode 0600, a new file) instead of printing it on stderr")
     b = sub.add_parser("bench", help="benchmark put/get/lookup against same-run baselines")
     from kvstore.bench.cli import add_arguments
 
@@ -289,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "certs":
             _write_certs(args.directory, args.name)
         elif args.command == "token":
-            _print_token(args.name)
+            _print_token(args.name, args.token_file)
         elif args.command == "stats":
             _print_stats(args)
         elif args.command == "bench":

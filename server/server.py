@@ -132,7 +132,8 @@ class KVStoreServer:
         log.info(
             "kvstore %s listening on %s%s (metrics %s; same-host socket %s); policy %s; %s%s",
             self.daemon.version, self.address,
-            "" if self.certificates is None else (" with mTLS" if config.tls.mutual else " with TLS"),
+            ("" if self.certificates is None else (" with mTLS" if config.tls.mutual else " with TLS"))
+            + ("" if self.gate.open else f", {len(self.gate.tenants.tenants)} tenants"),
             f"{'https' if config.tls.enabled and not config.tls.plaintext_metrics else 'http'}://{config.host}:"
             f"{self.metrics_port}/metrics" if self.metrics_port else "off",
             self._local.path if self._local else "off", config.policy.value, self.daemon.describe(),

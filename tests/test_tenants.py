@@ -274,6 +274,11 @@ async def test_peers_present_the_cluster_token_and_tenants_stay_apart_across_nod
             await server.stop()
 
 
+def test_a_peer_token_without_peers_is_refused():
+    with pytest.raises(ConfigError, match="no peers"):
+        make_config(peer=PeerConfig(token_file="/some/token"))
+
+
 def test_the_tenant_is_part_of_the_stored_namespace():
     ns = b"\x01" * 32
     assert tenant_namespace("alice", ns) != tenant_namespace("bob", ns)
@@ -320,6 +325,15 @@ def test_kvstore_token_prints_a_table_with_the_hash_and_the_token_apart(tmp_path
     assert table.authenticate(f"Bearer {token}").name == "team-a"
     with pytest.raises(ConfigError):
         TenantTable.from_mapping({"tenant": []})
+    path = tmp_path / "team-b.token"
+    result = subprocess.run([sys.executable, "-m", "kvstore.server.cli", "token", "--name", "team-b",
+                             "--token-file", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and (path.stat().st_mode & 0o777) == 0o600
+    table = TenantTable.from_mapping(tomllib.loads(result.stdout))
+    assert table.authenticate("Bearer " + path.read_text().strip()).name == "team-b"
+    again = subprocess.run([sys.executable, "-m", "kvstore.server.cli", "token", "--token-file", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "cannot create" in again.stderr   # never overwrites a token
 
 
 # -- quotas ---------------------------------------------------------------------------------------

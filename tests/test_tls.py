@@ -187,6 +187,8 @@ def test_tls_settings_that_do_not_go_together_are_refused():
         (["--tls-cert", "{dir}/server.pem", "--tls-key", "{dir}/client-key.pem"], "tls.key is not the private key"),
         (["--tls-cert", "{dir}/server.pem", "--tls-key", "{dir}/server-key.pem", "--tls-client-ca", "{dir}/server-key.pem"],
          "tls.client_ca: not a PEM CA bundle"),
+        (["--tls-cert", "{dir}/server.pem", "--tls-key", "{dir}/server-key.pem", "--tls-client-ca", "{dir}/client.pem"],
+         "tls.client_ca: holds no CA certificate"),
     ],
 )
 def test_bad_tls_flags_are_one_line_and_exit_status_2(pki, flags, message):
