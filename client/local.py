@@ -225,6 +225,7 @@ class LocalPath(DataPath):
         return total
 
     async def _put_round(self, keys: Sequence[bytes], sources: Sequence[memoryview | DeviceBuffer]) -> PutResult:
+        await self._settled()
         reserved = await self.channel.call(
             "Reserve", pb.ReserveRequest(keys=keys, sizes=[s.nbytes for s in sources], namespace=self.namespace),
             pb.ReserveResponse,
@@ -254,7 +255,14 @@ class LocalPath(DataPath):
             )
         return PutResult.from_proto(response)
 
+    async def _settled(self) -> None:
+        """Let releases still in the background go first: a session's room (its window, with
+        tenants) is free again before the next call asks for some."""
+        if self._releases:
+            await asyncio.gather(*list(self._releases), return_exceptions=True)
+
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[pb.AcquireResponse, float]:
+        await self._settled()
         started = time.monotonic()
         response = await self.channel.call(
             "Acquire", pb.AcquireRequest(keys=keys, namespace=self.namespace), pb.AcquireResponse

@@ -505,3 +505,15 @@ async def test_peers_with_tenants_need_the_token_of_a_peer_tenant(tmp_path, toke
     with pytest.raises(ConfigError, match=message):
         async with KVStoreServer(config):
             pass
+
+
+async def test_back_to_back_reads_and_puts_that_fill_a_window_never_find_it_full(small_windows):
+    """Releases of a read go in the background; the next call must still find the window free."""
+    keys, blocks = chain(4, seed=70), random_blocks(4, 256 << 10)   # exactly one 1 MiB window
+    async with same_host(small_windows, "alice") as kv:
+        await kv.put(keys, blocks)
+        out = [bytearray(256 << 10) for _ in keys]
+        for round_ in range(5):
+            assert await kv.get_into(keys, out) == 4
+            assert await kv.get_into(keys, out) == 4
+            assert (await kv.put(chain(4, seed=80 + round_), random_blocks(4, 256 << 10))).stored == 4
