@@ -187,6 +187,35 @@ def _print_stats(args: argparse.Namespace) -> None:
         print(line)
 
 
+async def _health(args: argparse.Namespace) -> int:
+    """Probe the standard health service: 0 when SERVING, 1 (with a line) otherwise."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvstore.proto.channel import ChannelTls, open_channel, wait_until_ready
+
+    options = client_options(args)
+    tls = None
+    if any(k.startswith("tls_") for k in options):
+        tls = ChannelTls.load(ca=options.get("tls_ca", ""), cert=options.get("tls_cert", ""),
+                              key=options.get("tls_key", ""), server_name=options.get("tls_server_name", ""))
+    channel = open_channel(args.target, tls, options.get("token", ""))
+    try:
+        await wait_until_ready(channel, args.target, tls, args.timeout)
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+    except asyncio.TimeoutError:
+        print(f"kvstore: {args.target} did not answer within {args.timeout:g}s", file=sys.stderr)
+        return 1
+    except Exception as exc:   # a probe reports, it does not trace back
+        print(f"kvstore: {args.target}: {getattr(exc, 'details', lambda: exc)()}", file=sys.stderr)
+        return 1
+    finally:
+        await channel.close()
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"kvstore: {args.target} is {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _write_certs(directory: str, names: list[str]) -> None:
     try:
         from kvstore.bench.certs import CertificateAuthority
@@ -278,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
     add_client_tls(st)
+    h = sub.add_parser("health", help="exit 0 when a daemon answers SERVING on the gRPC health service (probes)")
+    h.add_argument("--target", default=f"127.0.0.1:{DEFAULTS.port}", help="daemon address host:port")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    add_client_tls(h)
     ce = sub.add_parser("certs", help="make a throwaway CA with server and client certificates, to try TLS")
     ce.add_argument("directory", help="where to write ca.pem, server.pem, server-key.pem, client.pem, client-key.pem")
     ce.add_argument("--name", action="append", default=[],
@@ -303,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
             asyncio.run(serve(config, args.ready_file))
+        elif args.command == "health":
+            return asyncio.run(_health(args))
         elif args.command == "certs":
             _write_certs(args.directory, args.name)
         elif args.command == "token":

@@ -168,8 +168,7 @@ class NvmeTier(ExtentTier):
             return await self._io.write_many([(extent.offset, frame) for (extent, _), frame in zip(items, frames)])
         finally:
             del frames
-            view.release()
-            staging.close()
+            _let_go(view, staging)
 
     async def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
         if self._sealer is None:
@@ -192,8 +191,7 @@ class NvmeTier(ExtentTier):
             n = min(out.nbytes, room)
             out[:n] = memoryview(plain)[:n]
         finally:
-            view.release()
-            staging.close()
+            _let_go(view, staging)
 
     async def persist(self, written: Sequence[tuple[BlockRecord, Extent]]) -> None:
         """Make written blocks durable: flush the data, then commit their index entries. Concurrent
@@ -286,6 +284,16 @@ def _check_space(directory: str, data_path: str, capacity: int) -> None:
             f"nvme.capacity_bytes={format_bytes(capacity)} does not fit in nvme.dir={directory}: "
             f"{format_bytes(free)} free there, {format_bytes(need)} needed (lower --nvme-bytes or move --nvme-dir)"
         )
+
+
+def _let_go(view: memoryview, staging: mmap.mmap) -> None:
+    """Unmap a staging buffer now, or, while the I/O engine still holds views of it (a numpy
+    array of an alignment check, say), when the last of them goes."""
+    try:
+        view.release()
+        staging.close()
+    except BufferError:
+        pass
 
 
 def _label(extent: Extent) -> bytes:
