@@ -228,7 +228,7 @@ def _write_certs(directory: str, names: list[str]) -> None:
     print(f"  kvstore stats --tls-ca {ca.cert} --tls-cert {client.cert} --tls-key {client.key}")
 
 
-def _print_token(name: str, token_file: str | None) -> None:
+def _print_token(name: str, token_file: str | None, peer: bool = False) -> None:
     import secrets
 
     from kvstore.tenants import hash_token, valid_tenant_name
@@ -249,7 +249,7 @@ def _print_token(name: str, token_file: str | None) -> None:
     else:
         print(f"token for {name} (give it to its workers: KVClient(..., token=...); it is not stored): {token}",
               file=sys.stderr)
-    print(f'[[tenant]]\nname = "{name}"\ntoken_sha256 = ["{hash_token(token)}"]')
+    print(f'[[tenant]]\nname = "{name}"\ntoken_sha256 = ["{hash_token(token)}"]' + ("\npeer = true" if peer else ""))
 
 
 def format_stats(stats: Stats) -> list[str]:
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="another DNS name or IP the server certificate is valid for (repeatable)")
     tk = sub.add_parser("token", help="make a bearer token for a tenant and print it with its hash")
     tk.add_argument("--name", default="my-tenant", help="the tenant's name in the printed [[tenant]] table")
+    tk.add_argument("--peer", action="store_true", help="the tenant the daemons of a cluster call each other as")
     tk.add_argument("--token-file", metavar="PATH",
                     help="write the token alone to PATH (mode 0600, a new file) instead of printing it on stderr")
     b = sub.add_parser("bench", help="benchmark put/get/lookup against same-run baselines")
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "certs":
             _write_certs(args.directory, args.name)
         elif args.command == "token":
-            _print_token(args.name, args.token_file)
+            _print_token(args.name, args.token_file, args.peer)
         elif args.command == "stats":
             _print_stats(args)
         elif args.command == "bench":

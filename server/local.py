@@ -272,6 +272,10 @@ class Admission:
             return f"its credentials cannot be read ({exc.strerror})"
         if uid in self.uids or gid in self.gids or (self.gids and self.gids & _groups(pid)):
             return None
+        if self.gids and not self._others and (pid == 0 or not os.path.exists(f"/proc/{pid}")):
+            # A process of another PID namespace (a worker pod): its groups cannot be read here,
+            # but the socket (0660) and its directory (0710) admit only the group's members.
+            return None
         return (f"process {pid} runs as uid {uid} (gid {gid}), which local_socket_uids / local_socket_gids "
                 "do not admit: it uses the gRPC path")
 
