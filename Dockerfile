@@ -20,7 +20,8 @@ FROM base-${VARIANT}
 ENV PATH=/opt/kvstore/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    GRPC_VERBOSITY=ERROR
+    GRPC_VERBOSITY=ERROR \
+    XDG_CACHE_HOME=/var/cache/kvstore
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kvstore/ kvstore/
@@ -33,7 +34,8 @@ COPY integrations/ integrations/
 RUN python3 -m venv /opt/kvstore \
     && pip install --no-cache-dir "/src[${KVSTORE_EXTRAS}]" \
     && rm -rf /src \
-    && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin kvstore
+    && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin kvstore \
+    && install -d -o 10001 -g 10001 -m 0700 /var/cache/kvstore
 WORKDIR /
 USER 10001:10001
 EXPOSE 7070 7071

@@ -29,7 +29,7 @@ PROFILES = {
     "default": {},
     "dram-only": {"nvme": {"enabled": False}, "peers": {"enabled": False}, "sameHost": {"enabled": False}},
     "nvme-s3-peers": {
-        "nvme": {"sizeGi": 500, "writeThrough": True},
+        "nvme": {"enabled": True, "hostPath": "/mnt/nvme0/kvstore", "sizeGi": 500, "writeThrough": True},
         "s3": {"enabled": True, "bucket": "kv-cache", "endpointUrl": "http://minio.storage:9000",
                "credentialsSecret": "kv-s3", "sealSecret": {"name": "kv-seal", "key": "secret"}, "encrypt": True},
         "peers": {"transfer": "grpc"},
@@ -95,6 +95,8 @@ def test_the_daemonset_runs_on_gpu_nodes_one_node_at_a_time_with_probes_and_deri
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == 7070
     assert container["securityContext"]["readOnlyRootFilesystem"] and spec["securityContext"]["runAsNonRoot"]
+    assert spec["securityContext"]["fsGroup"] == 10001   # the daemon reads its Secrets' files
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in container["env"]   # no GPU of its own
     services = {s["metadata"]["name"]: s["spec"] for s in by_kind(docs, "Service")}
     assert services["kv-kvstore"]["internalTrafficPolicy"] == "Local"
     assert services["kv-kvstore-peers"]["clusterIP"] == "None"
@@ -116,6 +118,7 @@ def test_with_tls_the_probes_check_health_over_tls_and_prometheus_scrapes_https(
     assert "kv-kvstore-peers.inference.svc.cluster.local" in certificate["spec"]["dnsNames"]
     image = container["image"]
     assert image.endswith(":0.1.0-cuda")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1   # an HBM tier needs a GPU of its own
 
 
 @pytest.mark.parametrize("values, where", [
@@ -128,6 +131,10 @@ def test_with_tls_the_probes_check_health_over_tls_and_prometheus_scrapes_https(
     ({"s3": {"enabled": True}}, "/s3/bucket"),
     ({"s3": {"enabled": True, "bucket": "b", "encrypt": True}}, "sealSecret"),
     ({"nvme": {"hostPath": "relative/dir"}}, "/nvme/hostPath"),
+    ({"nvme": {"enabled": True}}, "/nvme/hostPath"),          # never the OS disk by default
+    ({"peers": {"transfer": "nixl"}}, "/image/variant"),      # NIXL only in the CUDA image
+    ({"hbm": {"sizeGi": 8}}, "/image/variant"),
+    ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "certManager"),
     ({"image": {"digest": "latest"}}, "/image/digest"),
     ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "interval"),
 ])
@@ -174,7 +181,8 @@ async def test_the_config_the_chart_renders_is_the_config_the_daemon_runs(tmp_pa
 
     port, metrics_port = free_ports(2)
     values = {**PROFILES["tls-tenants"], "port": port, "metrics": {"port": metrics_port},
-              "dram": {"sizeGi": 1}, "memoryOverheadGi": 1, "nvme": {"sizeGi": 1}, "peers": {"enabled": False},
+              "dram": {"sizeGi": 1}, "memoryOverheadGi": 1, "nvme": {"enabled": True, "hostPath": "/mnt/nvme", "sizeGi": 1},
+              "peers": {"enabled": False},
               "sameHost": {"enabled": True, "group": os.getegid() or 10001}}
     docs = render(values)
     toml = by_kind(docs, "ConfigMap")[0]["data"]["kvstore.toml"]

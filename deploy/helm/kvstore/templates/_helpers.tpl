@@ -45,9 +45,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* The pod's memory: the DRAM arena, plus the daemon's own, plus each same-host window. */}}
+{{/* The pod's memory: the DRAM arena, the daemon's own, and with tenants the same-host windows. */}}
 {{- define "kvstore.memory" -}}
-{{- printf "%dGi" (add .Values.dram.sizeGi .Values.memoryOverheadGi) -}}
+{{- $gi := add .Values.dram.sizeGi .Values.memoryOverheadGi -}}
+{{- if and .Values.tenants.enabled .Values.sameHost.enabled -}}{{- $gi = add $gi .Values.sameHost.windowBudgetGi -}}{{- end -}}
+{{- printf "%dGi" $gi -}}
 {{- end -}}
 
 {{- define "kvstore.tlsSecret" -}}
@@ -55,7 +57,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{- define "kvstore.peersHost" -}}
-{{ include "kvstore.fullname" . }}-peers.{{ .Release.Namespace }}.svc.cluster.local
+{{ include "kvstore.fullname" . }}-peers.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
 {{- end -}}
 
 {{/* The client flags of `kvstore health` with TLS on (the probes connect to 127.0.0.1). */}}
