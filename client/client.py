@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kvstore.errors import InvalidArgumentError, KVStoreError, StaleSessionError, UnavailableError
-from kvstore.proto.channel import ChannelTls, open_channel, wait_until_ready
+from kvstore.proto.channel import open_channel, wait_until_ready
 from kvstore.proto.status import error_from_rpc
 from kvstore.proto.v1 import kvstore_pb2 as pb
 from kvstore.proto.v1 import kvstore_pb2_grpc as pb_grpc
@@ -87,11 +87,7 @@ class KVClient:
     async def connect(self) -> None:
         """Open the channel, wait until the daemon answers, and pick the data path."""
         config = self.config
-        tls = None
-        if config.tls:
-            tls = ChannelTls.load(
-                ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key, server_name=config.tls_server_name
-            )
+        tls = config.channel_tls()
         channel = open_channel(self.target, tls, config.token)
         try:
             await wait_until_ready(channel, self.target, tls, config.connect_timeout_s)

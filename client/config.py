@@ -13,10 +13,14 @@ import enum
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstore.errors import ConfigError
 from kvstore.keys import MAX_NAMESPACE_BYTES, Namespace
 from kvstore.tenants import TOKEN
+
+if TYPE_CHECKING:
+    from kvstore.proto.channel import ChannelTls
 
 MiB = 1 << 20
 MAX_CHUNK_BYTES = 16 * MiB
@@ -95,7 +99,7 @@ class ClientConfig:
             "token must be printable ASCII without spaces (as kvstore token makes them)",
         )
         _check(isinstance(self.tls, bool), f"tls must be True or False, got {self.tls!r}")
-        for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+        for name in TLS_FIELDS:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, os.fspath(value))
@@ -103,6 +107,33 @@ class ClientConfig:
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together: give both or neither")
         if self.tls_ca or self.tls_cert or self.tls_server_name:
             object.__setattr__(self, "tls", True)
+
+    def channel_tls(self) -> ChannelTls | None:
+        """The TLS settings read from their files (a :class:`ConfigError` naming a bad one), or
+        None for a plaintext channel."""
+        if not self.tls:
+            return None
+        from kvstore.proto.channel import ChannelTls
+
+        return ChannelTls.load(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, server_name=self.tls_server_name)
+
+
+TLS_FIELDS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
+
+
+def security_options(source: object, *, token_setting: str, token_env: str | None = None) -> dict[str, str]:
+    """The :class:`ClientConfig` fields for TLS and the token from ``source``'s ``tls_*`` paths and
+    ``token_file`` (the CLI's flags, an engine connector's options): the token read from the file,
+    else from ``$token_env`` when given and set."""
+    options = {name: getattr(source, name) for name in TLS_FIELDS if getattr(source, name, "")}
+    token_file = getattr(source, "token_file", "")
+    if token_file:
+        from kvstore.proto.channel import read_token
+
+        options["token"] = read_token(token_file, token_setting)
+    elif token_env and os.environ.get(token_env):
+        options["token"] = os.environ[token_env].strip()
+    return options
 
 
 def _check(condition: bool, message: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,10 +25,9 @@ from typing import Any, TypeVar
 
 from kvstore.backoff import Backoff
 from kvstore.client.client import KVClient
-from kvstore.client.config import ClientConfig, LocalMode
+from kvstore.client.config import ClientConfig, LocalMode, security_options
 from kvstore.client.sync import SyncKVClient
 from kvstore.errors import ConfigError
-from kvstore.proto.channel import read_token
 
 log = logging.getLogger("kvstore.integrations")
 
@@ -82,13 +80,7 @@ class LinkConfig:
 
     def client_security(self) -> dict[str, str]:
         """The client's token and TLS settings (the token read from ``token_file`` or ``$KVSTORE_TOKEN``)."""
-        options = {name: getattr(self, name) for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
-                   if getattr(self, name)}
-        if self.token_file:
-            options["token"] = read_token(self.token_file, "token_file")
-        elif os.environ.get("KVSTORE_TOKEN"):
-            options["token"] = os.environ["KVSTORE_TOKEN"].strip()
-        return options
+        return security_options(self, token_setting="token_file", token_env="KVSTORE_TOKEN")
 
     @classmethod
     def split(cls, options: Mapping[str, Any], known: Mapping[str, Any], *, where: str) -> tuple[LinkConfig, dict]:

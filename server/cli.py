@@ -153,13 +153,9 @@ async def serve(config: ServerConfig, ready_file: str | None = None) -> None:
 def client_options(args: argparse.Namespace) -> dict[str, str]:
     """The client settings of ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-server-name``
     and ``--token-file`` (the token read from it)."""
-    names = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
-    options = {name: getattr(args, name) for name in names if getattr(args, name)}
-    if getattr(args, "token_file", None):
-        from kvstore.proto.channel import read_token
+    from kvstore.client.config import security_options
 
-        options["token"] = read_token(args.token_file, "--token-file")
-    return options
+    return security_options(args, token_setting="--token-file")
 
 
 def add_client_tls(parser: argparse.ArgumentParser) -> None:
@@ -191,14 +187,12 @@ async def _health(args: argparse.Namespace) -> int:
     """Probe the standard health service: 0 when SERVING, 1 (with a line) otherwise."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from kvstore.proto.channel import ChannelTls, open_channel, wait_until_ready
+    from kvstore.client.config import ClientConfig
+    from kvstore.proto.channel import open_channel, wait_until_ready
 
-    options = client_options(args)
-    tls = None
-    if any(k.startswith("tls_") for k in options):
-        tls = ChannelTls.load(ca=options.get("tls_ca", ""), cert=options.get("tls_cert", ""),
-                              key=options.get("tls_key", ""), server_name=options.get("tls_server_name", ""))
-    channel = open_channel(args.target, tls, options.get("token", ""))
+    config = ClientConfig(**client_options(args))
+    tls = config.channel_tls()
+    channel = open_channel(args.target, tls, config.token)
     try:
         await wait_until_ready(channel, args.target, tls, args.timeout)
         answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)

@@ -321,6 +321,8 @@ class Daemon:
     async def quota_fit(self, sizes: Sequence[int], namespace: bytes) -> int:
         """How many leading blocks of a put the owner's landing quota admits, once its own coldest
         blocks made room (all of them where no quota applies). A prefix is worth more than its tail."""
+        if self.mover.quotas is None:   # no coroutine per put where no tenant has a quota
+            return len(sizes)
         room = await self.mover.fit_quota(self.layout.landing, namespace, sum(sizes))
         if room is None:
             return len(sizes)
@@ -371,7 +373,7 @@ class Daemon:
         the index key (:func:`~kvstore.keys.scoped`)."""
         if self._present(key):
             return PutSlot(size, checksum_, None, present=True)
-        room = await self.mover.fit_quota(self.layout.landing, namespace, size)
+        room = await self.mover.fit_quota(self.layout.landing, namespace, size) if self.mover.quotas else None
         if room is not None and room < size:   # over its owner's quota, even after its own made room
             self.counters.put_dropped_blocks += 1
             return PutSlot(size, checksum_, None)

@@ -63,7 +63,6 @@ class LocalSocket:
         self.servicer = servicer
         self.path = path
         self.admitted = Admission(uids, gids)
-        self.refused = 0
         self.tenants = tenants          # sessions then present a ticket and get a window
         self.window_bytes = window_bytes
         self.sessions_per_tenant = sessions_per_tenant
@@ -183,7 +182,6 @@ class LocalSocket:
         return tenant
 
     def _refuse(self, conn: socket.socket, refusal: str) -> None:
-        self.refused += 1
         self.daemon.counters.local_refused += 1
         log.warning("refused a same-host client: %s", refusal)
         with contextlib.suppress(OSError):

@@ -140,7 +140,7 @@ class Mover:
         """Reserve a location for ``record`` in ``level``, evicting its coldest copies as needed
         (first its owner's own, when the owner has a quota there)."""
         tier = self.tiers[level]
-        room = await self.fit_quota(level, record.namespace, record.size)
+        room = await self.fit_quota(level, record.namespace, record.size) if self.quotas is not None else None
         if room is not None and room < record.size:
             return None
         if not self.layout.levels[level].capabilities.bounded:

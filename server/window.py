@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import mmap
+import os
 import time
 from collections.abc import Sequence
 
@@ -44,15 +45,22 @@ class Window:
         self.view = memoryview(self.mapping)
         self.room = ExtentAllocator(size, 4096)
 
-    def take(self, sizes: Sequence[int]) -> list[Extent] | None:
-        """Room for every size, or None (and nothing taken) when it does not all fit."""
+    def take_leading(self, sizes: Sequence[int]) -> list[Extent]:
+        """Room for the leading sizes that fit, in order."""
         taken = []
         for size in sizes:
             extent = self.room.allocate(size)
             if extent is None:
-                self.give(taken)
-                return None
+                break
             taken.append(extent)
+        return taken
+
+    def take(self, sizes: Sequence[int]) -> list[Extent] | None:
+        """Room for every size, or None (and nothing taken) when it does not all fit."""
+        taken = self.take_leading(sizes)
+        if len(taken) < len(sizes):
+            self.give(taken)
+            return None
         return taken
 
     def give(self, extents: Sequence[Extent]) -> None:
@@ -60,8 +68,6 @@ class Window:
             self.room.free(extent)
 
     def close(self) -> None:
-        import os
-
         self.view.release()
         self.mapping.close()
         if self.fd >= 0:
@@ -147,12 +153,8 @@ class WindowedCalls:
             return pb.AcquireResponse()
         copies = lease.records
         try:
-            room: list[Extent] = []
-            for copy in copies:   # as many as fit; the rest is asked for again (partial)
-                extent = self.window.room.allocate(copy.record.size)
-                if extent is None:
-                    break
-                room.append(extent)
+            # As many as fit; the rest is asked for again (partial).
+            room = self.window.take_leading([copy.record.size for copy in copies])
             if not room and copies[0].record.size > self.window.size:
                 return pb.AcquireResponse()   # a block larger than any window: a miss on this path
             if not room:

@@ -153,7 +153,7 @@ async def _serve_two_users(path, admitted, stranger) -> None:
         ok, refused = await asyncio.gather(asyncio.to_thread(hello_as, admitted), asyncio.to_thread(hello_as, stranger))
         assert ok == {"fds": 1, "error": None}
         assert refused["fds"] == 0 and f"uid {stranger.pw_uid}" in refused["error"]
-        assert server._local.refused == 1
+        assert server.daemon.counters.local_refused == 1
 
 
 async def test_a_get_that_repeats_a_key_is_refused(server):
