@@ -330,15 +330,9 @@ class Mover:
         read = await asyncio.gather(*(self._source_bytes(*pairs[i], to) for i in reads), return_exceptions=True)
         for i, data in zip(reads, read):
             sources[i] = data
-        ready = [(loc, data) for (_, loc), data in zip(pairs, sources) if not isinstance(data, BaseException)]
-        wrote = iter(await self.tiers[to].write_many(ready))
-        copied = [data if isinstance(data, BaseException) else next(wrote) for data in sources]
-        written = [(c.record, loc) for (c, loc), outcome in zip(pairs, copied) if outcome is None]
-        try:
-            await self.tiers[to].persist(written)
-        except Exception as exc:  # nothing of the batch is indexed: all of it failed
-            return [outcome if outcome is not None else exc for outcome in copied]
-        return copied
+        ready = [(c.record, loc, data) for (c, loc), data in zip(pairs, sources) if not isinstance(data, BaseException)]
+        wrote = iter(await self.tiers[to].write_persisted(ready))
+        return [data if isinstance(data, BaseException) else next(wrote) for data in sources]
 
     def _abandon(self, io: asyncio.Task, pairs: Sequence[tuple[Copy, Location]], to: int) -> None:
         persisted = []

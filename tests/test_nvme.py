@@ -143,11 +143,12 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged_as_persisted(tmp_pat
                 assert got == [] or bytes(got[0]) == block
 
 
-async def test_an_nvme_directory_written_by_version_0_1_is_read_as_it_is(tmp_path):
+async def test_an_nvme_directory_written_by_version_0_1_is_served_and_its_index_converted(tmp_path):
     """The on-disk format, built here byte by byte as 0.1 wrote it (no tier code): ``blocks.dat``
     with blocks at 4 KiB-aligned offsets, and an LMDB ``index/`` mapping each index key
     (namespace tag + block key) to ``<QQQQd`` (offset, length, size, XXH3-64, last use) followed
-    by the namespace. This version serves those blocks without rewriting anything."""
+    by the namespace. This version serves those blocks; it converts the index to format 2 (keyed
+    by offset) once and leaves the data file as it is."""
     import struct
 
     import lmdb
@@ -172,11 +173,125 @@ async def test_an_nvme_directory_written_by_version_0_1_is_read_as_it_is(tmp_pat
             txn.put(key, struct.pack("<QQQQd", offset, length, len(block), checksum(block), 1000.0 + i) + namespace)
     env.close()
 
-    async with KVStoreServer(tiered(tmp_path)) as srv:
-        async with KVClient(f"127.0.0.1:{srv.port}", namespace=NS) as kv:
-            hit = await kv.lookup(keys)
-            assert hit.count == 3 and set(hit.tiers) == {TierKind.NVME}
-            assert [bytes(b) for b in await kv.get(keys)] == blocks
+    data_before = (directory / DATA_FILE).read_bytes()
+    for _ in range(2):   # converted at the first start, read as format 2 at the second
+        async with KVStoreServer(tiered(tmp_path)) as srv:
+            async with KVClient(f"127.0.0.1:{srv.port}", namespace=NS) as kv:
+                hit = await kv.lookup(keys)
+                assert hit.count == 3 and set(hit.tiers) == {TierKind.NVME}
+                assert [bytes(b) for b in await kv.get(keys)] == blocks
+    assert (directory / DATA_FILE).read_bytes()[: 3 * 40_960] == data_before[: 3 * 40_960]
+    env = lmdb.open(str(directory / INDEX_DIR), map_size=1 << 30, subdir=True, readonly=True)
+    with env.begin() as txn:
+        stored = dict(txn.cursor().iternext())
+    env.close()
+    assert stored.pop(b"\xff" * 8 + b"kvstore-format") == b"2"
+    assert sorted(stored) == [struct.pack(">Q", i * 40_960) for i in range(3)]
+
+
+def test_an_index_of_a_later_format_is_refused_naming_the_directory(tmp_path):
+    import lmdb
+
+    from kvstore import ConfigError
+    from kvstore.tiers import create_tier
+
+    (tmp_path / "nvme" / INDEX_DIR).mkdir(parents=True)
+    env = lmdb.open(str(tmp_path / "nvme" / INDEX_DIR), map_size=1 << 20, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"\xff" * 8 + b"kvstore-format", b"3")
+    env.close()
+    with pytest.raises(ConfigError, match=r"nvme\.dir=.*index is in format 3"):
+        create_tier("nvme", NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=MiB))
+
+
+def _nvme_tier(tmp_path, capacity: int = 64 * MiB):
+    from kvstore.tiers import create_tier
+
+    return create_tier("nvme", NvmeConfig(dir=str(tmp_path / "nvme"), capacity_bytes=capacity, direct_io=False))
+
+
+def _records(n: int, size: int = 4096):
+    from kvstore.block import BlockRecord
+    from kvstore.checksum import checksum
+
+    data = [os.urandom(size) for _ in range(n)]
+    return [BlockRecord(key=os.urandom(16), size=size, checksum=checksum(d), namespace=b"ns") for d in data], data
+
+
+async def test_blocks_whose_write_fails_lose_the_index_entry_committed_beside_the_write(tmp_path):
+    """write_persisted commits the index while the data is written: the blocks whose write failed
+    are forgotten again before the call returns, so a restart finds only blocks that were written."""
+    import errno
+
+    tier = _nvme_tier(tmp_path)
+    records, data = _records(8)
+    extents = [tier.reserve(r) for r in records]
+    failing = {extents[2].offset, extents[5].offset}
+    real = tier._io.write_many
+
+    async def disk_error_at_two_offsets(items):
+        good = [(at, view) for at, view in items if at not in failing]
+        outcomes = iter(await real(good))
+        return [OSError(errno.EIO, "injected") if at in failing else next(outcomes) for at, _ in items]
+
+    tier._io.write_many = disk_error_at_two_offsets
+    outcomes = await tier.write_persisted([(r, e, memoryview(d)) for r, e, d in zip(records, extents, data)])
+    assert [o is None for o in outcomes] == [True, True, False, True, True, False, True, True]
+    await tier.close()
+    again = _nvme_tier(tmp_path)
+    try:
+        found = {b.key: b.location.offset for b in again.recover()}
+        assert found == {r.key: e.offset for i, (r, e) in enumerate(zip(records, extents)) if i not in (2, 5)}
+    finally:
+        await again.close()
+
+
+async def test_a_failed_write_whose_entry_cannot_be_forgotten_keeps_its_extent_until_restart(tmp_path):
+    import errno
+
+    tier = _nvme_tier(tmp_path)
+    records, data = _records(2)
+    extents = [tier.reserve(r) for r in records]
+    real = tier._io.write_many
+
+    async def second_fails(items):
+        outcomes = await real(items[:1])
+        return [*outcomes, OSError(errno.EIO, "injected")]
+
+    async def index_unwritable(entries):
+        raise OSError(errno.EIO, "injected")
+
+    tier._io.write_many, tier._index.delete = second_fails, index_unwritable
+    outcomes = await tier.write_persisted([(r, e, memoryview(d)) for r, e, d in zip(records, extents, data)])
+    assert outcomes[0] is None and isinstance(outcomes[1], OSError)
+    used = tier.used_bytes
+    tier.release(extents[1])        # the mover gives it back; an entry still names it: kept
+    assert tier.used_bytes == used
+    assert tier.reserve(records[1]).offset != extents[1].offset
+    await tier.close()
+
+
+async def test_two_entries_for_one_block_after_a_crash_keep_the_newer(tmp_path):
+    """A crash between a block's new entry and the forgetting of its older one leaves both: the
+    restart keeps the newer (by last use) and deletes the other."""
+    from kvstore.tiers.nvme_index import IndexEntry, NvmeIndex
+
+    tier = _nvme_tier(tmp_path)
+    records, data = _records(2)
+    older, newer = [tier.reserve(r) for r in records]
+    key = records[0].key
+    await tier.close()
+    index = NvmeIndex(str(tmp_path / "nvme" / INDEX_DIR), 1 << 20)
+    index._put([IndexEntry(key, older.offset, older.length, 4096, 1, 100.0, b"ns"),
+                IndexEntry(key, newer.offset, newer.length, 4096, 2, 200.0, b"ns")])
+    index.close()
+    for _ in range(2):   # the second restart finds the older entry gone
+        tier = _nvme_tier(tmp_path)
+        try:
+            found = list(tier.recover())
+            assert [(b.key, b.checksum, b.location.offset) for b in found] == [(key, 2, newer.offset)]
+        finally:
+            await tier.close()
 
 
 def test_asking_for_kvikio_where_it_is_not_installed_is_a_config_error(tmp_path):

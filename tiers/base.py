@@ -152,6 +152,20 @@ class Tier(ABC):
         """Make written blocks durable and findable after a restart; done when this returns.
         (Tiers without an index of their own have nothing to do.)"""
 
+    async def write_persisted(
+        self, items: Sequence[tuple[BlockRecord, Location, memoryview]]
+    ) -> list[BaseException | None]:
+        """:meth:`write_many` of each block's ``data`` into its location, then :meth:`persist` of
+        those written: the outcome of each (None: written and durable). A persistent tier may do
+        both at once (the NVMe tier commits its index while the data is written)."""
+        outcomes = await self.write_many([(location, data) for _, location, data in items])
+        written = [(record, location) for (record, location, _), outcome in zip(items, outcomes) if outcome is None]
+        try:
+            await self.persist(written)
+        except Exception as exc:  # nothing of the batch is indexed: all of it failed
+            return [outcome if outcome is not None else exc for outcome in outcomes]
+        return outcomes
+
     async def forget(self, dropped: Sequence[tuple[bytes, Location]]) -> None:
         """Durably drop the index entries of ``(key, location)`` before the locations are reused.
         An entry is dropped only if it still names that location."""

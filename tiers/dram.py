@@ -8,6 +8,7 @@ the daemon hands to same-host clients so they map the same pages.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import gc
 import logging
@@ -24,6 +25,21 @@ from kvstore.tiers.base import MemoryTier, address_of
 log = logging.getLogger("kvstore.tiers.dram")
 
 POPULATE_CHUNK_BYTES = 64 << 20
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+
+
+def _libc_madvise():
+    """libc's ``madvise``, called without the GIL (ctypes releases it); None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
 
 
 def map_shared_memory(size: int, flags: int) -> tuple[mmap.mmap, int]:
@@ -103,16 +119,26 @@ class DramTier(MemoryTier):
         that attach map it populated too."""
         if self.prefaulted or not self.config.populate:
             return
-        advice = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
         size = self._allocator.capacity_bytes
         try:
             for start in range(0, size, POPULATE_CHUNK_BYTES):
-                self._mmap.madvise(advice, start, min(POPULATE_CHUNK_BYTES, size - start))
+                self._populate(start, min(POPULATE_CHUNK_BYTES, size - start))
         except (OSError, ValueError) as exc:
             log.info("the DRAM arena is not populated ahead of use (%s): first writes fault pages in", exc)
             return
         self.prefaulted = True
         log.info("DRAM arena populated (%s)", format_bytes(size))
+
+    def _populate(self, start: int, length: int) -> None:
+        """``MADV_POPULATE_WRITE`` of a range, through libc where it can be called: Python's
+        ``mmap.madvise`` holds the GIL for the whole call, which would stall the daemon's event
+        loop for every chunk (the first put into a fresh daemon waited 0.4-1 s for 1 GiB)."""
+        if _madvise is None:
+            self._mmap.madvise(_MADV_POPULATE_WRITE, start, length)
+            return
+        if _madvise(ctypes.c_void_p(self.base_address + start), ctypes.c_size_t(length), _MADV_POPULATE_WRITE):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
     @property
     def description(self) -> str:

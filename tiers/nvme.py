@@ -76,7 +76,10 @@ class NvmeTier(ExtentTier):
             self._close_partial()
             raise
         self.directory = directory
-        self._commits = GroupCommit(self._commit)
+        self._commits = GroupCommit(self._commit)          # flush, then index (persist)
+        self._indexing = GroupCommit(self._index.put)      # index entries alone (write_persisted)
+        self._flushes = GroupCommit(lambda _: self._io.sync())   # data flushes alone
+        self._pinned: set[int] = set()   # extents an index entry names that could not be forgotten
         self._recovered = self._recover()
 
     @classmethod
@@ -99,7 +102,7 @@ class NvmeTier(ExtentTier):
         """Entries of a previous run whose extents fit this tier; their extents are re-reserved.
         One bulk read of the index and array checks; an entry is dropped when its extent is
         misaligned, outside the file, or overlaps one kept before it (by offset)."""
-        found = self._index.scan()
+        found = self._one_per_key(self._index.scan())
         order = np.argsort(found.offsets)
         offsets, lengths = found.offsets[order], found.lengths[order]
         align, capacity = self._allocator.alignment_bytes, self._allocator.capacity_bytes
@@ -119,6 +122,20 @@ class NvmeTier(ExtentTier):
         kept = found.subset(np.array(keep, dtype=np.int64))
         self._allocator.rebuild_sorted(kept.offsets, kept.lengths)
         return kept
+
+    def _one_per_key(self, found: StoredBlocks) -> StoredBlocks:
+        """Entries with one key each: a crash between a block's new entry and the forgetting of an
+        older one can leave two (the newer, by last use, is kept; the others are deleted)."""
+        if len(set(found.keys)) == len(found):
+            return found
+        latest: dict[bytes, int] = {}
+        for i in np.argsort(found.last_use, kind="stable").tolist():
+            latest[found.keys[i]] = i
+        keep = np.array(sorted(latest.values()), dtype=np.int64)
+        dropped = np.setdiff1d(np.arange(len(found)), keep)
+        log.warning("%d index entries named a block another entry names too: the older were dropped", len(dropped))
+        self._index._delete([(found.keys[i], int(found.offsets[i])) for i in dropped.tolist()])
+        return found.subset(keep)
 
     # With nvme.encrypt an extent holds a sealed frame (secret id, nonce, ciphertext, tag) bound
     # to its offset and length: blocks are written and read whole, through a buffer.
@@ -203,6 +220,47 @@ class NvmeTier(ExtentTier):
         await self._commits.add([
             IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written
         ])
+
+    async def write_persisted(
+        self, items: Sequence[tuple[BlockRecord, Extent, memoryview]]
+    ) -> list[BaseException | None]:
+        """Write, flush and index blocks, the index commit running while the data is written
+        (concurrent calls share one flush and one index transaction). An entry may thus be durable
+        before its bytes: safe, because every read from this tier is verified (a block whose bytes
+        did not reach the disk before a crash is a miss, and dropped), and a block whose write or
+        flush failed has its entry forgotten before its extent is reused (where even that fails,
+        the extent stays reserved until a restart)."""
+        if not items:
+            return []
+        now = time.time()
+        indexing = asyncio.ensure_future(self._indexing.add([
+            IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e, _ in items
+        ]))
+        try:
+            outcomes = await self.write_many([(extent, data) for _, extent, data in items])
+            if any(outcome is None for outcome in outcomes):
+                try:
+                    await self._flushes.add([None])
+                except Exception as exc:
+                    outcomes = [exc if outcome is None else outcome for outcome in outcomes]
+        finally:
+            indexed = (await asyncio.gather(indexing, return_exceptions=True))[0]
+        if isinstance(indexed, BaseException):   # nothing of the batch is indexed: all of it failed
+            return [outcome if outcome is not None else indexed for outcome in outcomes]
+        failed = [(record.key, extent) for (record, extent, _), outcome in zip(items, outcomes) if outcome is not None]
+        if failed:
+            try:
+                await self.forget(failed)
+            except Exception as exc:
+                log.error("cannot forget %d index entries of blocks not written (%s): their space is kept until restart",
+                          len(failed), exc)
+                self._pinned.update(extent.offset for _, extent in failed)
+        return outcomes
+
+    def release(self, location: Extent) -> None:
+        if location.offset in self._pinned:
+            return   # an index entry still names it: reused, a restart would find two blocks there
+        super().release(location)
 
     async def _commit(self, entries: list[IndexEntry]) -> None:
         await self._io.sync()
