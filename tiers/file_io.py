@@ -15,6 +15,7 @@ blocking calls in a bounded pool of threads of their own, so the event loop neve
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import mmap
 import os
@@ -37,7 +38,11 @@ def _aligned(view: memoryview, offset: int) -> bool:
     """O_DIRECT wants the file offset, the length and the memory address all 4 KiB aligned."""
     if offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN:
         return False
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0
+    try:   # writable buffers (the arena's views): a sixth of numpy's cost, once per block
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except TypeError:
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    return address % DIRECT_ALIGN == 0
 
 
 class PosixFileIO:
