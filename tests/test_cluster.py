@@ -191,6 +191,48 @@ async def test_a_block_whose_peer_copy_is_corrupt_is_a_miss_never_wrong_bytes():
 
 
 @needs_nixl
+async def test_a_nixl_transfer_leaves_the_event_loop_running():
+    """UCX over TCP does a whole transfer inside NIXL's transfer() call: run on the event loop,
+    it stopped the daemon for as long (the loop did not tick once in 48 ms for 64 MiB)."""
+    import mmap
+    import time
+
+    from kvstore.tiers.base import address_of
+    from kvstore.tiers.peer_nixl import NixlAgent
+
+    n, parts = 64 * MiB, 32
+    maps = [mmap.mmap(-1, n), mmap.mmap(-1, n)]
+    source, target = (memoryview(m) for m in maps)
+    source[:] = os.urandom(n)
+    home, reader = NixlAgent("home", address_of(source), n), NixlAgent("reader", address_of(target), n)
+    try:
+        name = reader.add(home.metadata)
+        home.add(reader.metadata)
+        ticks, moving = 0, True
+
+        async def tick() -> None:
+            nonlocal ticks
+            while moving:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        step = n // parts
+        start = time.perf_counter()
+        await reader.move("READ", [(reader.base + i * step, step) for i in range(parts)],
+                          [(home.base + i * step, step) for i in range(parts)], name, time.monotonic() + 30)
+        took = time.perf_counter() - start
+        moving = False
+        await ticker
+        assert target == source
+        assert ticks >= min(5, took * 1000 / 4), f"the loop ticked {ticks} times in a {took * 1e3:.0f} ms transfer"
+    finally:
+        home.close()
+        reader.close()
+        del source, target
+
+
+@needs_nixl
 async def test_auto_takes_the_grpc_stream_to_a_peer_without_nixl():
     async with cluster(n=2, transfers=["auto", "grpc"]) as servers:
         keys = chain(40, seed=6)

@@ -13,16 +13,19 @@ the same-host protocol's, over gRPC, and only the bytes take NIXL:
   into it, and ``Commit``\\ s with the checksums, which the home verifies before anything is visible.
 
 Bytes go arena to arena only: a buffer outside this daemon's arena is refused (the caller then
-uses the gRPC stream). Completion is polled from the event loop (NIXL's progress thread moves the
-bytes), under the caller's deadline.
+uses the gRPC stream). Transfers run in a thread of the agent's own, never on the event loop
+(UCX over TCP moves a whole transfer inside the call that starts it), under the caller's deadline;
+a batched fetch moves in parts, each handed on as it lands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +86,11 @@ def make_agent(api, name: str, backends: Sequence[str], progress_delay_us: int =
         api.nixlBind = real
 
 
+FETCH_PART_BLOCKS = 8
+"""Blocks per part of a batched fetch's READ: the parts run one after another in the agent's
+thread, and each part's blocks are handed on (verified, copied out) while the next is moving."""
+
+
 @dataclass(slots=True)
 class _Remote:
     agent: str
@@ -92,7 +100,13 @@ class _Remote:
 
 
 class NixlAgent:
-    """This daemon's NIXL agent, with its arena registered."""
+    """This daemon's NIXL agent, with its arena registered.
+
+    Transfers run in a thread of the agent's own: UCX over TCP does a whole transfer inside
+    NIXL's ``transfer()`` call (128 MiB: about 40 ms here), which on the event loop would stop the
+    daemon for that long. One thread runs every transfer, in order; a lock keeps the loop's rare
+    calls (adding a peer's metadata) from running beside one.
+    """
 
     def __init__(self, me: str, base: int, size: int) -> None:
         api = nixl_module()
@@ -104,21 +118,22 @@ class NixlAgent:
             raise UnavailableError("NIXL has no UCX backend here")
         self.base, self.size = base, size
         self._registered = self.agent.register_memory([(base, size, 0, "")], "DRAM")
+        self.metadata: bytes = self.agent.get_agent_metadata()
         self.known: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-nixl")
 
     def close(self) -> None:
-        """Deregister the arena (before it is unmapped) and let the agent go."""
+        """Wait for transfers in flight, deregister the arena (before it is unmapped), let the agent go."""
+        self._thread.shutdown(wait=True)
         if self._registered is not None:
             self.agent.deregister_memory(self._registered)
             self._registered = None
         self.agent = None
 
-    @property
-    def metadata(self) -> bytes:
-        return self.agent.get_agent_metadata()
-
     def add(self, metadata: bytes) -> str:
-        name = self.agent.add_remote_agent(metadata)
+        with self._lock:
+            name = self.agent.add_remote_agent(metadata)
         name = name.decode() if isinstance(name, bytes) else name
         self.known.add(name)
         return name
@@ -131,21 +146,45 @@ class NixlAgent:
     async def move(self, op: str, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]],
                    agent: str, deadline: float) -> None:
         """READ (or WRITE) each remote (address, length) into (or from) the local one."""
-        descs = lambda pairs: self.agent.get_xfer_descs([(a, n, 0) for a, n in pairs], "DRAM")  # noqa: E731
-        handle = self.agent.initialize_xfer(op, descs(local), descs(remote), agent)
+        await self.wait(self.post(op, local, remote, agent, deadline))
+
+    def post(self, op: str, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]],
+             agent: str, deadline: float, give_up: threading.Event | None = None) -> asyncio.Future:
+        """Queue a transfer in the agent's thread (see :meth:`move`); :meth:`wait` for it. Once
+        ``give_up`` is set, it fails without moving anything if it has not begun."""
+        return asyncio.get_running_loop().run_in_executor(
+            self._thread, self._move, op, local, remote, agent, deadline, give_up
+        )
+
+    @staticmethod
+    async def wait(job: asyncio.Future) -> None:
+        """The transfer's outcome. A caller cancelled meanwhile still waits for it: until it is over,
+        NIXL may be moving bytes into or out of the caller's memory."""
         try:
-            state = self.agent.transfer(handle)
-            pause = 20e-6
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise UnavailableError(f"a NIXL {op} did not finish within its deadline")
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1e-3)
-                state = self.agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise UnavailableError(f"a NIXL {op} failed")
-        finally:
-            self.agent.release_xfer_handle(handle)
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait([job])
+            raise
+
+    def _move(self, op: str, local, remote, agent: str, deadline: float, give_up: threading.Event | None) -> None:
+        if give_up is not None and give_up.is_set():
+            raise UnavailableError(f"a NIXL {op} was given up before it began")
+        with self._lock:
+            descs = lambda pairs: self.agent.get_xfer_descs([(a, n, 0) for a, n in pairs], "DRAM")  # noqa: E731
+            handle = self.agent.initialize_xfer(op, descs(local), descs(remote), agent)
+            try:
+                state = self.agent.transfer(handle)
+                pause = 20e-6
+                while state == "PROC":
+                    if time.monotonic() > deadline:
+                        raise UnavailableError(f"a NIXL {op} did not finish within its deadline")
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1e-3)
+                    state = self.agent.check_xfer_state(handle)
+                if state != "DONE":
+                    raise UnavailableError(f"a NIXL {op} failed")
+            finally:
+                self.agent.release_xfer_handle(handle)
 
 
 class NixlPeers:
@@ -223,13 +262,9 @@ class NixlPeers:
     async def _flush(self, peer: str, namespace: bytes, timeout_s: float) -> None:
         batch = self._pending.pop((peer, namespace), [])
         try:
-            done = await self._fetch_many(peer, namespace, batch, timeout_s)
-            for i, (key, _, _, future) in enumerate(batch):
-                if future.done():
-                    continue
-                if i < done:
-                    future.set_result(batch[i][2])
-                else:
+            await self._fetch_many(peer, namespace, batch, timeout_s)
+            for key, _, _, future in batch:
+                if not future.done():
                     future.set_exception(UnavailableError(f"the peer no longer holds block {key[:8].hex()}"))
         except BaseException as exc:
             for _, _, _, future in batch:
@@ -240,34 +275,51 @@ class NixlPeers:
         finally:
             self._flushing.discard(asyncio.current_task())
 
-    async def _fetch_many(self, peer: str, namespace: bytes, batch, timeout_s: float) -> int:
-        """Lease the batch's leading blocks at ``peer``, READ them in one transfer, release: how
-        many of the batch (in order) arrived."""
+    async def _fetch_many(self, peer: str, namespace: bytes, batch, timeout_s: float) -> None:
+        """Lease the batch's leading blocks at ``peer``, READ them, release the lease; each block's
+        future gets its result as soon as its part of the transfer is done (parts of
+        :data:`FETCH_PART_BLOCKS`, one after another in the agent's thread)."""
         deadline = time.monotonic() + timeout_s
         keys = [key for key, _, _, _ in batch]
         remote, lease = await self._leased(peer, lambda stub, remote: stub.Acquire(
             pb.AcquireRequest(session=remote.session, keys=keys, namespace=namespace), timeout=timeout_s
         ), timeout_s)
         if lease.count == 0:
-            return 0
+            return
         try:
             count = lease.count
             for i in range(count):
                 if lease.sizes[i] != batch[i][2] or lease.offsets[i] + batch[i][2] > remote.size:
                     count = i   # a block of another size under this key: not this one
                     break
-            if count:
-                await self.agent.move(
-                    "READ", [(at, n) for _, at, n, _ in batch[:count]],
-                    [(remote.base + lease.offsets[i], batch[i][2]) for i in range(count)], remote.agent, deadline,
-                )
-            return count
-        finally:
+            parts = [range(at, min(at + FETCH_PART_BLOCKS, count)) for at in range(0, count, FETCH_PART_BLOCKS)]
+            give_up = threading.Event()
+            jobs = [
+                self.agent.post("READ", [batch[i][1:3] for i in part],
+                                [(remote.base + lease.offsets[i], batch[i][2]) for i in part], remote.agent, deadline,
+                                give_up)
+                for part in parts
+            ]
             try:
-                await self.grpc.stub(peer).Release(pb.ReleaseRequest(session=remote.session, leases=[lease.lease]),
-                                                   timeout=timeout_s)
-            except grpc.aio.AioRpcError:
-                pass   # the lease expires on its own
+                for part, job in zip(parts, jobs):
+                    await self.agent.wait(job)
+                    for i in part:
+                        if not batch[i][3].done():
+                            batch[i][3].set_result(batch[i][2])
+            finally:   # the lease stays until no part is still moving
+                give_up.set()   # parts not begun (after a failure) do not begin; the moving one ends
+                if jobs:
+                    await asyncio.wait(jobs)
+        finally:   # no one waits for the release: the lease expires on its own if it is lost
+            task = asyncio.ensure_future(self._release(peer, remote.session, lease.lease, timeout_s))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _release(self, peer: str, session: str, lease: int, timeout_s: float) -> None:
+        try:
+            await self.grpc.stub(peer).Release(pb.ReleaseRequest(session=session, leases=[lease]), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            pass
 
     async def send(
         self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float
