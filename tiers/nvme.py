@@ -4,13 +4,15 @@ persistent LMDB index beside it.
 Layout of ``nvme.dir``::
 
     blocks.dat   the data file, ``capacity_bytes`` long, preallocated; extents 4 KiB aligned
-    index/       LMDB: key -> (offset, length, size, checksum, last use)
+    index/       LMDB: extent offset -> (length, size, checksum, last use, key, namespace)
 
-Durability protocol: a block's bytes are written and flushed (``fdatasync``) before its index
-entry is committed (a synchronous LMDB transaction), and an entry is deleted before its extent
-can be reused. After a crash the index never names bytes that did not reach the disk; a restart
-rebuilds the allocator and the daemon's index from LMDB alone. Every read is verified against
-the stored checksum by the daemon, so bytes that rotted on disk become misses.
+Durability protocol: a write-through or demotion batch writes and flushes (``fdatasync``) the
+blocks' bytes while their index entries are committed (a synchronous LMDB transaction); the
+caller hears of a block once both are done. An entry is deleted before its extent can be reused,
+and the entry of a block whose write failed is deleted before its extent is given back. After a
+crash an entry may name bytes that did not reach the disk: every read is verified against the
+stored checksum, so such a block (like one whose bytes rotted on disk) is a miss, never wrong
+data. A restart rebuilds the allocator and the daemon's index from LMDB alone.
 """
 
 from __future__ import annotations
