@@ -484,7 +484,7 @@ class Daemon:
             await self.shared.delete(shared_keys, scoped(shared_keys, namespace), namespace)
         return deleted
 
-    def peer_hello(self, agent: str, metadata: bytes) -> tuple[str, bytes, int, int] | None:
+    async def peer_hello(self, agent: str, metadata: bytes) -> tuple[str, bytes, int, int] | None:
         """A peer daemon's NIXL hello, answered by the tier that moves bytes between daemons."""
         for level in self.shared.levels if self.shared is not None else ():
             hello = getattr(level.tier, "hello", None)
@@ -492,7 +492,7 @@ class Daemon:
                 if not agent or not metadata:
                     raise InvalidArgumentError("a peer hello names its agent and sends its metadata")
                 try:
-                    return hello(agent, metadata)
+                    return await hello(agent, metadata)
                 except Exception as exc:   # metadata NIXL cannot read: that peer uses the gRPC stream
                     log.warning("a peer's NIXL hello was refused (%s)", exc)
                     return None

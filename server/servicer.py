@@ -278,8 +278,8 @@ class KVStoreServicer:
             )
         )
 
-    def peer_hello(self, request: pb.PeerHelloRequest) -> pb.PeerHelloResponse:
-        answer = self.daemon.peer_hello(request.agent, request.metadata)
+    async def peer_hello(self, request: pb.PeerHelloRequest) -> pb.PeerHelloResponse:
+        answer = await self.daemon.peer_hello(request.agent, request.metadata)
         if answer is None:   # no NIXL here: an empty answer, and the peer uses the gRPC stream
             return pb.PeerHelloResponse()
         agent, metadata, address, size = answer

@@ -206,8 +206,8 @@ async def test_a_nixl_transfer_leaves_the_event_loop_running():
     source[:] = os.urandom(n)
     home, reader = NixlAgent("home", address_of(source), n), NixlAgent("reader", address_of(target), n)
     try:
-        name = reader.add(home.metadata)
-        home.add(reader.metadata)
+        name = await reader.add(home.metadata)
+        await home.add(reader.metadata)
         ticks, moving = 0, True
 
         async def tick() -> None:

@@ -189,6 +189,31 @@ async def test_an_nvme_directory_written_by_version_0_1_is_served_and_its_index_
     assert sorted(stored) == [struct.pack(">Q", i * 40_960) for i in range(3)]
 
 
+def test_converting_an_old_index_makes_room_for_both_formats_while_it_runs(tmp_path):
+    """The conversion holds the old entries and the new ones in one transaction: an index whose
+    map has room for the old entries alone still converts."""
+    import struct
+
+    import lmdb
+
+    path = tmp_path / "index"
+    env = lmdb.open(str(path), map_size=64 << 20, subdir=True)
+    keys = [os.urandom(40) for _ in range(20_000)]
+    with env.begin(write=True) as txn:
+        for i, key in enumerate(keys):
+            txn.put(key, struct.pack("<QQQQd", i * 4096, 4096, 4000, i, 1000.0 + i) + b"ns")
+    env.close()
+    tight = (path / "data.mdb").stat().st_size + (64 << 10)
+    index = NvmeIndex(str(path), tight)
+    try:
+        found = index.scan()
+        assert found.keys == keys   # by offset, which is the order they were put in
+        assert found.offsets.tolist() == [i * 4096 for i in range(20_000)]
+        assert found.sizes.tolist() == [4000] * 20_000 and found.namespaces == [b"ns"]
+    finally:
+        index.close()
+
+
 def test_an_index_of_a_later_format_is_refused_naming_the_directory(tmp_path):
     import lmdb
 
@@ -271,27 +296,56 @@ async def test_a_failed_write_whose_entry_cannot_be_forgotten_keeps_its_extent_u
     await tier.close()
 
 
-async def test_two_entries_for_one_block_after_a_crash_keep_the_newer(tmp_path):
+@pytest.mark.parametrize("newer_reached_the_disk", [True, False])
+async def test_two_entries_for_one_block_after_a_crash_keep_the_newest_that_verifies(tmp_path, newer_reached_the_disk):
     """A crash between a block's new entry and the forgetting of its older one leaves both: the
-    restart keeps the newer (by last use) and deletes the other."""
+    restart keeps the newest whose bytes verify (the newer entry's bytes may never have reached
+    the disk) and deletes the other."""
+    from kvstore.checksum import checksum
     from kvstore.tiers.nvme_index import IndexEntry, NvmeIndex
 
     tier = _nvme_tier(tmp_path)
     records, data = _records(2)
     older, newer = [tier.reserve(r) for r in records]
+    await tier.write_many([(older, memoryview(data[0])),
+                           (newer, memoryview(data[1] if newer_reached_the_disk else bytes(4096)))])
+    await tier._io.sync()
     key = records[0].key
     await tier.close()
     index = NvmeIndex(str(tmp_path / "nvme" / INDEX_DIR), 1 << 20)
-    index._put([IndexEntry(key, older.offset, older.length, 4096, 1, 100.0, b"ns"),
-                IndexEntry(key, newer.offset, newer.length, 4096, 2, 200.0, b"ns")])
+    index._put([IndexEntry(key, older.offset, older.length, 4096, checksum(data[0]), 100.0, b"ns"),
+                IndexEntry(key, newer.offset, newer.length, 4096, checksum(data[1]), 200.0, b"ns")])
     index.close()
-    for _ in range(2):   # the second restart finds the older entry gone
+    kept = newer if newer_reached_the_disk else older
+    for _ in range(2):   # the second restart finds the other entry gone
         tier = _nvme_tier(tmp_path)
         try:
             found = list(tier.recover())
-            assert [(b.key, b.checksum, b.location.offset) for b in found] == [(key, 2, newer.offset)]
+            assert [(b.key, b.location.offset) for b in found] == [(key, kept.offset)]
         finally:
             await tier.close()
+
+
+async def test_a_write_that_raises_leaves_no_index_entry_behind(tmp_path):
+    """The index commit runs beside the write: a write that raises (rather than failing block by
+    block) still has the batch's entries forgotten before the call gives up."""
+    tier = _nvme_tier(tmp_path)
+    records, data = _records(4)
+    extents = [tier.reserve(r) for r in records]
+
+    async def broken(items):
+        await asyncio.sleep(0.01)   # the index commit lands meanwhile
+        raise RuntimeError("a bug in the I/O engine")
+
+    tier._io.write_many = broken
+    with pytest.raises(RuntimeError):
+        await tier.write_persisted([(r, e, memoryview(d)) for r, e, d in zip(records, extents, data)])
+    await tier.close()
+    again = _nvme_tier(tmp_path)
+    try:
+        assert list(again.recover()) == []
+    finally:
+        await again.close()
 
 
 def test_asking_for_kvikio_where_it_is_not_installed_is_a_config_error(tmp_path):

@@ -14,6 +14,7 @@ import gc
 import logging
 import mmap
 import os
+import threading
 
 from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.config import DramConfig, format_bytes
@@ -108,6 +109,8 @@ class DramTier(MemoryTier):
             ) from None
         self._view = memoryview(self._mmap)
         self.prefaulted = config.prefault
+        self._populating = threading.Lock()
+        self._unmapped = False
 
     @classmethod
     def from_config(cls, config: DramConfig) -> DramTier:
@@ -122,7 +125,10 @@ class DramTier(MemoryTier):
         size = self._allocator.capacity_bytes
         try:
             for start in range(0, size, POPULATE_CHUNK_BYTES):
-                self._populate(start, min(POPULATE_CHUNK_BYTES, size - start))
+                with self._populating:
+                    if self._unmapped:
+                        return
+                    self._populate(start, min(POPULATE_CHUNK_BYTES, size - start))
         except (OSError, ValueError) as exc:
             log.info("the DRAM arena is not populated ahead of use (%s): first writes fault pages in", exc)
             return
@@ -156,6 +162,8 @@ class DramTier(MemoryTier):
         self.unmap()
 
     def unmap(self) -> None:
+        with self._populating:   # a populate in progress stops at its chunk: never on unmapped memory
+            self._unmapped = True
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

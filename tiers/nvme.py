@@ -31,6 +31,7 @@ import numpy as np
 
 from kvstore.allocator import Extent, ExtentAllocator
 from kvstore.block import BlockRecord, StoredBlocks
+from kvstore.checksum import checksum
 from kvstore.config import NvmeConfig, format_bytes
 from kvstore.errors import ConfigError, IntegrityError
 from kvstore.layout import Capabilities
@@ -126,18 +127,40 @@ class NvmeTier(ExtentTier):
         return kept
 
     def _one_per_key(self, found: StoredBlocks) -> StoredBlocks:
-        """Entries with one key each: a crash between a block's new entry and the forgetting of an
-        older one can leave two (the newer, by last use, is kept; the others are deleted)."""
+        """Entries with one key each. A crash between a block's new entry and the forgetting of an
+        older one can leave two (rare: read at start): the newest whose bytes verify is kept (the
+        newest may be one whose bytes never reached the disk), the others are deleted."""
         if len(set(found.keys)) == len(found):
             return found
-        latest: dict[bytes, int] = {}
-        for i in np.argsort(found.last_use, kind="stable").tolist():
-            latest[found.keys[i]] = i
-        keep = np.array(sorted(latest.values()), dtype=np.int64)
-        dropped = np.setdiff1d(np.arange(len(found)), keep)
-        log.warning("%d index entries named a block another entry names too: the older were dropped", len(dropped))
+        by_key: dict[bytes, list[int]] = {}
+        for i in np.argsort(-found.last_use, kind="stable").tolist():
+            by_key.setdefault(found.keys[i], []).append(i)
+        keep = []
+        for entries in by_key.values():
+            if len(entries) == 1:
+                keep.append(entries[0])
+                continue
+            good = next((i for i in entries if self._verifies(found, i)), None)
+            if good is not None:
+                keep.append(good)
+        keep_at = np.array(sorted(keep), dtype=np.int64)
+        dropped = np.setdiff1d(np.arange(len(found)), keep_at)
+        log.warning("%d index entries named a block another entry names too: all but the newest that verifies "
+                    "were dropped", len(dropped))
         self._index._delete([(found.keys[i], int(found.offsets[i])) for i in dropped.tolist()])
-        return found.subset(keep)
+        return found.subset(keep_at)
+
+    def _verifies(self, found: StoredBlocks, i: int) -> bool:
+        """Whether entry ``i``'s extent holds its block (read through the page cache, at start)."""
+        offset, length, size = int(found.offsets[i]), int(found.lengths[i]), int(found.sizes[i])
+        with open(os.path.join(self.directory, DATA_FILE), "rb") as data:
+            data.seek(offset)
+            stored = data.read(length)
+        if self._sealer is not None:
+            stored = self._sealer.open_frame(_label(Extent(offset, length)), stored, length - self._overhead)
+            if stored is None:
+                return False
+        return len(stored) >= size and checksum(memoryview(stored)[:size]) == int(found.checksums[i])
 
     # With nvme.encrypt an extent holds a sealed frame (secret id, nonce, ciphertext, tag) bound
     # to its offset and length: blocks are written and read whole, through a buffer.
@@ -238,6 +261,7 @@ class NvmeTier(ExtentTier):
         indexing = asyncio.ensure_future(self._indexing.add([
             IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e, _ in items
         ]))
+        raised: BaseException | None = None
         try:
             outcomes = await self.write_many([(extent, data) for _, extent, data in items])
             if any(outcome is None for outcome in outcomes):
@@ -245,19 +269,32 @@ class NvmeTier(ExtentTier):
                     await self._flushes.add([None])
                 except Exception as exc:
                     outcomes = [exc if outcome is None else outcome for outcome in outcomes]
-        finally:
-            indexed = (await asyncio.gather(indexing, return_exceptions=True))[0]
+        except BaseException as exc:   # a bug, or cancelled: none of the batch counts as written
+            raised = exc
+            outcomes = [exc] * len(items)
+        indexed = (await asyncio.gather(indexing, return_exceptions=True))[0]
+        if not isinstance(indexed, BaseException):
+            await self._unindex([(record.key, extent) for (record, extent, _), outcome in zip(items, outcomes)
+                                 if outcome is not None])
+        if raised is not None:
+            raise raised
         if isinstance(indexed, BaseException):   # nothing of the batch is indexed: all of it failed
             return [outcome if outcome is not None else indexed for outcome in outcomes]
-        failed = [(record.key, extent) for (record, extent, _), outcome in zip(items, outcomes) if outcome is not None]
-        if failed:
-            try:
-                await self.forget(failed)
-            except Exception as exc:
-                log.error("cannot forget %d index entries of blocks not written (%s): their space is kept until restart",
-                          len(failed), exc)
-                self._pinned.update(extent.offset for _, extent in failed)
         return outcomes
+
+    async def _unindex(self, failed: Sequence[tuple[bytes, Extent]]) -> None:
+        """Forget the entries of blocks that were not written; where that fails, keep their
+        extents reserved until a restart (a reused extent would be named by a stale entry)."""
+        if not failed:
+            return
+        try:
+            await asyncio.shield(self.forget(failed))
+        except BaseException as exc:
+            log.error("cannot forget %d index entries of blocks not written (%s): their space is kept until restart",
+                      len(failed), exc)
+            self._pinned.update(extent.offset for _, extent in failed)
+            if not isinstance(exc, Exception):
+                raise
 
     def release(self, location: Extent) -> None:
         if location.offset in self._pinned:

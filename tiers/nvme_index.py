@@ -66,12 +66,18 @@ class NvmeIndex:
     def _upgrade(self) -> None:
         """Mark a new index with its format; convert one of format 1, in one transaction (a crash
         midway leaves it as it was)."""
-        with self._env.begin(write=True) as txn:
+        with self._env.begin() as txn:
             version = txn.get(_FORMAT_KEY)
-            if version is not None:
-                if int(version) != FORMAT:
-                    raise lmdb.Error(f"the index is in format {int(version)}; this version reads format {FORMAT}")
-                return
+        if version is not None:
+            if int(version) != FORMAT:
+                raise lmdb.Error(f"the index is in format {int(version)}; this version reads format {FORMAT}")
+            return
+        # The old entries and the new ones live side by side until the commit: room for both.
+        info, page = self._env.info(), self._env.stat()["psize"]
+        need = 3 * (info["last_pgno"] + 1) * page + (1 << 20)
+        if info["map_size"] < need:
+            self._env.set_mapsize(need)
+        with self._env.begin(write=True) as txn:
             old = list(txn.cursor().iternext())
             for key, value in old:
                 txn.delete(key)
@@ -95,6 +101,11 @@ class NvmeIndex:
         if offsets and offsets[-1] == _FORMAT_KEY:
             offsets.pop()
             values.pop()
+        if any(len(k) != _OFFSET.size for k in offsets):   # written by an older version after the conversion
+            pairs = [(k, v) for k, v in zip(offsets, values) if len(k) == _OFFSET.size]
+            log.warning("%d index entries not in format %d (an older kvstore ran on this directory) were ignored",
+                        len(offsets) - len(pairs), FORMAT)
+            offsets, values = [k for k, _ in pairs], [v for _, v in pairs]
         n = len(values)
         if not n or n != len(offsets):
             return StoredBlocks.empty()

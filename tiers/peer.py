@@ -111,12 +111,12 @@ class PeerTier(KeyedTier):
             return
         log.info("peer transfers use NIXL (agent %s), the gRPC stream where a peer has no NIXL", self.nixl.agent.name)
 
-    def hello(self, agent: str, metadata: bytes) -> tuple[str, bytes, int, int] | None:
+    async def hello(self, agent: str, metadata: bytes) -> tuple[str, bytes, int, int] | None:
         """A peer's ``PeerHello``: add its agent; (our agent, metadata, arena address, size), or
         None without NIXL."""
         if self.nixl is None:
             return None
-        self.nixl.agent.add(metadata)
+        await self.nixl.agent.add(metadata)
         landing = self._landing
         return self.nixl.agent.name, self.nixl.agent.metadata, landing.base_address, landing.capacity_bytes
 
@@ -165,7 +165,7 @@ class PeerTier(KeyedTier):
                 await self._refreshing
         await self.transport.close()
         if self.nixl is not None:
-            self.nixl.agent.close()
+            await asyncio.to_thread(self.nixl.agent.close)
             self.nixl = None
 
     @property

@@ -104,8 +104,9 @@ class NixlAgent:
 
     Transfers run in a thread of the agent's own: UCX over TCP does a whole transfer inside
     NIXL's ``transfer()`` call (128 MiB: about 40 ms here), which on the event loop would stop the
-    daemon for that long. One thread runs every transfer, in order; a lock keeps the loop's rare
-    calls (adding a peer's metadata) from running beside one.
+    daemon for that long. One thread makes every agent call after registration (transfers, in
+    order, and adding peers' metadata): the agent runs without NIXL's own locking (its default).
+    A transfer queued behind a slow one past its deadline fails without beginning.
     """
 
     def __init__(self, me: str, base: int, size: int) -> None:
@@ -124,19 +125,24 @@ class NixlAgent:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-nixl")
 
     def close(self) -> None:
-        """Wait for transfers in flight, deregister the arena (before it is unmapped), let the agent go."""
-        self._thread.shutdown(wait=True)
+        """Drop the transfers not begun, wait for the one moving, deregister the arena (before it
+        is unmapped), let the agent go. Blocks: callers on the event loop run it in a thread."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
         if self._registered is not None:
             self.agent.deregister_memory(self._registered)
             self._registered = None
         self.agent = None
 
-    def add(self, metadata: bytes) -> str:
-        with self._lock:
-            name = self.agent.add_remote_agent(metadata)
-        name = name.decode() if isinstance(name, bytes) else name
+    async def add(self, metadata: bytes) -> str:
+        """Add a peer's agent metadata (in the agent's thread, after the transfers queued before)."""
+        name = await asyncio.get_running_loop().run_in_executor(self._thread, self._add, metadata)
         self.known.add(name)
         return name
+
+    def _add(self, metadata: bytes) -> str:
+        with self._lock:
+            name = self.agent.add_remote_agent(metadata)
+        return name.decode() if isinstance(name, bytes) else name
 
     def inside(self, view: memoryview) -> int | None:
         """The address of ``view`` if it lies in the registered arena, else None."""
@@ -169,6 +175,8 @@ class NixlAgent:
     def _move(self, op: str, local, remote, agent: str, deadline: float, give_up: threading.Event | None) -> None:
         if give_up is not None and give_up.is_set():
             raise UnavailableError(f"a NIXL {op} was given up before it began")
+        if time.monotonic() > deadline:   # queued behind a slow transfer: not begun at all
+            raise UnavailableError(f"a NIXL {op} did not begin within its deadline")
         with self._lock:
             descs = lambda pairs: self.agent.get_xfer_descs([(a, n, 0) for a, n in pairs], "DRAM")  # noqa: E731
             handle = self.agent.initialize_xfer(op, descs(local), descs(remote), agent)
@@ -219,7 +227,7 @@ class NixlPeers:
             raise UnavailableError(f"hello: {exc.code().name}: {exc.details()}") from None
         if not answer.agent:   # the peer has no NIXL: the caller uses the gRPC stream
             return _Remote("", "", 0, 0)
-        agent = self.agent.add(answer.metadata)
+        agent = await self.agent.add(answer.metadata)
         remote = self._remotes[peer] = _Remote(agent, answer.session, answer.arena_address, answer.arena_bytes)
         return remote
 
