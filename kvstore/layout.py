@@ -30,6 +30,7 @@ class Capabilities:
     mappable: bool = False     # byte-addressable host memory same-host clients can map
     bounded: bool = True       # has a capacity that evictions must respect
     pooled: bool = False       # other daemons' capacity, pooled: every put travels to its home there
+    verifies_arrivals: bool = False   # the receiving end checks each block against the checksum sent with it
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

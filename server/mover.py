@@ -361,8 +361,10 @@ class Mover:
     async def _source_bytes(self, source: Copy, location: Location, to: int) -> memoryview:
         """``source``'s bytes, to be copied into ``location`` of level ``to``. Bytes read from a
         persistent level, and bytes going to a shared one (other daemons trust what they find
-        there), are verified first, so bad bytes never travel on; blocks put without a checksum
-        get theirs here (every copy below the landing level carries one)."""
+        there), are verified first, so bad bytes never travel on, except to a level that verifies
+        what arrives against the checksum sent with it (peers: the home checks the bytes against
+        the block's own checksum); blocks put without a checksum get theirs here (every copy below
+        the landing level carries one)."""
         n = min(source.nbytes, location.length)
         return self._checked(source, to, await self.tiers[source.level].read(source.location, 0, n))
 
@@ -372,9 +374,10 @@ class Mover:
         levels = self.layout.levels
         if record.checksum is None:
             record.checksum = checksum(data[: record.size])
-        elif (levels[source.level].capabilities.persistent or levels[to].shared) and checksum(
-            data[: record.size]
-        ) != record.checksum:
+        elif (
+            levels[source.level].capabilities.persistent
+            or (levels[to].shared and not levels[to].capabilities.verifies_arrivals)
+        ) and checksum(data[: record.size]) != record.checksum:
             raise IntegrityError(f"the {self._names[source.level]} copy failed verification")
         return data
 

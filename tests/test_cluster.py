@@ -167,6 +167,39 @@ async def test_three_small_daemons_pool_their_capacity(transfer):
         assert [bytes(g[0]) for g in got] == [data[k] for k in sample]
 
 
+@pytest.mark.parametrize("transfer", TRANSFERS)
+async def test_bytes_changed_after_their_commit_are_refused_by_the_home(transfer):
+    """A block travels home with the checksum it was committed with, and the home verifies the
+    bytes against it: bytes changed in the sender's arena after the commit (a same-host client
+    can still write there) never become the home's copy."""
+    from kvstore.block import BlockRecord
+    from kvstore.checksum import checksum
+    from kvstore.keys import scoped
+    from kvstore.tiers.base import ObjectRef
+
+    async with cluster(n=2, transfers=[transfer]) as servers:
+        sender, home = servers
+        members = sorted(s.address for s in servers)
+        keys = [k for k in chain(64, seed=9) if members[homes([k], members)[0]] == home.address][:2]
+        blocks = [os.urandom(8192) for _ in keys]
+        arena = sender.daemon.arena
+        items = []
+        for key, block, bad in zip(keys, blocks, (False, True)):
+            record = BlockRecord(key=scoped([key], b"")[0], size=len(block), checksum=checksum(block), namespace=b"")
+            extent = arena.reserve(record)
+            view = arena.view(extent, len(block))
+            view[:] = block
+            if bad:
+                view[100] ^= 0xFF   # after the commit's checksum
+            items.append((record, ObjectRef(key=key, namespace=b"", length=len(block)), view))
+        level = next(lv for lv in sender.daemon.shared.levels if lv.tier.capabilities.pooled)
+        await level.tier.write_persisted(items)
+        async with KVClient(home.address, local="off") as kv:
+            assert [bytes(b) for b in await kv.get(keys[:1])] == blocks[:1]
+            assert await kv.get(keys[1:]) == []
+        assert home.daemon.counters.integrity_failures >= 1
+
+
 async def test_a_block_whose_peer_copy_is_corrupt_is_a_miss_never_wrong_bytes():
     async with cluster(n=2) as servers:
         keys = chain(32, seed=3)   # enough that some surely have their home on the other daemon

@@ -52,7 +52,8 @@ log = logging.getLogger("kvstore.peers")
 class PeerTier(KeyedTier):
     name = "peer"
     kind = TierKind.PEER
-    capabilities = Capabilities(shared=True, addressing=Addressing.KEY, bounded=False, pooled=True)
+    capabilities = Capabilities(shared=True, addressing=Addressing.KEY, bounded=False, pooled=True,
+                                verifies_arrivals=True)
     config_class = PeerConfig
 
     def __init__(self, config: PeerConfig) -> None:
@@ -262,8 +263,20 @@ class PeerTier(KeyedTier):
         if outcome is not None:
             raise outcome
 
-    async def write_many(self, items: Sequence[tuple[ObjectRef, memoryview]]) -> list[BaseException | None]:
-        """Send each block to its home, one put stream per (home, namespace)."""
+    async def write_persisted(
+        self, items: Sequence[tuple[BlockRecord, ObjectRef, memoryview]]
+    ) -> list[BaseException | None]:
+        """Send each block home with the checksum it was committed with (the home verifies the bytes
+        against it before anything is visible there: nothing to persist here)."""
+        sums = [record.checksum for record, _, _ in items]
+        return await self.write_many([(location, data) for _, location, data in items],
+                                     None if None in sums else sums)
+
+    async def write_many(
+        self, items: Sequence[tuple[ObjectRef, memoryview]], checksums: Sequence[int] | None = None
+    ) -> list[BaseException | None]:
+        """Send each block to its home, one put stream per (home, namespace), with ``checksums``
+        (computed from the bytes where not given)."""
         outcomes: list[BaseException | None] = [None] * len(items)
         groups: dict[tuple[str, bytes], list[int]] = defaultdict(list)
         for i, home in enumerate(self._homes([loc.key for loc, _ in items])):
@@ -277,7 +290,8 @@ class PeerTier(KeyedTier):
             try:
                 transport = await self._channel(peer, views)
                 response = await transport.send(
-                    peer, [items[i][0].key for i in which], namespace, views, self.config.transfer_timeout_s
+                    peer, [items[i][0].key for i in which], namespace, views, self.config.transfer_timeout_s,
+                    None if checksums is None else [checksums[i] for i in which],
                 )
             except UnavailableError as exc:
                 self._failed(peer, exc)

@@ -112,11 +112,14 @@ class GrpcPeers:
         return out.nbytes
 
     async def send(
-        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float
+        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float,
+        checksums: Sequence[int] | None = None,
     ) -> pb.PutResponse:
-        """Put ``views`` under ``keys`` at ``peer`` (checksums computed here, verified there)."""
+        """Put ``views`` under ``keys`` at ``peer`` with ``checksums`` (computed here where not
+        given), which the peer verifies."""
         header = pb.PutHeader(
-            namespace=namespace, keys=keys, sizes=[v.nbytes for v in views], checksums=[checksum(v) for v in views]
+            namespace=namespace, keys=keys, sizes=[v.nbytes for v in views],
+            checksums=[checksum(v) for v in views] if checksums is None else checksums,
         )
 
         def messages():

@@ -330,7 +330,8 @@ class NixlPeers:
             pass
 
     async def send(
-        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float
+        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float,
+        checksums: Sequence[int] | None = None,
     ) -> pb.PutResponse:
         from kvstore.checksum import checksum
 
@@ -356,7 +357,7 @@ class NixlPeers:
             try:
                 done = await stub.Commit(pb.CommitRequest(
                     session=remote.session, lease=reserved.lease, abort=abort,
-                    checksums=[] if abort else [checksum(v) for v in views],
+                    checksums=[] if abort else checksums if checksums is not None else [checksum(v) for v in views],
                 ), timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
                 raise UnavailableError(f"commit: {exc.code().name}: {exc.details()}") from None
