@@ -78,6 +78,35 @@ class ExtentAllocator:
         self._marks[unit >> 3] |= 1 << (unit & 7)
         return Extent(start, length)
 
+    def allocate_many(self, sizes: Sequence[int]) -> list[Extent]:
+        """Extents for the leading ``sizes`` that fit now, in order: back to back in one free run
+        where a run holds them all (one search for a batch, whose blocks then lie together for
+        vectored I/O), else one by one (best fit each)."""
+        a = self.alignment_bytes
+        lengths = [(max(n, 1) + a - 1) // a * a for n in sizes]
+        total = sum(lengths)
+        i = bisect.bisect_left(self._by_size, (total, -1))
+        if len(lengths) < 2 or i == len(self._by_size):
+            extents = []
+            for n in sizes:
+                extent = self.allocate(n)
+                if extent is None:
+                    break
+                extents.append(extent)
+            return extents
+        free_len, start = self._by_size[i]
+        self._remove_free(start, free_len)
+        if free_len > total:
+            self._add_free(start + total, free_len - total)
+        self.used_bytes += total
+        offsets, at = [], start
+        for length in lengths:
+            offsets.append(at)
+            at += length
+        units = np.asarray(offsets, dtype=np.int64) // a
+        np.bitwise_or.at(self._marks, units >> 3, (1 << (units & 7)).astype(np.uint8))
+        return [Extent(offset, length) for offset, length in zip(offsets, lengths)]
+
     def rebuild(self, extents: list[Extent]) -> None:
         """Start over with exactly ``extents`` allocated (sorted by offset, disjoint, aligned):
         how a persistent tier restores its state after a restart, in one pass."""

@@ -271,15 +271,17 @@ class Mover:
         placed: list[tuple[int, Copy, Location]] = []
         tier = self.tiers[to]
         admitted = await self._within_quotas(sources, to) if self.quotas is not None else None
-        for i, source in enumerate(sources):
-            if admitted is not None and i not in admitted:
-                continue   # over its owner's quota there, even after the owner's own made room
-            # Room now needs nothing awaited (a batch into free space: no coroutine per block).
-            location = tier.reserve(source.record)
+        todo = [i for i in range(len(sources)) if admitted is None or i in admitted]   # others: over quota
+        # Room now needs nothing awaited (a batch into free space: one search, no coroutine per block).
+        reserve_many = getattr(tier, "reserve_many", None)
+        ready = reserve_many([sources[i].record.size for i in todo]) if reserve_many is not None else []
+        placed.extend((i, sources[i], location) for i, location in zip(todo, ready))
+        for i in todo[len(ready):]:
+            location = tier.reserve(sources[i].record)
             if location is None:
-                location = await self.make_room(to, source.record)
+                location = await self.make_room(to, sources[i].record)
             if location is not None:
-                placed.append((i, source, location))
+                placed.append((i, sources[i], location))
         live = []
         for i, source, location in placed:
             if source.record.state is BlockState.READY:

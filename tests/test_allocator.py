@@ -135,3 +135,49 @@ def test_a_part_of_an_extent_or_a_span_of_two_is_refused_and_nothing_is_handed_o
     a.free(big)
     a.free(nxt)
     assert a.used_bytes == 0 and a.largest_free == a.capacity_bytes
+
+
+def test_a_batch_lies_back_to_back_in_one_run_and_its_extents_free_one_by_one():
+    a = ExtentAllocator(64 * 4096, 4096)
+    hole = a.allocate(4096)
+    a.allocate(4096)
+    a.free(hole)                      # a one-page hole first, then 62 free pages
+    batch = a.allocate_many([4096, 5000, 1, 8192])
+    assert [e.length for e in batch] == [4096, 8192, 4096, 8192]
+    assert all(x.offset + x.length == y.offset for x, y in zip(batch, batch[1:]))   # together, past the hole
+    assert a.used_bytes == 4096 + 24 * 1024
+    for e in (batch[2], batch[0], batch[3], batch[1]):
+        a.free(e)
+    with pytest.raises(ValueError):
+        a.free(batch[0])
+    assert a.used_bytes == 4096
+
+
+def test_a_batch_no_run_can_hold_is_placed_block_by_block_as_far_as_it_fits():
+    a = ExtentAllocator(8 * 4096, 4096)
+    kept = [a.allocate(4096) for _ in range(8)]
+    for e in kept[::2]:
+        a.free(e)                     # four separate one-page holes
+    got = a.allocate_many([4096] * 6)
+    assert len(got) == 4 and sorted(e.offset for e in got) == [e.offset for e in kept[::2]]
+    assert a.free_bytes == 0
+
+
+def test_batches_and_frees_in_any_order_keep_the_books_right():
+    rng = random.Random(7)
+    a = ExtentAllocator(512 * 4096, 4096)
+    live: list[Extent] = []
+    for _ in range(2000):
+        if rng.random() < 0.5 or not live:
+            live += a.allocate_many([rng.randint(1, 6 * 4096) for _ in range(rng.randint(1, 20))])
+        else:
+            rng.shuffle(live)
+            for e in live[: rng.randint(1, len(live))]:
+                a.free(e)
+                live.remove(e)
+        spans = sorted((e.offset, e.offset + e.length) for e in live)
+        assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:]))
+        assert a.used_bytes == sum(e.length for e in live)
+    for e in live:
+        a.free(e)
+    assert a.used_bytes == 0 and a.largest_free == a.capacity_bytes

@@ -219,14 +219,7 @@ class ExtentTier(Tier):
     def reserve_many(self, sizes: Sequence[int]) -> list[Extent]:
         """Extents for the leading ``sizes`` that fit now, in order (a put batch's fast path; a
         tier that reserves otherwise than by size overrides both)."""
-        extents = []
-        allocate = self._allocator.allocate
-        for size in sizes:
-            extent = allocate(size)
-            if extent is None:
-                break
-            extents.append(extent)
-        return extents
+        return self._allocator.allocate_many(sizes)
 
     def release(self, location: Extent) -> None:
         self._allocator.free(location)
