@@ -388,6 +388,31 @@ class Catalog:
         counts[ns] = counts.get(ns, 0) + self.size[record.slot]
         return self._copy_view(record.slot, level)
 
+    def attach_filled(self, records: Sequence[BlockRecord], level: int, locations: Sequence[Any]) -> None:
+        """:meth:`attach` then :meth:`fill` of a readable copy of each record at ``level`` (a batch
+        written there already: no copy objects made). Each record must be READY, indexed here and
+        without a copy at ``level`` (callers check)."""
+        columns, counts, policy = self.columns[level], self._ns_bytes[level], self.policies[level]
+        shared, bit = self._shared[level], 1 << level
+        slots = []
+        for record, location in zip(records, locations):
+            slot = record.slot
+            if record._cat is not self or columns.state[slot]:
+                raise RuntimeError(f"block {key_label(record.key)} cannot take a copy at level {level}")
+            columns.place(slot, location, col.READY)
+            ns = self._ns[slot]
+            counts[ns] = counts.get(ns, 0) + self.size[slot]
+            self._readable[slot] |= bit
+            slots.append(slot)
+        self._ready[level] += len(slots)
+        if policy is not None:
+            policy.insert_many(slots)
+        for slot in slots:
+            if shared:
+                self._note(slot)
+            else:
+                self._remote_only.pop(slot, None)
+
     def orphan(self, record: BlockRecord, level: int, location: Any) -> Copy:
         """A readable copy written for ``record`` that the record will not take (it went away, or
         another copy got there first): for the caller to :meth:`drop`, which un-indexes it."""

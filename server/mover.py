@@ -291,7 +291,23 @@ class Mover:
                 results[i] = False
         outcomes = await self._write([(source, location) for _, source, location in live], to)
         unexpected = None
-        for (i, source, location), outcome in zip(live, outcomes):
+        # The copies of blocks still READY and without one there are adopted together; others one by one.
+        plain, seen = [], set()
+        for j, ((_, source, _), outcome) in enumerate(zip(live, outcomes)):
+            record = source.record
+            if outcome is None and record.state is BlockState.READY and not record.has_copy(to) and record.slot not in seen:
+                seen.add(record.slot)
+                plain.append(j)
+        self.catalog.attach_filled([live[j][1].record for j in plain], to, [live[j][2] for j in plain])
+        queue = self.shared is not None and placement.after_adopt(self.layout, to)
+        for j in plain:
+            results[live[j][0]] = True
+            if queue:
+                self.shared.queue_adopted(live[j][1].record)
+        adopted = set(plain)
+        for j, ((i, source, location), outcome) in enumerate(zip(live, outcomes)):
+            if j in adopted:
+                continue
             if outcome is None:
                 results[i] = await self._adopt(source.record, to, location)
                 continue

@@ -140,3 +140,28 @@ def test_bytes_by_namespace_follow_every_copy_in_and_out():
         for ns in (b"", b"ns-a", b"ns-b"):
             assert catalog.namespace_bytes(level, [ns]) == expected(level, ns)
     assert catalog.namespace_bytes(1, [b"ns-a", b"ns-b"]) == expected(1, b"ns-a") + expected(1, b"ns-b")
+
+
+def test_copies_attached_filled_in_a_batch_are_what_attach_then_fill_makes():
+    """The mover adopts a batch written to a level with attach_filled: the same readable,
+    evictable, counted copies as attach + fill one by one."""
+    one, batch = Books(layout(MEMORY, DISK)), Books(layout(MEMORY, DISK))
+    keys = [os.urandom(40) for _ in range(50)]
+    for books in (one, batch):
+        for i, key in enumerate(keys):
+            books.catalog.known(key, 100 + i, i, b"ns" if i % 2 else b"")
+    extents = [Extent(i * PAGE, PAGE) for i in range(50)]
+    for key, extent in zip(keys, extents):
+        record = one.catalog.get(key)
+        one.catalog.fill(one.catalog.attach(record, 1, extent))
+    batch.catalog.attach_filled([batch.catalog.get(k) for k in keys], 1, extents)
+    for books in (one, batch):
+        catalog = books.catalog
+        assert catalog.blocks_at(1) == 50
+        assert [catalog.get(k).readable_at(1).location for k in keys] == extents
+        assert catalog.namespace_bytes(1, [b"ns"]) == one.catalog.namespace_bytes(1, [b"ns"]) > 0
+        assert catalog.namespace_bytes(1, [b""]) == one.catalog.namespace_bytes(1, [b""]) > 0
+    assert [v.record.key for v in batch.catalog.victims(1, 5 * PAGE)] == [
+        v.record.key for v in one.catalog.victims(1, 5 * PAGE)]
+    with pytest.raises(RuntimeError):   # a second copy at the level is refused
+        batch.catalog.attach_filled([batch.catalog.get(keys[0])], 1, [Extent(60 * PAGE, PAGE)])
