@@ -66,6 +66,15 @@ class ExtentAllocator:
     def allocate(self, nbytes: int) -> Extent | None:
         """Reserve ``nbytes`` (rounded up); None when no free extent is large enough."""
         length = self.round_up(max(nbytes, 1))
+        start = self._take(length)
+        if start is None:
+            return None
+        unit = start // self.alignment_bytes
+        self._marks[unit >> 3] |= 1 << (unit & 7)
+        return Extent(start, length)
+
+    def _take(self, length: int) -> int | None:
+        """The start of ``length`` bytes cut from the best-fitting free run (no marks set), or None."""
         i = bisect.bisect_left(self._by_size, (length, -1))
         if i == len(self._by_size):
             return None
@@ -74,9 +83,7 @@ class ExtentAllocator:
         if free_len > length:
             self._add_free(start + length, free_len - length)
         self.used_bytes += length
-        unit = start // self.alignment_bytes
-        self._marks[unit >> 3] |= 1 << (unit & 7)
-        return Extent(start, length)
+        return start
 
     def allocate_many(self, sizes: Sequence[int]) -> list[Extent]:
         """Extents for the leading ``sizes`` that fit now, in order: back to back in one free run
@@ -84,9 +91,8 @@ class ExtentAllocator:
         vectored I/O), else one by one (best fit each)."""
         a = self.alignment_bytes
         lengths = [(max(n, 1) + a - 1) // a * a for n in sizes]
-        total = sum(lengths)
-        i = bisect.bisect_left(self._by_size, (total, -1))
-        if len(lengths) < 2 or i == len(self._by_size):
+        start = self._take(sum(lengths)) if len(lengths) > 1 else None
+        if start is None:
             extents = []
             for n in sizes:
                 extent = self.allocate(n)
@@ -94,11 +100,6 @@ class ExtentAllocator:
                     break
                 extents.append(extent)
             return extents
-        free_len, start = self._by_size[i]
-        self._remove_free(start, free_len)
-        if free_len > total:
-            self._add_free(start + total, free_len - total)
-        self.used_bytes += total
         offsets, at = [], start
         for length in lengths:
             offsets.append(at)
