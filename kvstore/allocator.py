@@ -89,8 +89,7 @@ class ExtentAllocator:
         """Extents for the leading ``sizes`` that fit now, in order: back to back in one free run
         where a run holds them all (one search for a batch, whose blocks then lie together for
         vectored I/O), else one by one (best fit each)."""
-        a = self.alignment_bytes
-        lengths = [(max(n, 1) + a - 1) // a * a for n in sizes]
+        lengths = [self.round_up(max(n, 1)) for n in sizes]
         start = self._take(sum(lengths)) if len(lengths) > 1 else None
         if start is None:
             extents = []
@@ -104,7 +103,7 @@ class ExtentAllocator:
         for length in lengths:
             offsets.append(at)
             at += length
-        units = np.asarray(offsets, dtype=np.int64) // a
+        units = np.asarray(offsets, dtype=np.int64) // self.alignment_bytes
         np.bitwise_or.at(self._marks, units >> 3, (1 << (units & 7)).astype(np.uint8))
         return [Extent(offset, length) for offset, length in zip(offsets, lengths)]
 

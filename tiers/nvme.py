@@ -79,9 +79,8 @@ class NvmeTier(ExtentTier):
             self._close_partial()
             raise
         self.directory = directory
-        self._commits = GroupCommit(self._commit)          # flush, then index (persist)
-        self._indexing = GroupCommit(self._index.put)      # index entries alone (write_persisted)
-        self._flushes = GroupCommit(lambda _: self._io.sync())   # data flushes alone
+        self._indexing = GroupCommit(self._index.put)            # index commits, shared by concurrent calls
+        self._flushes = GroupCommit(lambda _: self._io.sync())   # data flushes, likewise
         self._pinned: set[int] = set()   # extents an index entry names that could not be forgotten
         self._recovered = self._recover()
 
@@ -241,10 +240,8 @@ class NvmeTier(ExtentTier):
         own blocks are durable."""
         if not written:
             return
-        now = time.time()
-        await self._commits.add([
-            IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written
-        ])
+        await self._flushes.add([None])
+        await self._indexing.add(_entries(written))
 
     async def write_persisted(
         self, items: Sequence[tuple[BlockRecord, Extent, memoryview]]
@@ -257,10 +254,7 @@ class NvmeTier(ExtentTier):
         the extent stays reserved until a restart)."""
         if not items:
             return []
-        now = time.time()
-        indexing = asyncio.ensure_future(self._indexing.add([
-            IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e, _ in items
-        ]))
+        indexing = asyncio.ensure_future(self._indexing.add(_entries([(r, e) for r, e, _ in items])))
         raised: BaseException | None = None
         try:
             outcomes = await self.write_many([(extent, data) for _, extent, data in items])
@@ -300,10 +294,6 @@ class NvmeTier(ExtentTier):
         if location.offset in self._pinned:
             return   # an index entry still names it: reused, a restart would find two blocks there
         super().release(location)
-
-    async def _commit(self, entries: list[IndexEntry]) -> None:
-        await self._io.sync()
-        await self._index.put(entries)
 
     async def forget(self, dropped: Sequence[tuple[bytes, Extent]]) -> None:
         await self._index.delete([(key, extent.offset) for key, extent in dropped])
@@ -355,6 +345,12 @@ class GroupCommit:
                     done.set_result(None)
         finally:
             self._runner = None
+
+
+def _entries(written: Sequence[tuple[BlockRecord, Extent]]) -> list[IndexEntry]:
+    """The index entries of blocks written to their extents, last used now."""
+    now = time.time()
+    return [IndexEntry(r.key, e.offset, e.length, r.size, r.checksum, now, r.namespace) for r, e in written]
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.block import BlockRecord
+from kvstore.checksum import checksum
 from kvstore.config import PeerConfig, Transfer
 from kvstore.errors import ConfigError, UnavailableError
 from kvstore.keys import unscoped
@@ -276,7 +277,7 @@ class PeerTier(KeyedTier):
         self, items: Sequence[tuple[ObjectRef, memoryview]], checksums: Sequence[int] | None = None
     ) -> list[BaseException | None]:
         """Send each block to its home, one put stream per (home, namespace), with ``checksums``
-        (computed from the bytes where not given)."""
+        (computed from the bytes where not given), which the home verifies."""
         outcomes: list[BaseException | None] = [None] * len(items)
         groups: dict[tuple[str, bytes], list[int]] = defaultdict(list)
         for i, home in enumerate(self._homes([loc.key for loc, _ in items])):
@@ -287,11 +288,11 @@ class PeerTier(KeyedTier):
 
         async def send(peer: str, namespace: bytes, which: list[int]) -> None:
             views = [items[i][1][: items[i][0].length] for i in which]
+            sums = [checksum(v) for v in views] if checksums is None else [checksums[i] for i in which]
             try:
                 transport = await self._channel(peer, views)
                 response = await transport.send(
-                    peer, [items[i][0].key for i in which], namespace, views, self.config.transfer_timeout_s,
-                    None if checksums is None else [checksums[i] for i in which],
+                    peer, [items[i][0].key for i in which], namespace, views, sums, self.config.transfer_timeout_s
                 )
             except UnavailableError as exc:
                 self._failed(peer, exc)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import grpc
 
-from kvstore.checksum import checksum
 from kvstore.errors import IntegrityError, InvalidArgumentError, UnavailableError
 from kvstore.framing import Unpacker, pack
 from kvstore.proto.channel import ReloadingChannelTls, open_channel
@@ -112,15 +111,11 @@ class GrpcPeers:
         return out.nbytes
 
     async def send(
-        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float,
-        checksums: Sequence[int] | None = None,
+        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview],
+        checksums: Sequence[int], timeout_s: float,
     ) -> pb.PutResponse:
-        """Put ``views`` under ``keys`` at ``peer`` with ``checksums`` (computed here where not
-        given), which the peer verifies."""
-        header = pb.PutHeader(
-            namespace=namespace, keys=keys, sizes=[v.nbytes for v in views],
-            checksums=[checksum(v) for v in views] if checksums is None else checksums,
-        )
+        """Put ``views`` under ``keys`` at ``peer`` with their ``checksums``, which the peer verifies."""
+        header = pb.PutHeader(namespace=namespace, keys=keys, sizes=[v.nbytes for v in views], checksums=checksums)
 
         def messages():
             yield pb.PutRequest(header=header)

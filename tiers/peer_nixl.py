@@ -121,7 +121,6 @@ class NixlAgent:
         self._registered = self.agent.register_memory([(base, size, 0, "")], "DRAM")
         self.metadata: bytes = self.agent.get_agent_metadata()
         self.known: set[str] = set()
-        self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-nixl")
 
     def close(self) -> None:
@@ -140,8 +139,7 @@ class NixlAgent:
         return name
 
     def _add(self, metadata: bytes) -> str:
-        with self._lock:
-            name = self.agent.add_remote_agent(metadata)
+        name = self.agent.add_remote_agent(metadata)
         return name.decode() if isinstance(name, bytes) else name
 
     def inside(self, view: memoryview) -> int | None:
@@ -177,22 +175,21 @@ class NixlAgent:
             raise UnavailableError(f"a NIXL {op} was given up before it began")
         if time.monotonic() > deadline:   # queued behind a slow transfer: not begun at all
             raise UnavailableError(f"a NIXL {op} did not begin within its deadline")
-        with self._lock:
-            descs = lambda pairs: self.agent.get_xfer_descs([(a, n, 0) for a, n in pairs], "DRAM")  # noqa: E731
-            handle = self.agent.initialize_xfer(op, descs(local), descs(remote), agent)
-            try:
-                state = self.agent.transfer(handle)
-                pause = 20e-6
-                while state == "PROC":
-                    if time.monotonic() > deadline:
-                        raise UnavailableError(f"a NIXL {op} did not finish within its deadline")
-                    time.sleep(pause)
-                    pause = min(pause * 2, 1e-3)
-                    state = self.agent.check_xfer_state(handle)
-                if state != "DONE":
-                    raise UnavailableError(f"a NIXL {op} failed")
-            finally:
-                self.agent.release_xfer_handle(handle)
+        descs = lambda pairs: self.agent.get_xfer_descs([(a, n, 0) for a, n in pairs], "DRAM")  # noqa: E731
+        handle = self.agent.initialize_xfer(op, descs(local), descs(remote), agent)
+        try:
+            state = self.agent.transfer(handle)
+            pause = 20e-6
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"a NIXL {op} did not finish within its deadline")
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+                state = self.agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise UnavailableError(f"a NIXL {op} failed")
+        finally:
+            self.agent.release_xfer_handle(handle)
 
 
 class NixlPeers:
@@ -330,11 +327,9 @@ class NixlPeers:
             pass
 
     async def send(
-        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview], timeout_s: float,
-        checksums: Sequence[int] | None = None,
+        self, peer: str, keys: Sequence[bytes], namespace: bytes, views: Sequence[memoryview],
+        checksums: Sequence[int], timeout_s: float,
     ) -> pb.PutResponse:
-        from kvstore.checksum import checksum
-
         local = [self.agent.inside(v) for v in views]
         if any(at is None for at in local):
             raise UnavailableError("a block to send is outside the registered arena")
@@ -357,7 +352,7 @@ class NixlPeers:
             try:
                 done = await stub.Commit(pb.CommitRequest(
                     session=remote.session, lease=reserved.lease, abort=abort,
-                    checksums=[] if abort else checksums if checksums is not None else [checksum(v) for v in views],
+                    checksums=[] if abort else checksums,
                 ), timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
                 raise UnavailableError(f"commit: {exc.code().name}: {exc.details()}") from None
