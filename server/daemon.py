@@ -306,6 +306,10 @@ class Daemon:
         fit = await self.quota_fit(sizes, namespace)
         slots = self._reserve_at_once(index_keys[:fit], sizes[:fit], checksums, namespace)
         try:
+            if len(slots) < fit:
+                slots += await self._reserve_evicting(
+                    index_keys[len(slots):fit], sizes[len(slots):fit], checksums[len(slots):fit] if checksums else (), namespace
+                )
             for i in range(len(slots), fit):
                 checksum_ = checksums[i] if checksums else None
                 slots.append(await self.reserve_one(index_keys[i], sizes[i], checksum_, namespace))
@@ -366,6 +370,29 @@ class Daemon:
             return []
         n = len(locations)
         copies = self.catalog.begin_many(index_keys[:n], sizes[:n], namespace, self.layout.landing, locations)
+        return [PutSlot(sizes[i], checksums[i] if checksums else None, copy) for i, copy in enumerate(copies)]
+
+    async def _reserve_evicting(
+        self, index_keys: list[bytes], sizes: Sequence[int], checksums: Sequence[int], namespace: bytes
+    ) -> list[PutSlot]:
+        """The leading absent blocks of a batch that did not fit the landing level as it was, with
+        the room for all of them made by one eviction (:meth:`Mover.make_room_many`), in one pass;
+        the rest go through :meth:`reserve_one`, as do keys stored by another put meanwhile."""
+        if self.mover.quotas is not None or len(set(index_keys)) != len(index_keys):
+            return []
+        present = np.flatnonzero(self.catalog.keys.find_many(index_keys) >= 0)
+        lead = int(present[0]) if len(present) else len(index_keys)
+        if lead < 2:
+            return []
+        probes = [BlockRecord(key=key, size=size, namespace=namespace) for key, size in zip(index_keys[:lead], sizes[:lead])]
+        locations = await self.mover.make_room_many(self.layout.landing, probes)
+        n = next((i for i, location in enumerate(locations) if location is None), len(locations))
+        stored = np.flatnonzero(self.catalog.keys.find_many(index_keys[:n]) >= 0)   # by others, during the evictions
+        n = int(stored[0]) if len(stored) else n
+        for location in locations[n:]:
+            if location is not None:
+                self.arena.release(location)
+        copies = self.catalog.begin_many(index_keys[:n], sizes[:n], namespace, self.layout.landing, locations[:n])
         return [PutSlot(sizes[i], checksums[i] if checksums else None, copy) for i, copy in enumerate(copies)]
 
     async def reserve_one(self, key: bytes, size: int, checksum_: int | None, namespace: bytes) -> PutSlot:

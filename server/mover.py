@@ -45,6 +45,8 @@ BUSY_WAIT_S = 2.0
 ROOM_ROUNDS = 8
 """Evictions :meth:`Mover.make_room` tries before giving up (concurrent moves may take the room
 one eviction freed while it waited for a disk)."""
+EVICT_ROUNDS = 2
+"""Batch evictions :meth:`Mover.make_room_many` tries before the blocks left go one by one."""
 NO_ROOM = object()
 """What :meth:`Mover.promote` returns when the landing level has no room (everything in use)."""
 
@@ -169,6 +171,33 @@ class Mover:
             await self.execute(placement.evict(self.layout, victims, self.available))
         return tier.reserve(record)
 
+    async def make_room_many(self, level: int, records: Sequence[BlockRecord]) -> list[Location | None]:
+        """:meth:`make_room` for a batch, in order (None: no room for that one). The room the whole
+        batch lacks is freed by one eviction (one index commit for a persistent level, one demotion
+        batch) rather than one per block; what still does not fit goes one by one."""
+        tier = self.tiers[level]
+        reserve_many = getattr(tier, "reserve_many", None)
+        placed: list[Location | None] = []
+        if reserve_many is not None and self.quotas is None and self.layout.levels[level].capabilities.bounded:
+            placed = reserve_many([r.size for r in records])
+            for _ in range(EVICT_ROUNDS):
+                rest = records[len(placed):]
+                if not rest:
+                    break
+                lengths = [tier.footprint(r.size) for r in rest]
+                largest = max(lengths)
+                victims = self.catalog.victims(
+                    level, max(sum(lengths) - tier.free_bytes, 1),
+                    fits=lambda locations: tier.largest_free_after(locations) >= largest,
+                )
+                if not victims:
+                    break
+                await self.execute(placement.evict(self.layout, victims, self.available))
+                placed += reserve_many([r.size for r in rest])
+        for record in records[len(placed):]:
+            placed.append(await self.make_room(level, record))
+        return placed
+
     async def execute(self, plan: placement.Plan) -> None:
         """Evict ``plan.victims``: demote or upload what the plan says, then drop them. A victim
         whose demotion failed (bad bytes aside: a write error) is kept: no acknowledged block is
@@ -276,12 +305,10 @@ class Mover:
         reserve_many = getattr(tier, "reserve_many", None)
         ready = reserve_many([sources[i].record.size for i in todo]) if reserve_many is not None else []
         placed.extend((i, sources[i], location) for i, location in zip(todo, ready))
-        for i in todo[len(ready):]:
-            location = tier.reserve(sources[i].record)
-            if location is None:
-                location = await self.make_room(to, sources[i].record)
-            if location is not None:
-                placed.append((i, sources[i], location))
+        rest = todo[len(ready):]
+        if rest:
+            rooms = await self.make_room_many(to, [sources[i].record for i in rest])
+            placed.extend((i, sources[i], location) for i, location in zip(rest, rooms) if location is not None)
         live = []
         for i, source, location in placed:
             if source.record.state is BlockState.READY:

@@ -55,6 +55,29 @@ async def test_oldest_untouched_blocks_are_evicted_first():
             assert stats.tier(TierKind.DRAM).evicted_bytes == 8 * MiB
 
 
+async def test_a_batch_put_into_a_full_level_makes_its_room_with_one_eviction():
+    async with KVStoreServer(make_config(dram_bytes=16 * MiB)) as srv:
+        mover, plans = srv.daemon.mover, []
+        execute = mover.execute
+
+        async def counted(plan):
+            plans.append(len(plan.victims))
+            await execute(plan)
+
+        mover.execute = counted
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            old, old_blocks = chain(64, seed=13), random_blocks(64, 256 * 1024)
+            assert (await kv.put(old, old_blocks)).stored == 64       # the level is full
+            assert plans == []
+            new, new_blocks = chain(24, seed=14), random_blocks(24, 256 * 1024)
+            assert (await kv.put(new, new_blocks)).stored == 24
+            assert plans == [16, 8]   # one per put round (4 MiB: a quarter of the level), not one per block
+            assert await present(kv, old) == [False] * 24 + [True] * 40   # the oldest went
+            assert [bytes(b) for b in await kv.get(new)] == new_blocks
+            assert [bytes(b) for b in await kv.get(old[24:])] == old_blocks[24:]
+            assert (await kv.stats()).tier(TierKind.DRAM).evictions == 24
+
+
 async def test_churn_of_mixed_sizes_never_returns_wrong_bytes():
     rng = random.Random(12)
     async with KVStoreServer(make_config(dram_bytes=8 * MiB)) as srv:

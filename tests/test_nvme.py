@@ -62,6 +62,28 @@ async def test_a_restarted_daemon_serves_what_it_persisted_without_reading_it(tm
             assert [bytes(b) for b in await kv.get(keys)] == blocks
 
 
+async def test_write_through_into_a_full_nvme_tier_forgets_its_victims_in_one_commit_per_put(tmp_path):
+    async with KVStoreServer(tiered(tmp_path, dram_mib=64, nvme_mib=8, write_through=True)) as srv:
+        index, forgets = srv.daemon.mover.tiers[1]._index, []
+        delete = index.delete
+
+        async def counted(entries):
+            forgets.append(len(entries))
+            await delete(entries)
+
+        index.delete = counted
+        async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
+            keys, blocks = chain(96, seed=103), random_blocks(96, 256 * 1024)   # 24 MiB through 8 MiB
+            for i in range(0, 96, 16):
+                assert (await kv.put(keys[i : i + 16], blocks[i : i + 16])).persisted == 16
+            assert len(forgets) <= 4 and sum(forgets) >= 64   # puts 3-6 each evicted once, 16 blocks at a time
+    async with KVStoreServer(tiered(tmp_path, dram_mib=64, nvme_mib=8)) as srv:   # what is durable: the newest
+        async with KVClient(f"127.0.0.1:{srv.port}") as kv:
+            assert (await kv.lookup(keys[64:])).count == 32
+            assert [bytes(b) for b in await kv.get(keys[64:])] == blocks[64:]
+            assert (await kv.lookup(keys[:1])).count == 0
+
+
 async def test_flipped_bytes_on_disk_are_misses_never_wrong_data(tmp_path):
     keys, blocks = chain(6, seed=102), random_blocks(6, 256 * 1024)
     async with KVStoreServer(tiered(tmp_path, write_through=True)) as srv:
