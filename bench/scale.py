@@ -11,6 +11,10 @@
   256, against raw ``pwrite`` of the same blocks with one ``fdatasync`` per batch, same filesystem:
   with ``O_DIRECT`` (how the NVMe tier opens its file by default) and through the page cache; in
   four alternating rounds, so the three see the same disk.
+- **full**: the same two puts into levels already full, where every put must evict first (a
+  cache in service is full): 4 KiB puts into a DRAM-only daemon a quarter the size of N blocks
+  (at least 64 MiB), after it filled once, and write-through puts into an NVMe tier holding a
+  quarter of the write-through blocks, after it filled once.
 - **restart**: a daemon started on an NVMe directory whose index names N blocks (written here in
   the tier's on-disk format), until it answers.
 """
@@ -114,6 +118,22 @@ async def _write_through(target: str, n: int, directory: str) -> dict:
     return {f"{name}_blocks_per_s": (total / took if took else None) for name, took in spent.items()}
 
 
+async def _put_full(target: str, n: int, block: int, batch: int, capacity_blocks: int) -> float:
+    """Blocks/s of ``n`` puts of fresh keys into a daemon already holding ``capacity_blocks``."""
+    from kvstore.client import KVClient
+
+    payload = [os.urandom(block)] * batch
+    async with KVClient(target, local="require", timeout_s=600) as kv:
+        for _ in range(-(-capacity_blocks // batch)):   # fill it (untimed)
+            await kv.put([os.urandom(32) for _ in payload], payload)
+        start, rounds = time.perf_counter(), max(n // batch, 1)
+        for _ in range(rounds):
+            result = await kv.put([os.urandom(32) for _ in payload], payload)
+            if result.stored + result.present != batch:
+                raise SystemExit("kvstore bench --scale: a put into a full daemon dropped blocks")
+        return rounds * batch / (time.perf_counter() - start)
+
+
 def _raw_write_through(directory: str, n: int, *, direct: bool) -> float | None:
     """Seconds for batches of ``pwrite`` then one ``fdatasync``, from page-aligned buffers, with
     ``O_DIRECT`` (the NVMe tier's default mode) or through the page cache; None when the filesystem
@@ -197,6 +217,15 @@ def run(n: int, directory: str | None, json_path: str | None) -> int:
         with DaemonProcess(["--dram-bytes", str(max(wt_n * WT_BLOCK * 2, 64 << 20)), "--nvme-dir", nvme,
                             "--nvme-bytes", str(wt_n * WT_BLOCK * 2), "--write-through"]) as daemon:
             results.update(asyncio.run(_write_through(daemon.target, wt_n, root)))
+        full_dram = max(n * BLOCK // 4, 64 << 20)
+        with DaemonProcess(["--dram-bytes", str(full_dram), "--nvme-dir", "off"]) as daemon:
+            results["full_put_blocks_per_s"] = asyncio.run(
+                _put_full(daemon.target, max(n, 2 * full_dram // BLOCK), BLOCK, BATCH, full_dram // BLOCK))
+        full_wt = max(wt_n // 4, WT_BATCH * 4)
+        with DaemonProcess(["--dram-bytes", str(max(wt_n * WT_BLOCK * 2, 64 << 20)), "--nvme-dir", os.path.join(root, "full"),
+                            "--nvme-bytes", str(full_wt * WT_BLOCK), "--write-through"]) as daemon:
+            results["full_write_through_blocks_per_s"] = asyncio.run(
+                _put_full(daemon.target, wt_n, WT_BLOCK, WT_BATCH, full_wt))
         restart_dir = os.path.join(root, "restart")
         os.makedirs(restart_dir)
         results["restart_s"] = _restart_s(restart_dir, _index_of(restart_dir, n), n)
@@ -216,6 +245,8 @@ def run(n: int, directory: str | None, json_path: str | None) -> int:
     if raw_direct:
         print(f"    vs raw O_DIRECT pwrite+fdatasync (the tier's mode): {wt / raw_direct:.2f}x ({raw_direct:,.0f} blocks/s)")
     print(f"    vs raw buffered pwrite+fdatasync:                  {wt / raw:.2f}x ({raw:,.0f} blocks/s)")
+    print(f"  into full levels (every put evicts first): put {results['full_put_blocks_per_s']:,.0f} blocks/s, "
+          f"write-through {results['full_write_through_blocks_per_s']:,.0f} blocks/s")
     print(f"  restart to ready with {n:,} blocks indexed:    {results['restart_s']:.2f} s")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))

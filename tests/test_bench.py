@@ -53,4 +53,5 @@ def test_bench_scale_runs_and_writes_json(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["blocks"] == 8192 and figures["put_blocks_per_s"] > 0 and figures["restart_s"] > 0
     assert 0 < figures["write_through_blocks_per_s"] and 0 < figures["raw_write_blocks_per_s"]
+    assert 0 < figures["full_put_blocks_per_s"] and 0 < figures["full_write_through_blocks_per_s"]
     assert "daemon memory per block" in result.stdout and "restart to ready" in result.stdout
