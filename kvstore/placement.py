@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvstore.block import BlockRecord, Copy
 from kvstore.catalog import Catalog
 from kvstore.layout import Layout
@@ -109,6 +111,20 @@ def evict(layout: Layout, victims: Sequence[Copy], shared_available: Callable[[i
             upload = tuple(c.record for c in victims if not c.record.has_copy(share))
             return Plan(victims=tuple(victims), share=share, upload=upload)
     return Plan(victims=tuple(victims))
+
+
+def drops_only(layout: Layout, catalog: Catalog, level: int, slots: Sequence[int],
+               shared_available: Callable[[int], bool]) -> bool:
+    """Whether :func:`evict` of the copies at ``level`` of ``slots`` moves nothing (every block
+    already has its copy where the plan would demote or upload it): a plain drop."""
+    at = np.asarray(slots, dtype=np.int64)
+    below = layout.below(level)
+    if below is not None:
+        return bool(catalog.has_copies(below, at).all())
+    for share in sorted(layout.shared, key=lambda i: not layout.levels[i].capabilities.persistent):
+        if shared_available(share):
+            return bool(catalog.has_copies(share, at).all())
+    return True
 
 
 def rebalance(

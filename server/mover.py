@@ -186,13 +186,15 @@ class Mover:
                     break
                 lengths = [tier.footprint(r.size) for r in rest]
                 largest = max(lengths)
-                victims = self.catalog.victims(
+                victims = self.catalog.victim_slots(
                     level, max(sum(lengths) - tier.free_bytes, 1),
                     fits=lambda locations: tier.largest_free_after(locations) >= largest,
                 )
                 if not victims:
                     break
-                await self.execute(placement.evict(self.layout, victims, self.available))
+                if not (placement.drops_only(self.layout, self.catalog, level, victims, self.available)
+                        and self.catalog.evict_slots(level, victims)):
+                    await self.execute(placement.evict(self.layout, self.catalog.views_at(level, victims), self.available))
                 placed += reserve_many([r.size for r in rest])
         for record in records[len(placed):]:
             placed.append(await self.make_room(level, record))

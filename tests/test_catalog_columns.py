@@ -165,3 +165,51 @@ def test_copies_attached_filled_in_a_batch_are_what_attach_then_fill_makes():
         v.record.key for v in one.catalog.victims(1, 5 * PAGE)]
     with pytest.raises(RuntimeError):   # a second copy at the level is refused
         batch.catalog.attach_filled([batch.catalog.get(keys[0])], 1, [Extent(60 * PAGE, PAGE)])
+
+
+def test_evicting_slots_in_one_pass_leaves_what_dropping_their_views_leaves():
+    """make_room_many evicts DRAM victims with evict_slots: the same records gone, copies left
+    below, counts, released locations and policy order as drop(victims, evicted=True)."""
+    views, slots = Books(layout(MEMORY, DISK)), Books(layout(MEMORY, DISK))
+    keys = [os.urandom(40) for _ in range(40)]
+    held = {}
+    for books in (views, slots):
+        for i, key in enumerate(keys):
+            copy = books.put(key)
+            if i % 3 == 0:   # a copy below too: it stays, the record with it
+                books.copy_at(copy.record, 1)
+        held[id(books)] = books.catalog.get(keys[4]).readable_at(0)   # a view someone keeps
+    victims = views.catalog.victims(0, 20 * PAGE)
+    views.catalog.drop(victims, evicted=True)
+    chosen = slots.catalog.victim_slots(0, 20 * PAGE)
+    assert chosen == [v.slot for v in victims]
+    assert slots.catalog.evict_slots(0, chosen)
+    for books in (views, slots):
+        catalog = books.catalog
+        assert [catalog.get(k) is not None for k in keys] == [i % 3 == 0 or i >= 20 for i in range(40)]
+        assert [catalog.get(k).has_copy(0) for k in keys if catalog.get(k) is not None] == [
+            i >= 20 for i in range(40) if i % 3 == 0 or i >= 20]
+        assert catalog.blocks_at(0) == 20 and catalog.blocks_at(1) == 14 and len(catalog) == 27
+        assert catalog.namespace_bytes(0, [b""]) == 20 * PAGE
+        tier = books.counters.tier("mem")
+        assert (tier.evictions, tier.evicted_bytes) == (13, 13 * PAGE)   # 7 of the 20 live on below
+        assert held[id(books)].state is CopyState.FREED and held[id(books)].record.key == keys[4]
+        assert held[id(books)].record.state is BlockState.GONE
+    def by_offset(released):
+        return sorted((level, e.offset, e.length) for level, e in released)
+
+    assert by_offset(views.released) == by_offset(slots.released) and len(slots.released) == 20
+    assert slots.catalog.victim_slots(0, 5 * PAGE) == views.catalog.victim_slots(0, 5 * PAGE)
+
+
+def test_evicting_slots_refuses_a_held_copy_or_a_level_that_forgets_first_and_changes_nothing():
+    books = Books(layout(MEMORY, DISK))
+    keys = [os.urandom(40) for _ in range(8)]
+    for key in keys:
+        books.copy_at(books.put(key).record, 1)
+    catalog = books.catalog
+    chosen = catalog.victim_slots(0, 4 * PAGE)
+    catalog.hold(catalog.get(keys[1]).readable_at(0))
+    assert not catalog.evict_slots(0, chosen)
+    assert not catalog.evict_slots(1, catalog.victim_slots(1, 2 * PAGE))   # an index entry to forget first
+    assert catalog.blocks_at(0) == 8 and catalog.blocks_at(1) == 8 and books.released == []

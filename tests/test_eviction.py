@@ -57,14 +57,18 @@ async def test_oldest_untouched_blocks_are_evicted_first():
 
 async def test_a_batch_put_into_a_full_level_makes_its_room_with_one_eviction():
     async with KVStoreServer(make_config(dram_bytes=16 * MiB)) as srv:
-        mover, plans = srv.daemon.mover, []
-        execute = mover.execute
+        mover, catalog, plans = srv.daemon.mover, srv.daemon.catalog, []
+        execute, evict_slots = mover.execute, catalog.evict_slots
 
-        async def counted(plan):
+        async def counted(plan):   # an eviction plan (views)...
             plans.append(len(plan.victims))
             await execute(plan)
 
-        mover.execute = counted
+        def counted_slots(level, slots):   # ...or a plain drop of slots in one pass
+            plans.append(len(slots))
+            return evict_slots(level, slots)
+
+        mover.execute, catalog.evict_slots = counted, counted_slots
         async with KVClient(f"127.0.0.1:{srv.port}", local="require") as kv:
             old, old_blocks = chain(64, seed=13), random_blocks(64, 256 * 1024)
             assert (await kv.put(old, old_blocks)).stored == 64       # the level is full
