@@ -521,6 +521,11 @@ class Catalog:
         caller, who calls :meth:`unhold` once the entry is gone. Every other location goes back to
         its tier as soon as nothing holds it.
         """
+        if evicted and len(copies) > 1:   # the usual eviction batch: one pass where it qualifies
+            level = copies[0].level
+            if (not self.layout.levels[level].forget_before_reuse and all(c._own is None and c.level == level for c in copies)
+                    and self.evict_slots(level, [c.slot for c in copies]) is not None):
+                return []
         forget: list[Copy] = []
         for copy in copies:
             state = copy.state
@@ -534,27 +539,34 @@ class Catalog:
                 self._free_if_done(copy)
         return forget
 
-    def evict_slots(self, level: int, slots: Sequence[int]) -> bool:
+    def evict_slots(self, level: int, slots: Sequence[int]) -> list[tuple[bytes, Extent]] | None:
         """:meth:`drop` (``evicted``) of the copies at ``level`` of ``slots`` (from
-        :meth:`victim_slots`) for a level whose locations are reused without forgetting anything
-        first, in one pass per column: the usual eviction from DRAM. Those copies must be READY and
-        unheld, of READY records, distinct; if any is not, nothing changes and False says to drop
-        their views instead. A view of one that someone holds is detached as :meth:`drop` leaves it."""
+        :meth:`victim_slots`) in one pass per column, without a view per copy: the usual eviction.
+        Those copies must be READY and unheld, of READY records, distinct; if any is not, nothing
+        changes and None says to drop their views instead. A view of one that someone holds is
+        detached as :meth:`drop` leaves it.
+
+        Their locations go back at once, except at a level that forgets before reuse: there the
+        ``(index key, extent)`` of each is returned, for the caller to forget durably and then give
+        back with :meth:`release_forgotten` (or keep, where forgetting failed)."""
         at = np.asarray(slots, dtype=np.int64)
         columns = self.columns[level]
         offsets = np.take(as_numpy(columns.offset), at)
-        if (self.layout.levels[level].forget_before_reuse or len(np.unique(at)) != len(at) or (offsets == col.NIL).any()
+        if (len(np.unique(at)) != len(at) or (offsets == col.NIL).any()
                 or (np.take(as_numpy(columns.state), at) != col.READY).any() or np.take(as_numpy(columns.holds), at).any()
                 or (np.take(as_numpy(self.state), at) != _READY_RECORD).any()):
-            return False
+            return None
+        forget_first = self.layout.levels[level].forget_before_reuse
         lengths, sizes = np.take(as_numpy(columns.length), at), np.take(as_numpy(self.size), at).astype(np.int64)
         policy, views, offs, lens = self.policies[level], self._copy_views, offsets.tolist(), lengths.tolist()
+        extents = [Extent(offset, length) for offset, length in zip(offs, lens)]
+        keys = [self.keys.key(slot) for slot in at.tolist()] if forget_first else []
         for i, slot in enumerate(at.tolist()):
             if policy is not None:
                 policy.remove(slot, evicted=True)
             view = views.pop(slot << _LEVEL_BITS | level)
-            if view is not None:   # the eviction frees it at once: no holds
-                view._detach(CopyState.FREED, 0, Extent(offs[i], lens[i]), self.record_at(slot))
+            if view is not None:   # nothing holds it: freed at once, or once its entry is forgotten
+                view._detach(CopyState.DROPPED if forget_first else CopyState.FREED, 0, extents[i], self.record_at(slot))
         self._ready[level] -= len(at)
         readable = as_numpy(self._readable)
         readable[at] &= ~(1 << level) & 0xFF
@@ -585,9 +597,15 @@ class Catalog:
         if any(self._shared):
             for slot in at[left_ready].tolist():
                 self._note(slot)
-        for offset, length in zip(offs, lens):
-            self._release(level, Extent(offset, length))
-        return True
+        if forget_first:
+            return list(zip(keys, extents))
+        self.release_forgotten(level, extents)
+        return []
+
+    def release_forgotten(self, level: int, extents: Iterable[Extent]) -> None:
+        """Give back the locations of copies :meth:`evict_slots` took out (their entries forgotten)."""
+        for extent in extents:
+            self._release(level, extent)
 
     def discard(self, copy: Copy) -> None:
         """Drop a copy that never became readable (a move that failed or came too late)."""

@@ -192,9 +192,14 @@ class Mover:
                 )
                 if not victims:
                     break
-                if not (placement.drops_only(self.layout, self.catalog, level, victims, self.available)
-                        and self.catalog.evict_slots(level, victims)):
+                # Evicted at once, nothing awaited since they were chosen; where that cannot be
+                # (a move to make first, a copy held), through views and an eviction plan.
+                forget = (self.catalog.evict_slots(level, victims)
+                          if placement.drops_only(self.layout, self.catalog, level, victims, self.available) else None)
+                if forget is None:
                     await self.execute(placement.evict(self.layout, self.catalog.views_at(level, victims), self.available))
+                elif forget:
+                    await self._finish(self._forget_evicted(level, forget))
                 placed += reserve_many([r.size for r in rest])
         for record in records[len(placed):]:
             placed.append(await self.make_room(level, record))
@@ -355,6 +360,8 @@ class Mover:
         which may be in a thread: once that is over, what it persisted is forgotten again and its
         locations are released, never before."""
         io = asyncio.ensure_future(self._write_io(pairs, to))
+        self._running.add(io)   # settle waits for it, cancelled caller or not
+        io.add_done_callback(self._running.discard)
         try:
             return await asyncio.shield(io)
         except asyncio.CancelledError:
@@ -558,6 +565,18 @@ class Mover:
         """Take copies out of their levels (see :meth:`Catalog.drop`), forgetting persistent index
         entries durably before their locations can be reused."""
         await self._finish(self._drop(copies, evicted=evicted))
+
+    async def _forget_evicted(self, level: int, forget: list[tuple[bytes, Location]]) -> None:
+        """Forget the index entries of copies :meth:`Catalog.evict_slots` took out (one commit),
+        then give their extents back; where forgetting fails they stay unused until a restart."""
+        try:
+            await self.tiers[level].forget(forget)
+        except Exception as exc:   # as in _drop
+            log.error("cannot forget %d blocks from %s (%s): their space is kept until restart",
+                      len(forget), self._names[level], exc)
+            self.counters.tier(self._names[level]).errors += 1
+            return
+        self.catalog.release_forgotten(level, [extent for _, extent in forget])
 
     async def _drop(self, copies: Sequence[Copy], *, evicted: bool = False) -> None:
         forget = self.catalog.drop(copies, evicted=evicted)

@@ -183,7 +183,7 @@ def test_evicting_slots_in_one_pass_leaves_what_dropping_their_views_leaves():
     views.catalog.drop(victims, evicted=True)
     chosen = slots.catalog.victim_slots(0, 20 * PAGE)
     assert chosen == [v.slot for v in victims]
-    assert slots.catalog.evict_slots(0, chosen)
+    assert slots.catalog.evict_slots(0, chosen) == []   # all given back: nothing to forget first
     for books in (views, slots):
         catalog = books.catalog
         assert [catalog.get(k) is not None for k in keys] == [i % 3 == 0 or i >= 20 for i in range(40)]
@@ -202,7 +202,7 @@ def test_evicting_slots_in_one_pass_leaves_what_dropping_their_views_leaves():
     assert slots.catalog.victim_slots(0, 5 * PAGE) == views.catalog.victim_slots(0, 5 * PAGE)
 
 
-def test_evicting_slots_refuses_a_held_copy_or_a_level_that_forgets_first_and_changes_nothing():
+def test_evicting_slots_refuses_a_held_copy_and_changes_nothing():
     books = Books(layout(MEMORY, DISK))
     keys = [os.urandom(40) for _ in range(8)]
     for key in keys:
@@ -210,6 +210,20 @@ def test_evicting_slots_refuses_a_held_copy_or_a_level_that_forgets_first_and_ch
     catalog = books.catalog
     chosen = catalog.victim_slots(0, 4 * PAGE)
     catalog.hold(catalog.get(keys[1]).readable_at(0))
-    assert not catalog.evict_slots(0, chosen)
-    assert not catalog.evict_slots(1, catalog.victim_slots(1, 2 * PAGE))   # an index entry to forget first
+    assert catalog.evict_slots(0, chosen) is None
     assert catalog.blocks_at(0) == 8 and catalog.blocks_at(1) == 8 and books.released == []
+
+
+def test_evicting_slots_where_entries_are_forgotten_first_gives_their_extents_back_only_when_told():
+    books = Books(layout(MEMORY, DISK))
+    keys = [os.urandom(40) for _ in range(8)]
+    for key in keys:
+        books.put(key, level=1)
+    catalog = books.catalog
+    locations = [catalog.get(k).readable_at(1).location for k in keys[:3]]
+    forget = catalog.evict_slots(1, catalog.victim_slots(1, 3 * PAGE))
+    assert forget == list(zip(keys[:3], locations))   # index keys and extents, for the tier to forget
+    assert [catalog.get(k) is None for k in keys] == [True] * 3 + [False] * 5
+    assert books.released == [] and books.counters.tier(catalog.layout.levels[1].name).evictions == 3
+    catalog.release_forgotten(1, [extent for _, extent in forget])
+    assert books.released == [(1, e) for e in locations]

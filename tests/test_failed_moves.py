@@ -111,6 +111,22 @@ async def test_cancelled_demotion_does_not_release_an_nvme_extent_still_being_wr
         await d.close()
 
 
+async def test_closing_waits_for_the_io_of_a_move_whose_caller_was_cancelled(tmp_path, caplog):
+    """Shutdown cancels what is in flight; the tiers close only once a move's stalled write (and
+    its index commit, and the undoing of its entries) are over: nothing writes into a closed
+    file or index, nothing is logged as lost."""
+    d = nvme_daemon(tmp_path, dram_blocks=2)
+    disk = StalledDisk(d.stack.tiers[1]._io)
+    await cancel_a_demotion(d, disk)
+    closing = asyncio.ensure_future(d.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done(), "the tiers closed under a write still in flight"
+    disk.gate.set()
+    await asyncio.wait_for(closing, 10)
+    assert disk.finished.is_set()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 async def test_a_block_demoted_after_a_cancelled_demotion_keeps_its_bytes(tmp_path):
     d = nvme_daemon(tmp_path, dram_blocks=2)
     disk = StalledDisk(d.stack.tiers[1]._io)

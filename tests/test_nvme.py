@@ -236,6 +236,35 @@ def test_converting_an_old_index_makes_room_for_both_formats_while_it_runs(tmp_p
         index.close()
 
 
+def test_closing_the_index_waits_for_a_write_in_flight_and_refuses_later_ones(tmp_path):
+    """LMDB's binding never returns from closing an environment under a write transaction of
+    another thread (a shutdown hang seen with moves cancelled mid-commit): close waits for it."""
+    import threading
+
+    index = NvmeIndex(str(tmp_path / "index"), 1 << 20)
+    inside, leave = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with index._write() as txn:
+            inside.set()
+            leave.wait(10)
+            txn.put(b"\0" * 8, b"x")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert inside.wait(5)
+    closer = threading.Thread(target=index.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "closed under a write transaction"
+    leave.set()
+    closer.join(5)
+    thread.join(5)
+    assert not closer.is_alive() and not thread.is_alive()
+    with pytest.raises(OSError, match="closed"):
+        index._delete([(b"k", 0)])
+
+
 def test_an_index_of_a_later_format_is_refused_naming_the_directory(tmp_path):
     import lmdb
 

@@ -300,7 +300,7 @@ class NvmeTier(ExtentTier):
 
     async def close(self) -> None:
         await asyncio.to_thread(self._io.close)  # waits for in-flight I/O
-        self._index.close()
+        await asyncio.to_thread(self._index.close)   # and for index commits in flight
         os.close(self._lock_fd)
 
     def _close_partial(self) -> None:

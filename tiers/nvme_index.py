@@ -17,9 +17,12 @@ an index in it is converted once, in one transaction, when it is opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +60,12 @@ class NvmeIndex:
         os.makedirs(path, mode=0o700, exist_ok=True)
         # mode: LMDB's data and lock files, 0600 (its default is 0644: every key and namespace).
         self._env = lmdb.open(path, map_size=map_bytes, subdir=True, sync=True, metasync=True, max_dbs=0, mode=0o600)
+        # Write transactions in flight (in worker threads): close waits for them. LMDB's binding
+        # closing the environment under one never returns (the transaction, invalidated, cannot
+        # end), so none may start once closing has begun.
+        self._writes = threading.Condition()
+        self._writing = 0
+        self._closed = False
         try:
             self._upgrade()
         except BaseException:
@@ -138,13 +147,28 @@ class NvmeIndex:
             namespaces=namespaces, namespace_ids=ids.astype(np.int64).ravel(),
         )
 
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction, counted for :meth:`close`."""
+        with self._writes:
+            if self._closed:
+                raise OSError(errno.ESHUTDOWN, "the NVMe index is closed")
+            self._writing += 1
+        try:
+            with self._env.begin(write=True) as txn:
+                yield txn
+        finally:
+            with self._writes:
+                self._writing -= 1
+                self._writes.notify_all()
+
     def _put(self, entries: Sequence[IndexEntry]) -> None:
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             for e in entries:
                 txn.put(_OFFSET.pack(e.offset), e.value())
 
     def _delete(self, entries: Sequence[tuple[bytes, int]]) -> None:
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             for key, offset in entries:
                 at = _OFFSET.pack(offset)
                 value = txn.get(at)
@@ -166,4 +190,9 @@ class NvmeIndex:
             await asyncio.to_thread(self._delete, entries)
 
     def close(self) -> None:
+        """Close once the write transactions in flight have ended (a move cancelled at shutdown may
+        still be committing in a thread); later ones fail with ESHUTDOWN."""
+        with self._writes:
+            self._closed = True
+            self._writes.wait_for(lambda: self._writing == 0)
         self._env.close()
