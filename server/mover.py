@@ -192,18 +192,34 @@ class Mover:
                 )
                 if not victims:
                     break
-                # Evicted at once, nothing awaited since they were chosen; where that cannot be
-                # (a move to make first, a copy held), through views and an eviction plan.
-                forget = (self.catalog.evict_slots(level, victims)
-                          if placement.drops_only(self.layout, self.catalog, level, victims, self.available) else None)
-                if forget is None:
-                    await self.execute(placement.evict(self.layout, self.catalog.views_at(level, victims), self.available))
-                elif forget:
-                    await self._finish(self._forget_evicted(level, forget))
+                await self._evict(level, victims)
                 placed += reserve_many([r.size for r in rest])
         for record in records[len(placed):]:
             placed.append(await self.make_room(level, record))
         return placed
+
+    async def free_room(self, level: int, nbytes: int) -> None:
+        """Evict at once what leaves ``nbytes`` free at ``level``: the room a stream of blocks is
+        about to need, one eviction rather than one per block (nothing where a quota applies:
+        :meth:`make_room` evicts a tenant's own blocks first)."""
+        tier = self.tiers[level]
+        need = nbytes - tier.free_bytes
+        if need <= 0 or self.quotas is not None or not self.layout.levels[level].capabilities.bounded:
+            return
+        victims = self.catalog.victim_slots(level, need)
+        if victims:
+            await self._evict(level, victims)
+
+    async def _evict(self, level: int, victims: list[int]) -> None:
+        """Evict the copies at ``level`` of the slots just chosen, nothing awaited since: in one
+        pass where that moves nothing (:meth:`Catalog.evict_slots`), else through views and an
+        eviction plan (a demotion or upload to make first, a copy held)."""
+        forget = (self.catalog.evict_slots(level, victims)
+                  if placement.drops_only(self.layout, self.catalog, level, victims, self.available) else None)
+        if forget is None:
+            await self.execute(placement.evict(self.layout, self.catalog.views_at(level, victims), self.available))
+        elif forget:
+            await self._finish(self._forget_evicted(level, forget))
 
     async def execute(self, plan: placement.Plan) -> None:
         """Evict ``plan.victims``: demote or upload what the plan says, then drop them. A victim

@@ -40,6 +40,7 @@ class PutReceiver:
         self.slots: list[PutSlot] = []
         self._open: PutSlot | None = None   # the block being received, reserved but not finished
         self._hasher = hasher()
+        self._room_until = 0   # blocks before this index had their room freed together
         self.stored = 0
         self.corrupt: list[int] = []
 
@@ -50,6 +51,7 @@ class PutReceiver:
             if offset == 0:
                 checksum_ = self._checksums[i] if self._checksums else None
                 if i < self._fit:
+                    await self._make_room(i)
                     self._open = await self._daemon.reserve_one(
                         self._keys[i], self._unpacker.sizes[i], checksum_, self._namespace
                     )
@@ -63,6 +65,20 @@ class PutReceiver:
             if offset + piece.nbytes == slot.size:
                 self._open = None
                 await self._finish(i, slot)
+
+    async def _make_room(self, i: int) -> None:
+        """Where block ``i`` does not fit the landing level, free room for it and the blocks after
+        it (up to a put round) with one eviction, not one per block."""
+        daemon = self._daemon
+        sizes = self._unpacker.sizes
+        if i < self._room_until or daemon.arena.free_bytes >= sizes[i]:
+            return
+        limit, total, end = daemon.put_round_bytes(), 0, i
+        while end < self._fit and total + sizes[end] <= limit:
+            total += sizes[end]
+            end += 1
+        self._room_until = max(end, i + 1)
+        await daemon.mover.free_room(daemon.layout.landing, max(total, sizes[i]))
 
     async def close(self) -> None:
         """End of stream: every byte must have arrived and every checksum matched; blocks are
