@@ -178,24 +178,30 @@ class Mover:
         tier = self.tiers[level]
         reserve_many = getattr(tier, "reserve_many", None)
         placed: list[Location | None] = []
-        if reserve_many is not None and self.quotas is None and self.layout.levels[level].capabilities.bounded:
-            placed = reserve_many([r.size for r in records])
-            for _ in range(EVICT_ROUNDS):
-                rest = records[len(placed):]
-                if not rest:
-                    break
-                lengths = [tier.footprint(r.size) for r in rest]
-                largest = max(lengths)
-                victims = self.catalog.victim_slots(
-                    level, max(sum(lengths) - tier.free_bytes, 1),
-                    fits=lambda locations: tier.largest_free_after(locations) >= largest,
-                )
-                if not victims:
-                    break
-                await self._evict(level, victims)
-                placed += reserve_many([r.size for r in rest])
-        for record in records[len(placed):]:
-            placed.append(await self.make_room(level, record))
+        try:
+            if reserve_many is not None and self.quotas is None and self.layout.levels[level].capabilities.bounded:
+                placed = reserve_many([r.size for r in records])
+                for _ in range(EVICT_ROUNDS):
+                    rest = records[len(placed):]
+                    if not rest:
+                        break
+                    lengths = [tier.footprint(r.size) for r in rest]
+                    largest = max(lengths)
+                    victims = self.catalog.victim_slots(
+                        level, max(sum(lengths) - tier.free_bytes, 1),
+                        fits=lambda locations: tier.largest_free_after(locations) >= largest,
+                    )
+                    if not victims:
+                        break
+                    await self._evict(level, victims)
+                    placed += reserve_many([r.size for r in rest])
+            for record in records[len(placed):]:
+                placed.append(await self.make_room(level, record))
+        except BaseException:   # cancelled (a client gone) or failed while evicting: nothing stays reserved
+            for location in placed:
+                if location is not None:
+                    tier.release(location)
+            raise
         return placed
 
     async def free_room(self, level: int, nbytes: int) -> None:
@@ -330,7 +336,12 @@ class Mover:
         placed.extend((i, sources[i], location) for i, location in zip(todo, ready))
         rest = todo[len(ready):]
         if rest:
-            rooms = await self.make_room_many(to, [sources[i].record for i in rest])
+            try:
+                rooms = await self.make_room_many(to, [sources[i].record for i in rest])
+            except BaseException:   # nothing written yet: what was reserved goes back
+                for location in ready:
+                    tier.release(location)
+                raise
             placed.extend((i, sources[i], location) for i, location in zip(rest, rooms) if location is not None)
         live = []
         for i, source, location in placed:

@@ -164,6 +164,41 @@ async def test_cancelled_write_through_does_not_release_an_nvme_extent_still_bei
         await d.close()
 
 
+async def test_a_write_through_cancelled_while_it_evicts_keeps_no_nvme_extent_reserved(tmp_path):
+    """A batch that half fits a full NVMe tier reserves that half, then evicts for the rest; a
+    client gone meanwhile must not leave the first half's extents reserved for nothing."""
+    d = nvme_daemon(tmp_path, dram_blocks=16, write_through=True)   # NVMe: 8 blocks
+    nvme = d.stack.tiers[1]
+    try:
+        for i in range(6):
+            assert await put_bytes(d, b"%015d" % i + b"o", os.urandom(BLOCK))
+        forget, stalled, gate = nvme.forget, asyncio.Event(), asyncio.Event()
+
+        async def slow_forget(entries):
+            stalled.set()
+            await gate.wait()
+            await forget(entries)
+
+        nvme.forget = slow_forget
+        keys = [b"%015d" % i + b"n" for i in range(4)]
+        data = [os.urandom(BLOCK) for _ in keys]
+        slots = await d.reserve(keys, [BLOCK] * 4, [])
+        for slot, block in zip(slots, data):
+            d.arena.view(slot.copy.location, BLOCK)[:] = block
+        d.commit_many(slots, [checksum(b) for b in data])
+        settling = asyncio.ensure_future(d.settle(slots))   # 2 fit; evicting for the other 2 stalls
+        await asyncio.wait_for(stalled.wait(), 5)
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        gate.set()
+        await d.mover.settle()
+        held = sum(1 for record in d.catalog if record.has_copy(1))
+        assert nvme.used_bytes == held * BLOCK, "extents reserved for a cancelled write-through stayed taken"
+    finally:
+        await d.close()
+
+
 # -- S3 ----------------------------------------------------------------------------------------
 
 BUCKET = "kvstore-review"
