@@ -543,8 +543,9 @@ class Catalog:
         """:meth:`drop` (``evicted``) of the copies at ``level`` of ``slots`` (from
         :meth:`victim_slots`) in one pass per column, without a view per copy: the usual eviction.
         Those copies must be READY and unheld, of READY records, distinct; if any is not, nothing
-        changes and None says to drop their views instead. A view of one that someone holds is
-        detached as :meth:`drop` leaves it.
+        changes and None says to drop their views instead. A view of one that someone keeps is
+        detached FREED: its location is given back exactly once, here or by
+        :meth:`release_forgotten`, never through the view.
 
         Their locations go back at once, except at a level that forgets before reuse: there the
         ``(index key, extent)`` of each is returned, for the caller to forget durably and then give
@@ -565,8 +566,8 @@ class Catalog:
             if policy is not None:
                 policy.remove(slot, evicted=True)
             view = views.pop(slot << _LEVEL_BITS | level)
-            if view is not None:   # nothing holds it: freed at once, or once its entry is forgotten
-                view._detach(CopyState.DROPPED if forget_first else CopyState.FREED, 0, extents[i], self.record_at(slot))
+            if view is not None:   # nothing holds it: FREED (its extent goes back here or in release_forgotten)
+                view._detach(CopyState.FREED, 0, extents[i], self.record_at(slot))
         self._ready[level] -= len(at)
         readable = as_numpy(self._readable)
         readable[at] &= ~(1 << level) & 0xFF

@@ -385,8 +385,8 @@ class Daemon:
         if lead < 2:
             return []
         probes = [BlockRecord(key=key, size=size, namespace=namespace) for key, size in zip(index_keys[:lead], sizes[:lead])]
-        locations = await self.mover.make_room_many(self.layout.landing, probes)
-        n = next((i for i, location in enumerate(locations) if location is None), len(locations))
+        locations = await self.mover.make_room_many(self.layout.landing, probes, leading=True)
+        n = len(locations)
         stored = np.flatnonzero(self.catalog.keys.find_many(index_keys[:n]) >= 0)   # by others, during the evictions
         n = int(stored[0]) if len(stored) else n
         for location in locations[n:]:

@@ -171,10 +171,14 @@ class Mover:
             await self.execute(placement.evict(self.layout, victims, self.available))
         return tier.reserve(record)
 
-    async def make_room_many(self, level: int, records: Sequence[BlockRecord]) -> list[Location | None]:
+    async def make_room_many(
+        self, level: int, records: Sequence[BlockRecord], *, leading: bool = False
+    ) -> list[Location | None]:
         """:meth:`make_room` for a batch, in order (None: no room for that one). The room the whole
         batch lacks is freed by one eviction (one index commit for a persistent level, one demotion
-        batch) rather than one per block; what still does not fit goes one by one."""
+        batch) rather than one per block; what still does not fit goes one by one. With
+        ``leading``, only the leading blocks that get room (the list stops before the first that
+        does not)."""
         tier = self.tiers[level]
         reserve_many = getattr(tier, "reserve_many", None)
         placed: list[Location | None] = []
@@ -196,7 +200,10 @@ class Mover:
                     await self._evict(level, victims)
                     placed += reserve_many([r.size for r in rest])
             for record in records[len(placed):]:
-                placed.append(await self.make_room(level, record))
+                location = await self.make_room(level, record)
+                if location is None and leading:
+                    break
+                placed.append(location)
         except BaseException:   # cancelled (a client gone) or failed while evicting: nothing stays reserved
             for location in placed:
                 if location is not None:

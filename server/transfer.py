@@ -67,18 +67,23 @@ class PutReceiver:
                 await self._finish(i, slot)
 
     async def _make_room(self, i: int) -> None:
-        """Where block ``i`` does not fit the landing level, free room for it and the blocks after
-        it (up to a put round) with one eviction, not one per block."""
+        """Where block ``i`` is absent and does not fit the landing level, free room for it and
+        the absent blocks after it (up to a put round) with one eviction, not one per block."""
         daemon = self._daemon
-        sizes = self._unpacker.sizes
-        if i < self._room_until or daemon.arena.free_bytes >= sizes[i]:
+        sizes, arena = self._unpacker.sizes, daemon.arena
+        if i < self._room_until or arena.free_bytes >= arena.footprint(sizes[i]):
             return
         limit, total, end = daemon.put_round_bytes(), 0, i
         while end < self._fit and total + sizes[end] <= limit:
             total += sizes[end]
             end += 1
-        self._room_until = max(end, i + 1)
-        await daemon.mover.free_room(daemon.layout.landing, max(total, sizes[i]))
+        end = max(end, i + 1)
+        absent = daemon.catalog.keys.find_many(self._keys[i:end]) < 0   # present ones need no room
+        if not absent[0]:
+            return
+        self._room_until = end
+        need = sum(arena.footprint(size) for size, free in zip(sizes[i:end], absent.tolist()) if free)
+        await daemon.mover.free_room(daemon.layout.landing, need)
 
     async def close(self) -> None:
         """End of stream: every byte must have arrived and every checksum matched; blocks are

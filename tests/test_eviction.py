@@ -86,6 +86,20 @@ async def test_a_batch_put_into_a_full_level_makes_its_room_with_one_eviction(pa
             assert (await kv.stats()).tier(TierKind.DRAM).evictions == 24
 
 
+@pytest.mark.parametrize("path", ["require", "off"])
+async def test_putting_again_blocks_a_full_level_holds_evicts_nothing(path):
+    async with KVStoreServer(make_config(dram_bytes=16 * MiB)) as srv:
+        async with KVClient(f"127.0.0.1:{srv.port}", local=path) as kv:
+            keys, blocks = chain(64, seed=15), random_blocks(64, 256 * 1024)
+            assert (await kv.put(keys, blocks)).stored == 64          # full
+            for again in (keys[56:], keys[:8]):                        # the newest, then the coldest
+                result = await kv.put(again, blocks[:8])
+                assert (result.stored, result.present) == (0, 8)
+            stats = await kv.stats()
+            assert stats.tier(TierKind.DRAM).evictions == 0
+            assert (await kv.lookup(keys)).count == 64
+
+
 async def test_churn_of_mixed_sizes_never_returns_wrong_bytes():
     rng = random.Random(12)
     async with KVStoreServer(make_config(dram_bytes=8 * MiB)) as srv:
