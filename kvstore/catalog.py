@@ -42,6 +42,7 @@ from kvstore.stats import Counters
 _WRITING, _READY_RECORD = _STATE_CODES[BlockState.WRITING], _STATE_CODES[BlockState.READY]
 _COPY_STATES = {col.FILLING: CopyState.FILLING, col.READY: CopyState.READY}
 _LEVEL_BITS = 3   # a copy view's cache key is slot << 3 | level (at most 8 levels)
+_LOWEST_BIT = np.array([(v & -v).bit_length() - 1 if v else 8 for v in range(256)], dtype=np.int64)
 
 
 class _Views:
@@ -73,7 +74,6 @@ class _Views:
 
     def __len__(self) -> int:   # live views (O(n): tests and stats)
         return sum(r() is not None for r in self._refs.values())
-_LOWEST_BIT = np.array([(v & -v).bit_length() - 1 if v else 8 for v in range(256)], dtype=np.int64)
 
 
 class Catalog:
@@ -318,13 +318,18 @@ class Catalog:
         for column, values in ((columns.state, copy_state), (columns.holds, 0), (columns.offset, offsets),
                                (columns.length, lengths)):
             as_numpy(column)[at] = values
+        self._count_ns_bytes(level, ns, sizes, 1)
+
+    def _count_ns_bytes(self, level: int, ns, sizes, sign: int) -> None:
+        """Add (``sign`` 1) or take away (-1) ``sizes`` from the bytes each namespace holds at
+        ``level`` (``ns``: one id for all, or one per size)."""
         counts = self._ns_bytes[level]
         if np.ndim(ns) == 0:
-            counts[int(ns)] = counts.get(int(ns), 0) + int(np.sum(sizes, dtype=np.int64))
-        else:
-            ids, inverse = np.unique(np.asarray(ns, dtype=np.int64), return_inverse=True)
-            for ns_id, total in zip(ids.tolist(), np.bincount(inverse, weights=np.asarray(sizes, dtype=np.float64)).tolist()):
-                counts[ns_id] = counts.get(ns_id, 0) + int(total)
+            counts[int(ns)] = counts.get(int(ns), 0) + sign * int(np.sum(sizes, dtype=np.int64))
+            return
+        ids, inverse = np.unique(np.asarray(ns, dtype=np.int64), return_inverse=True)
+        for ns_id, total in zip(ids.tolist(), np.bincount(inverse, weights=np.asarray(sizes, dtype=np.float64)).tolist()):
+            counts[ns_id] = counts.get(ns_id, 0) + sign * int(total)
 
     def commit_many(self, copies: Sequence[Copy], checksums: Sequence[int | None]) -> None:
         """:meth:`commit` for many puts' copies at once (all WRITING records of one level, their
@@ -573,10 +578,7 @@ class Catalog:
         readable[at] &= ~(1 << level) & 0xFF
         del readable
         as_numpy(columns.state)[at] = col.NONE
-        counts = self._ns_bytes[level]
-        ids, inverse = np.unique(np.take(as_numpy(self._ns), at).astype(np.int64), return_inverse=True)
-        for ns_id, total in zip(ids.tolist(), np.bincount(inverse, weights=sizes.astype(np.float64)).tolist()):
-            counts[ns_id] -= int(total)
+        self._count_ns_bytes(level, np.take(as_numpy(self._ns), at), sizes, -1)
         left_any = np.zeros(len(at), dtype=bool)
         left_ready = np.zeros(len(at), dtype=bool)
         for other in self.columns:

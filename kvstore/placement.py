@@ -100,31 +100,36 @@ def evict(layout: Layout, victims: Sequence[Copy], shared_available: Callable[[i
     """What evicting ``victims`` (all of one level) takes."""
     if not victims:
         return Plan(victims=())
-    level = victims[0].level
-    below = layout.below(level)
+    below, share = _eviction_target(layout, victims[0].level, shared_available)
     if below is not None:
         demote = tuple(c for c in victims if not c.record.has_copy(below))
         return Plan(victims=tuple(victims), to=below, demote=demote)
+    if share is not None:
+        upload = tuple(c.record for c in victims if not c.record.has_copy(share))
+        return Plan(victims=tuple(victims), share=share, upload=upload)
+    return Plan(victims=tuple(victims))
+
+
+def _eviction_target(layout: Layout, level: int, shared_available: Callable[[int], bool]) -> tuple[int | None, int | None]:
+    """Where evicting from ``level`` copies blocks first: ``(the level below, None)``, else
+    ``(None, the shared level to upload to)``, else ``(None, None)`` (nowhere: a plain drop)."""
+    below = layout.below(level)
+    if below is not None:
+        return below, None
     # A durable shared level (a bucket) first: a pooled one (the peers) got the block at its put.
     for share in sorted(layout.shared, key=lambda i: not layout.levels[i].capabilities.persistent):
         if shared_available(share):
-            upload = tuple(c.record for c in victims if not c.record.has_copy(share))
-            return Plan(victims=tuple(victims), share=share, upload=upload)
-    return Plan(victims=tuple(victims))
+            return None, share
+    return None, None
 
 
 def drops_only(layout: Layout, catalog: Catalog, level: int, slots: Sequence[int],
                shared_available: Callable[[int], bool]) -> bool:
     """Whether :func:`evict` of the copies at ``level`` of ``slots`` moves nothing (every block
     already has its copy where the plan would demote or upload it): a plain drop."""
-    at = np.asarray(slots, dtype=np.int64)
-    below = layout.below(level)
-    if below is not None:
-        return bool(catalog.has_copies(below, at).all())
-    for share in sorted(layout.shared, key=lambda i: not layout.levels[i].capabilities.persistent):
-        if shared_available(share):
-            return bool(catalog.has_copies(share, at).all())
-    return True
+    below, share = _eviction_target(layout, level, shared_available)
+    target = below if below is not None else share
+    return target is None or bool(catalog.has_copies(target, np.asarray(slots, dtype=np.int64)).all())
 
 
 def rebalance(

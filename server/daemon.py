@@ -362,13 +362,20 @@ class Daemon:
         rest (a present key, a key twice, no room without evicting) go through :meth:`reserve_one`."""
         if len(set(index_keys)) != len(index_keys):
             return []
-        found = self.catalog.keys.find_many(index_keys)
-        present = np.flatnonzero(found >= 0)
-        lead = int(present[0]) if len(present) else len(index_keys)
-        locations = self.arena.reserve_many(sizes[:lead])
-        if not locations:
-            return []
+        locations = self.arena.reserve_many(sizes[: self._leading_absent(index_keys)])
+        return self._begin(index_keys, sizes, checksums, namespace, locations)
+
+    def _leading_absent(self, index_keys: Sequence[bytes]) -> int:
+        """How many leading keys the index does not know (a key being written counts as known)."""
+        present = np.flatnonzero(self.catalog.keys.find_many(index_keys) >= 0)
+        return int(present[0]) if len(present) else len(index_keys)
+
+    def _begin(self, index_keys, sizes, checksums, namespace: bytes, locations) -> list[PutSlot]:
+        """Slots for the leading blocks, absent and distinct, in the landing ``locations`` reserved
+        for them, indexed WRITING in one pass (:meth:`Catalog.begin_many`)."""
         n = len(locations)
+        if not n:
+            return []
         copies = self.catalog.begin_many(index_keys[:n], sizes[:n], namespace, self.layout.landing, locations)
         return [PutSlot(sizes[i], checksums[i] if checksums else None, copy) for i, copy in enumerate(copies)]
 
@@ -380,20 +387,15 @@ class Daemon:
         the rest go through :meth:`reserve_one`, as do keys stored by another put meanwhile."""
         if self.mover.quotas is not None or len(set(index_keys)) != len(index_keys):
             return []
-        present = np.flatnonzero(self.catalog.keys.find_many(index_keys) >= 0)
-        lead = int(present[0]) if len(present) else len(index_keys)
+        lead = self._leading_absent(index_keys)
         if lead < 2:
             return []
         probes = [BlockRecord(key=key, size=size, namespace=namespace) for key, size in zip(index_keys[:lead], sizes[:lead])]
         locations = await self.mover.make_room_many(self.layout.landing, probes, leading=True)
-        n = len(locations)
-        stored = np.flatnonzero(self.catalog.keys.find_many(index_keys[:n]) >= 0)   # by others, during the evictions
-        n = int(stored[0]) if len(stored) else n
+        n = self._leading_absent(index_keys[: len(locations)])   # others may have stored some meanwhile
         for location in locations[n:]:
-            if location is not None:
-                self.arena.release(location)
-        copies = self.catalog.begin_many(index_keys[:n], sizes[:n], namespace, self.layout.landing, locations[:n])
-        return [PutSlot(sizes[i], checksums[i] if checksums else None, copy) for i, copy in enumerate(copies)]
+            self.arena.release(location)
+        return self._begin(index_keys, sizes, checksums, namespace, locations[:n])
 
     async def reserve_one(self, key: bytes, size: int, checksum_: int | None, namespace: bytes) -> PutSlot:
         """Reserve landing space for one block of a checked batch (see :meth:`reserve`); ``key`` is

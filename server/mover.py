@@ -181,10 +181,10 @@ class Mover:
         does not)."""
         tier = self.tiers[level]
         reserve_many = getattr(tier, "reserve_many", None)
-        placed: list[Location | None] = []
+        # Room now needs nothing awaited (a batch into free space: one search, no coroutine per block).
+        placed: list[Location | None] = reserve_many([r.size for r in records]) if reserve_many is not None else []
         try:
             if reserve_many is not None and self.quotas is None and self.layout.levels[level].capabilities.bounded:
-                placed = reserve_many([r.size for r in records])
                 for _ in range(EVICT_ROUNDS):
                     rest = records[len(placed):]
                     if not rest:
@@ -334,22 +334,11 @@ class Mover:
         bug, is raised once the copies that were written are adopted."""
         results: list[bool | BaseException | None] = [None] * len(sources)
         placed: list[tuple[int, Copy, Location]] = []
-        tier = self.tiers[to]
         admitted = await self._within_quotas(sources, to) if self.quotas is not None else None
         todo = [i for i in range(len(sources)) if admitted is None or i in admitted]   # others: over quota
-        # Room now needs nothing awaited (a batch into free space: one search, no coroutine per block).
-        reserve_many = getattr(tier, "reserve_many", None)
-        ready = reserve_many([sources[i].record.size for i in todo]) if reserve_many is not None else []
-        placed.extend((i, sources[i], location) for i, location in zip(todo, ready))
-        rest = todo[len(ready):]
-        if rest:
-            try:
-                rooms = await self.make_room_many(to, [sources[i].record for i in rest])
-            except BaseException:   # nothing written yet: what was reserved goes back
-                for location in ready:
-                    tier.release(location)
-                raise
-            placed.extend((i, sources[i], location) for i, location in zip(rest, rooms) if location is not None)
+        if todo:
+            rooms = await self.make_room_many(to, [sources[i].record for i in todo])
+            placed.extend((i, sources[i], location) for i, location in zip(todo, rooms) if location is not None)
         live = []
         for i, source, location in placed:
             if source.record.state is BlockState.READY:
@@ -602,15 +591,9 @@ class Mover:
 
     async def _forget_evicted(self, level: int, forget: list[tuple[bytes, Location]]) -> None:
         """Forget the index entries of copies :meth:`Catalog.evict_slots` took out (one commit),
-        then give their extents back; where forgetting fails they stay unused until a restart."""
-        try:
-            await self.tiers[level].forget(forget)
-        except Exception as exc:   # as in _drop
-            log.error("cannot forget %d blocks from %s (%s): their space is kept until restart",
-                      len(forget), self._names[level], exc)
-            self.counters.tier(self._names[level]).errors += 1
-            return
-        self.catalog.release_forgotten(level, [extent for _, extent in forget])
+        then give their extents back (see :meth:`_forget`)."""
+        if await self._forget(level, forget):
+            self.catalog.release_forgotten(level, [extent for _, extent in forget])
 
     async def _drop(self, copies: Sequence[Copy], *, evicted: bool = False) -> None:
         forget = self.catalog.drop(copies, evicted=evicted)
@@ -618,17 +601,23 @@ class Mover:
         for copy in forget:
             by_level.setdefault(copy.level, []).append(copy)
         for level, held in by_level.items():
-            try:
-                await self.tiers[level].forget([(c.record.key, c.location) for c in held])
-            except Exception as exc:
-                # The entries may still be there: their locations stay held (unused) until a
-                # restart, rather than be reused under a key that names them.
-                log.error("cannot forget %d blocks from %s (%s): their space is kept until restart",
-                          len(held), self._names[level], exc)
-                self.counters.tier(self._names[level]).errors += 1
-                continue
-            for copy in held:
-                self.catalog.unhold(copy)
+            if await self._forget(level, [(c.record.key, c.location) for c in held]):
+                for copy in held:
+                    self.catalog.unhold(copy)
+
+    async def _forget(self, level: int, entries: list[tuple[bytes, Location]]) -> bool:
+        """Forget the index entries of dropped copies at ``level`` before their locations are
+        reused; False (logged, counted) where that failed: the entries may still be there, so
+        their locations stay held (unused) until a restart, rather than be reused under a key that
+        names them."""
+        try:
+            await self.tiers[level].forget(entries)
+        except Exception as exc:
+            log.error("cannot forget %d blocks from %s (%s): their space is kept until restart",
+                      len(entries), self._names[level], exc)
+            self.counters.tier(self._names[level]).errors += 1
+            return False
+        return True
 
 
 def _log_failure(task: asyncio.Task) -> None:
