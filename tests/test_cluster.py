@@ -125,6 +125,22 @@ async def test_each_block_travels_to_its_rendezvous_home():
         assert {home for home in home_of} == set(members)   # the test's keys reach every member
 
 
+async def test_the_peer_tiers_use_is_what_it_holds_elsewhere_and_falls_when_blocks_go():
+    async with cluster() as servers:
+        keys = chain(40, seed=12)
+        size = 8192
+        async with KVClient(servers[0].address, local="off") as kv:
+            await kv.put(keys, [os.urandom(size) for _ in keys])
+            await settled(servers)
+            members = sorted(s.address for s in servers)
+            away = sum(members[i] != servers[0].address for i in homes(keys, members).tolist())
+            peer = next(u for u in (await kv.stats()).tiers if u.tier == TierKind.PEER)
+            assert away > 0 and peer.used_bytes == away * size and peer.blocks == away
+            assert await kv.delete(keys) == len(keys)
+            peer = next(u for u in (await kv.stats()).tiers if u.tier == TierKind.PEER)
+            assert peer.used_bytes == 0 and peer.blocks == 0
+
+
 async def test_a_block_known_only_at_a_peer_is_stored_when_its_bytes_arrive():
     # A daemon that learnt of blocks at a peer (a lookup when another member was their home) and
     # then becomes their home must keep the bytes sent to it, not take them for present.

@@ -182,7 +182,20 @@ class Tier(ABC):
 
 
 class KeyedTier(Tier):
-    """A tier that stores objects by key, so it can be asked about blocks this daemon never saw."""
+    """A tier that stores objects by key, so it can be asked about blocks this daemon never saw.
+    Unbounded (its owner decides how much it holds); its use is the bytes of the blocks this
+    daemon's catalog names there: counted when located, given back when released (the object
+    itself stays for other daemons)."""
+
+    _used = 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
 
     @abstractmethod
     async def probe(self, keys: Sequence[bytes], namespace: bytes) -> list[ProbeInfo | None]:
@@ -193,8 +206,12 @@ class KeyedTier(Tier):
         """Delete the objects of ``keys`` (held or not). Raises UnavailableError."""
 
     def locate(self, key: bytes, namespace: bytes, size: int) -> ObjectRef:
-        """The location of a block found by :meth:`probe`; counted like a reservation."""
-        raise NotImplementedError
+        """The location of a block found by :meth:`probe` or reserved; counted in :attr:`used_bytes`."""
+        self._used += size
+        return ObjectRef(key, namespace, size)
+
+    def release(self, location: ObjectRef) -> None:
+        self._used -= location.length
 
 
 class ExtentTier(Tier):

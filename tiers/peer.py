@@ -72,7 +72,6 @@ class PeerTier(KeyedTier):
         self._landing: MemoryTier | None = None
         self.counters: Any = None
         self._refreshing: asyncio.Task | None = None
-        self._sent = 0   # bytes this daemon sent home (what the others hold for it, as far as it knows)
 
     @classmethod
     def from_config(cls, config: PeerConfig) -> PeerTier:
@@ -170,14 +169,6 @@ class PeerTier(KeyedTier):
             await asyncio.to_thread(self.nixl.agent.close)
             self.nixl = None
 
-    @property
-    def capacity_bytes(self) -> int:
-        return 0
-
-    @property
-    def used_bytes(self) -> int:
-        return self._sent
-
     # -- where blocks live -----------------------------------------------------------------------
 
     def _homes(self, keys: Sequence[bytes]) -> list[str]:
@@ -189,13 +180,7 @@ class PeerTier(KeyedTier):
         """A place for the block at its home; None when that is this daemon (nothing to send)."""
         if not self.members.me or self._homes([unscoped(record.key)])[0] == self.members.me:
             return None
-        return ObjectRef(key=unscoped(record.key), namespace=record.namespace, length=record.size)
-
-    def release(self, location: ObjectRef) -> None:
-        pass
-
-    def locate(self, key: bytes, namespace: bytes, size: int) -> ObjectRef:
-        return ObjectRef(key=key, namespace=namespace, length=size)
+        return self.locate(unscoped(record.key), record.namespace, record.size)
 
     def _failed(self, peer: str, exc: BaseException) -> None:
         self.members.failed(peer, exc)
@@ -300,9 +285,7 @@ class PeerTier(KeyedTier):
                     outcomes[i] = exc
                 return
             self._succeeded(peer)
-            sent = sum(v.nbytes for v in views)
-            self._sent += sent
-            self._count_bytes(transport, "out", sent)
+            self._count_bytes(transport, "out", sum(v.nbytes for v in views))
             if response.dropped:   # the home had no room for some: which ones is not said, so none count
                 for i in which:
                     outcomes[i] = UnavailableError(f"peer {peer} had no room for {response.dropped} blocks")

@@ -62,7 +62,6 @@ class S3Tier(KeyedTier):
         # A hard bound on one request, retries included: an endpoint that accepts connections and
         # never answers must not hold a call (botocore's read timeout does not cover every wait).
         self.request_timeout_s = config.max_attempts * (config.connect_timeout_s + config.read_timeout_s) + 1.0
-        self._used = 0   # bytes of the blocks this daemon knows to be in the bucket
         self.forged = 0  # objects that failed their seal
         secrets = load_secrets(config.secret_files)
         if config.encrypt and not secrets:
@@ -100,23 +99,8 @@ class S3Tier(KeyedTier):
 
     # -- the tier contract -------------------------------------------------------------------------
 
-    @property
-    def capacity_bytes(self) -> int:
-        return 0  # unbounded: the bucket's owner decides
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
     def reserve(self, record: BlockRecord) -> ObjectRef:
         return self.locate(unscoped(record.key), record.namespace, record.size)
-
-    def locate(self, key: bytes, namespace: bytes, size: int) -> ObjectRef:
-        self._used += size
-        return ObjectRef(key, namespace, size)
-
-    def release(self, location: ObjectRef) -> None:
-        self._used -= location.length  # the object stays in the bucket for other daemons
 
     def largest_free_after(self, locations: list) -> int:
         return 1 << 62
